@@ -1,0 +1,106 @@
+"""Command line of `experiments/run.py`: one flag per `TrainConfig` field, then `runner.run`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from grokjax.config import ConfigError, TrainConfig, parse_steps
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line (exit 2) instead of usage + message."""
+
+    def error(self, message):
+        self.exit(2, f"run.py: error: {message}\n")
+
+
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _int(text: str) -> int:
+    try:
+        return parse_steps(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("steps", "value")) from None
+
+
+def _finite_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"expected non-negative seeds, got {text!r}")
+    return seeds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per config field (same name, dashes allowed for underscores)."""
+    p = _Parser(prog="run.py", description="Train the paper's MNIST MLP (grokking / anti-grokking).",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        hint = hints[f.name]
+        if hint is bool:
+            p.add_argument(*flags, dest=f.name, type=_bool, nargs="?", const=True, default=f.default)
+        elif f.name == "steps" or hint is int:
+            p.add_argument(*flags, dest=f.name, type=_int, default=f.default)
+        elif hint is float:
+            p.add_argument(*flags, dest=f.name, type=_finite_float, default=f.default)
+        else:
+            p.add_argument(*flags, dest=f.name, type=str, default=f.default)
+    p.add_argument("--seeds", type=_seeds, default=None,
+                   help="train several seeds at once (vmapped) into <out>/seed<k>; overrides --seed")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses flags, trains, and maps failures to exit codes (2: bad input, 3: diverged)."""
+    args = vars(build_parser().parse_args(argv))
+    seeds = args.pop("seeds")
+    try:
+        cfg = TrainConfig(**args)
+    except ConfigError as e:
+        print(f"run.py: error: {e}", file=sys.stderr)
+        return 2
+    from grokjax.ckpt import CheckpointError  # noqa: PLC0415  (heavy imports after validation)
+    from grokjax.data import DataError  # noqa: PLC0415
+    from grokjax.runner import NonFiniteError, run  # noqa: PLC0415
+
+    try:
+        dirs = run(cfg, seeds=seeds)
+    except ConfigError as e:
+        print(f"run.py: error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"run.py: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"run.py: diverged: {e}", file=sys.stderr)
+        return 3
+    except CheckpointError as e:
+        print(f"run.py: checkpoint error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("run.py: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    for d in dirs:
+        print(f"run written to {d}", file=sys.stderr)
+    return 0

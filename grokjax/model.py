@@ -1,0 +1,60 @@
+"""The depth-3 ReLU MLP (784-200-200-10) in Flax, with PyTorch's default init scaled by 8.
+
+Parameters form the tree {fc1, fc2, fc3} x {kernel (in, out), bias}; kernels are the
+transpose of PyTorch's (out, in) weights, and y = x @ kernel + bias.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LAYERS = ("fc1", "fc2", "fc3")
+N_IN = 784
+N_OUT = 10
+
+
+class MLP(nn.Module):
+    """784 -> width -> ReLU -> width -> ReLU -> 10, raw linear outputs (no softmax)."""
+
+    width: int = 200
+    dtype: jnp.dtype = jnp.float64
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(self.width, dtype=self.dtype, param_dtype=self.dtype, name="fc1")(x))
+        x = nn.relu(nn.Dense(self.width, dtype=self.dtype, param_dtype=self.dtype, name="fc2")(x))
+        return nn.Dense(N_OUT, dtype=self.dtype, param_dtype=self.dtype, name="fc3")(x)
+
+
+def layer_shapes(width: int) -> dict[str, tuple[int, int]]:
+    """(fan_in, fan_out) of each layer."""
+    return {"fc1": (N_IN, width), "fc2": (width, width), "fc3": (width, N_OUT)}
+
+
+def init_params(key: jax.Array, width: int = 200, scale: float = 8.0, dtype=jnp.float64) -> dict:
+    """PyTorch's default `nn.Linear` init, every tensor then multiplied by `scale`.
+
+    Weights and biases are both U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with
+    a=sqrt(5) reduces to this bound), drawn with jax.random in float64 and cast afterwards,
+    so the float32 variant starts from the same numbers rounded.
+
+    Returns:
+        {"fc1": {"kernel": (784, width), "bias": (width,)}, "fc2": ..., "fc3": ...}
+    """
+    params = {}
+    keys = jax.random.split(key, 2 * len(LAYERS))
+    for i, (name, (fan_in, fan_out)) in enumerate(layer_shapes(width).items()):
+        bound = 1.0 / jnp.sqrt(jnp.float64(fan_in))
+        w = jax.random.uniform(keys[2 * i], (fan_in, fan_out), jnp.float64, -bound, bound)
+        b = jax.random.uniform(keys[2 * i + 1], (fan_out,), jnp.float64, -bound, bound)
+        params[name] = {"kernel": (w * scale).astype(dtype), "bias": (b * scale).astype(dtype)}
+    return params
+
+
+def forward(params: dict, x: jax.Array) -> jax.Array:
+    """Applies the MLP (the same function as `MLP().apply({'params': params}, x)`)."""
+    return MLP(width=params["fc1"]["kernel"].shape[1], dtype=params["fc1"]["kernel"].dtype).apply(
+        {"params": params}, x
+    )

@@ -1,0 +1,164 @@
+"""Training: the jitted, scan-chunked AdamW loop on a device-resident 1k subset.
+
+The step is the authors' (PyTorch) step: MSE over batch x 10 against one-hot targets, then
+AdamW. Steps run in a `lax.scan` over chunks whose lengths come from a small fixed set
+(`schedule.chunk_lengths`), with the state donated; the host touches the device once per
+chunk. Evaluations happen exactly at scheduled steps and read the parameters only.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from grokjax.config import TrainConfig
+from grokjax.data import select_subset, to_inputs
+from grokjax.model import forward, init_params
+
+
+class TrainState(NamedTuple):
+    """Everything a resumed run needs (with the config)."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int64 number of updates done
+    key: jax.Array  # uint32 PRNG key data for the optional per-epoch reshuffle
+
+
+class Data(NamedTuple):
+    """Device-resident arrays. Train arrays are in the class-sorted subset order."""
+
+    x_train: jax.Array  # (1000, 784)
+    y_train: jax.Array  # (1000,) int labels
+    x_test: jax.Array  # (10000, 784)
+    y_test: jax.Array  # (10000,)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW as torch.optim.AdamW: eps outside the sqrt, decay on all params, explicit wd."""
+    return optax.adamw(learning_rate=cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, eps_root=0.0,
+                       weight_decay=cfg.wd, mask=None)
+
+
+def mse_loss(params, x, y_onehot):
+    """Mean over batch x 10 of (output - one_hot)^2: torch's MSELoss(reduction='mean')."""
+    return jnp.mean((forward(params, x) - y_onehot) ** 2)
+
+
+def batch_perm(cfg: TrainConfig, seed: int | None = None) -> np.ndarray:
+    """The authors' fixed batch order: RandomState(seed).permutation(n) over subset positions.
+
+    Block b of the result (positions b*batch .. (b+1)*batch) is the batch used at every step
+    t with t mod (n/batch) == b.
+    """
+    return np.random.RandomState(cfg.seed if seed is None else seed).permutation(cfg.n_train).astype(np.int64)
+
+
+def make_data(cfg: TrainConfig, mnist: dict[str, np.ndarray]) -> Data:
+    """Selects the stratified subset and puts train and test arrays on the device."""
+    dtype = np.dtype(cfg.dtype)
+    idx = select_subset(mnist["y_train"], cfg.n_per_class, cfg.data_seed)
+    return Data(
+        x_train=jnp.asarray(to_inputs(mnist["x_train"][idx], dtype)),
+        y_train=jnp.asarray(mnist["y_train"][idx].astype(np.int32)),
+        x_test=jnp.asarray(to_inputs(mnist["x_test"], dtype)),
+        y_test=jnp.asarray(mnist["y_test"].astype(np.int32)),
+    )
+
+
+def init_state(cfg: TrainConfig, seed: int | None = None) -> TrainState:
+    """Fresh state: init from `jax.random.PRNGKey(seed)` (fold 0), reshuffle key (fold 1)."""
+    root = jax.random.PRNGKey(cfg.seed if seed is None else seed)
+    params = init_params(jax.random.fold_in(root, 0), cfg.width, cfg.init_scale, jnp.dtype(cfg.dtype))
+    return TrainState(params=params, opt_state=make_optimizer(cfg).init(params),
+                      step=jnp.zeros((), jnp.int64), key=jax.random.fold_in(root, 1))
+
+
+def make_step(cfg: TrainConfig) -> Callable[[TrainState, jax.Array, Data], tuple[TrainState, jax.Array]]:
+    """One update: picks the batch for step t, takes the MSE gradient, applies AdamW.
+
+    The returned function takes (state, perm, data); `perm` is the fixed batch order
+    (`batch_perm`), unused when `cfg.reshuffle` draws a fresh order each epoch on device.
+    """
+    opt = make_optimizer(cfg)
+    nb, bs, n = cfg.batches_per_epoch, cfg.batch, cfg.n_train
+    eye = jnp.eye(10, dtype=jnp.dtype(cfg.dtype))
+
+    def step(state: TrainState, perm: jax.Array, data: Data):
+        t = state.step
+        if cfg.reshuffle:
+            perm = jax.random.permutation(jax.random.fold_in(state.key, t // nb), n)
+        idx = jax.lax.dynamic_slice(perm, ((t % nb) * bs,), (bs,))
+        x, y = data.x_train[idx], eye[data.y_train[idx]]
+        loss, grads = jax.value_and_grad(mse_loss)(state.params, x, y)
+        updates, opt_state = opt.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state, t + 1, state.key), loss
+
+    return step
+
+
+def make_train_chunk(cfg: TrainConfig, n_seeds: int | None = None):
+    """A jitted `chunk(state, perm, data, length)` running `length` steps in one `lax.scan`.
+
+    The state is donated. With `n_seeds`, state and perm carry a leading seed axis and the
+    step is vmapped over it (data is shared). Returns the new state and the loss of the
+    chunk's last step (a cheap finiteness probe).
+    """
+    step = make_step(cfg)
+    if n_seeds is not None:
+        step = jax.vmap(step, in_axes=(0, 0, None))
+
+    @functools.partial(jax.jit, static_argnames="length", donate_argnums=0)
+    def chunk(state, perm, data, length: int):
+        def body(s, _):
+            s, loss = step(s, perm, data)
+            return s, loss
+
+        state, losses = jax.lax.scan(body, state, None, length=length)
+        return state, losses[-1]
+
+    return chunk
+
+
+def _accuracy_and_loss(params, x, labels, eye):
+    out = forward(params, x)
+    correct = (jnp.argmax(out, -1) == labels).astype(jnp.float64)
+    return jnp.mean(correct), jnp.mean((out - eye[labels]) ** 2)
+
+
+def evaluate(params, data: Data) -> dict[str, jax.Array]:
+    """Full-set metrics of one parameter set (device arrays; see `make_evaluate`)."""
+    eye = jnp.eye(10, dtype=data.x_train.dtype)
+    train_acc, train_loss = _accuracy_and_loss(params, data.x_train, data.y_train, eye)
+    test_acc, test_loss = _accuracy_and_loss(params, data.x_test, data.y_test, eye)
+    leaves = jax.tree.leaves(params)
+    sq = sum(jnp.sum(a.astype(jnp.float64) ** 2) for a in leaves)
+    sq_w = sum(jnp.sum(params[k]["kernel"].astype(jnp.float64) ** 2) for k in params)
+    sq_fc3 = sum(jnp.sum(a.astype(jnp.float64) ** 2) for a in jax.tree.leaves(params["fc3"]))
+    return {
+        "train/loss": train_loss, "train/acc": train_acc,
+        "test/loss": test_loss, "test/acc": test_acc,
+        "params/l2": jnp.sqrt(sq), "params/l2_weights": jnp.sqrt(sq_w), "params/l2_fc3": jnp.sqrt(sq_fc3),
+    }
+
+
+def make_evaluate(n_seeds: int | None = None):
+    """Jitted `evaluate`, vmapped over a leading seed axis of params when `n_seeds` is set."""
+    fn = evaluate if n_seeds is None else jax.vmap(evaluate, in_axes=(0, None))
+    return jax.jit(fn)
+
+
+def run_steps(cfg: TrainConfig, state: TrainState, perm, data: Data, n: int, chunk_fn=None) -> TrainState:
+    """Runs n steps through the scan chunks (a convenience for tests and benchmarks)."""
+    from grokjax.schedule import chunk_lengths  # noqa: PLC0415
+
+    chunk_fn = chunk_fn or make_train_chunk(cfg)
+    for length in chunk_lengths(n, cfg.chunk):
+        state, _ = chunk_fn(state, perm, data, length)
+    return state
