@@ -1,0 +1,154 @@
+"""Trainer: protocol details, float64, scan chunks, parity with the torch reference."""
+
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grokjax import schedule, train
+from grokjax.config import ConfigError, TrainConfig, parse_steps
+from grokjax.data import SUBSET_SHA256, select_subset, to_inputs, verify
+
+CFG = TrainConfig(out="unused")
+
+
+def test_mnist_verified_and_subset_hash(mnist):
+    assert verify(mnist) == []
+    idx = select_subset(mnist["y_train"], 100, 0)
+    assert hashlib.sha256(idx.astype(np.int64).tobytes()).hexdigest() == SUBSET_SHA256
+    assert list(idx[:5]) == [13830, 52831, 48180, 18563, 7451]
+    labels = mnist["y_train"][idx]
+    assert (labels == np.repeat(np.arange(10), 100)).all()  # class-block order
+    other = select_subset(mnist["y_train"], 100, 1)
+    assert not np.array_equal(other, idx)
+
+
+def test_inputs_are_pixel_over_255_row_major(mnist):
+    x = to_inputs(mnist["x_test"][:2])
+    assert x.dtype == np.float64 and x.shape == (2, 784)
+    assert x[1, 28 * 5 + 7] == mnist["x_test"][1, 5, 7] / 255.0
+
+
+def test_init_bounds_and_scale():
+    params = train.init_state(CFG).params
+    for name, fan_in in (("fc1", 784), ("fc2", 200), ("fc3", 200)):
+        bound = 8.0 / np.sqrt(fan_in)
+        for leaf in params[name].values():
+            a = np.asarray(leaf)
+            assert np.abs(a).max() <= bound
+            if a.size >= 200:  # uniform over the whole interval, centred
+                assert np.abs(a).max() > 0.95 * bound
+                assert abs(a.mean()) < 0.2 * bound
+    assert params["fc1"]["kernel"].shape == (784, 200)
+    l2 = np.sqrt(sum(float(jnp.sum(a ** 2)) for a in jax.tree.leaves(params)))
+    assert 92.5 < l2 < 95.0  # expected 93.67 (protocol sanity values)
+
+
+def test_every_param_and_optimizer_leaf_is_float64():
+    state = train.init_state(CFG)
+    leaves = jax.tree.leaves((state.params, state.opt_state))
+    floats = [a for a in leaves if jnp.issubdtype(a.dtype, jnp.floating)]
+    others = [a for a in leaves if not jnp.issubdtype(a.dtype, jnp.floating)]
+    assert len(floats) == 18 and all(a.dtype == jnp.float64 for a in floats)  # params, mu, nu
+    # The only non-float leaf is Adam's integer step count.
+    assert len(others) == 1 and jnp.issubdtype(others[0].dtype, jnp.integer) and others[0].shape == ()
+
+
+def test_loss_is_mean_over_batch_and_classes():
+    params = train.init_state(CFG).params
+    rng = np.random.default_rng(0)
+    x = rng.random((7, 784))
+    y = np.eye(10)[rng.integers(0, 10, 7)]
+    from grokjax.model import forward
+
+    out = np.asarray(forward(params, jnp.asarray(x)))
+    assert float(train.mse_loss(params, x, y)) == pytest.approx(((out - y) ** 2).sum() / 70, rel=1e-14)
+
+
+def test_authors_schedule_has_191_points():
+    for n, last, freq in ((10**7, 9_933_383, 66_667), (10**5, 99_383, 667)):
+        s = schedule.authors_log_steps(n)
+        assert len(s) == 191 and s[-1] == last
+        assert set(range(30)) <= set(s) and 140 in s and 145 not in s and freq in s
+    e = schedule.eval_steps(10**7, 20)
+    assert e[-1] == 10**7 and set(schedule.authors_log_steps(10**7)) <= set(e)
+    gaps = np.diff(np.log10(e[e > 1000]))
+    assert gaps.max() < 0.06  # dense on a log axis: about 20 points a decade
+
+
+def test_chunk_lengths_bounded():
+    seen = set()
+    for n in range(0, 5000, 7):
+        parts = schedule.chunk_lengths(n, 256)
+        assert sum(parts) == n
+        seen |= set(parts)
+    assert seen <= {256, 128, 64, 32, 16, 8, 4, 2, 1}
+
+
+def test_parse_steps():
+    assert parse_steps("1e7") == 10_000_000 and parse_steps("100_000") == 100_000
+    for bad in ("1.5", "abc", "1e-3", "nan"):
+        with pytest.raises(ConfigError):
+            parse_steps(bad)
+    with pytest.raises(ConfigError):
+        TrainConfig(steps=-5)
+
+
+@pytest.fixture(scope="module")
+def setup(mnist):
+    data = train.make_data(CFG, mnist)
+    perm = train.batch_perm(CFG)
+    return data, perm
+
+
+def test_batch_order_is_fixed_cycle(setup, mnist):
+    data, perm = setup
+    assert sorted(perm) == list(range(1000))
+    np.testing.assert_array_equal(perm, np.random.RandomState(0).permutation(1000))
+
+
+def test_scan_chunks_equal_plain_step_loop(setup):
+    data, perm_np = setup
+    perm = jnp.asarray(perm_np)
+    step = jax.jit(train.make_step(CFG))
+    s1 = train.init_state(CFG)
+    for _ in range(23):
+        s1, _ = step(s1, perm, data)
+    s2 = train.run_steps(TrainConfig(out="unused", chunk=8), train.init_state(CFG), perm, data, 23)
+    assert int(s2.step) == 23
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_parity_with_torch_reference(setup, wd):
+    from torch_reference import train_reference
+
+    data, perm = setup
+    cfg = TrainConfig(out="unused", wd=wd, chunk=64)
+    state = train.init_state(cfg)
+    p0 = jax.tree.map(np.asarray, state.params)
+    n = 250
+    state = train.run_steps(cfg, state, jnp.asarray(perm), data, n)
+    ref, recs = train_reference(p0, np.asarray(data.x_train), np.asarray(data.y_train), perm, n, wd=wd,
+                                eval_at=[n], x_test=np.asarray(data.x_test), y_test=np.asarray(data.y_test))
+    got = jax.tree.map(np.asarray, state.params)
+    scale = max(np.abs(a).max() for a in jax.tree.leaves(ref))
+    diff = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
+    assert diff / scale <= 1e-10, f"JAX vs torch relative difference {diff / scale:.3e}"
+    assert diff > 0 or n == 0  # independent implementations: round-off differs, so this is no self-comparison
+    m = {k: float(v) for k, v in train.make_evaluate()(state.params, data).items()}
+    assert m["train/acc"] == recs[0]["train/acc"] and m["test/acc"] == recs[0]["test/acc"]
+    assert m["train/loss"] == pytest.approx(recs[0]["train/loss"], rel=1e-9)
+    assert m["test/loss"] == pytest.approx(recs[0]["test/loss"], rel=1e-9)
+
+
+def test_reshuffle_changes_batches_but_keeps_float64(setup):
+    data, perm = setup
+    cfg = TrainConfig(out="unused", reshuffle=True, chunk=16)
+    a = train.run_steps(cfg, train.init_state(cfg), jnp.asarray(perm), data, 10)
+    b = train.run_steps(CFG, train.init_state(CFG), jnp.asarray(perm), data, 10)
+    assert a.params["fc1"]["kernel"].dtype == jnp.float64
+    assert not np.allclose(np.asarray(a.params["fc1"]["kernel"]), np.asarray(b.params["fc1"]["kernel"]))
