@@ -1,0 +1,135 @@
+"""Run loop and CLI: files written, resume after crashes, refusals, bad input, divergence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from grokjax import ckpt
+from grokjax.config import ConfigError, TrainConfig
+from grokjax.runner import NonFiniteError, run
+
+SMALL = dict(steps=120, log_points_per_decade=4, chunk=16, progress=False, full_save_secs=0)
+
+
+def _records(d):
+    return [{k: v for k, v in json.loads(line).items() if k != "time/wall"}
+            for line in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final(d, step):
+    return ckpt.load_params(d, step)
+
+
+def _same_params(a, b):
+    for layer in a:
+        for k in a[layer]:
+            np.testing.assert_array_equal(a[layer][k], b[layer][k])
+
+
+def test_run_writes_config_metrics_checkpoints(tmp_path, mnist):
+    d = run(TrainConfig(out=str(tmp_path / "r"), **SMALL), mnist=mnist)[0]
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["config"]["steps"] == 120 and cfg["config"]["dtype"] == "float64"
+    assert "jax" in cfg["versions"] and "platform" in cfg["device"]
+    recs = _records(d)
+    steps = [r["step"] for r in recs]
+    assert steps[0] == 0 and steps[-1] == 120 and steps == sorted(set(steps))
+    assert {"train/loss", "train/acc", "test/loss", "test/acc", "params/l2", "params/l2_weights",
+            "params/l2_fc3", "schedule/authors"} <= set(recs[0])
+    assert ckpt.list_param_steps(d) == steps
+    p = _final(d, 120)
+    assert p["fc1"]["kernel"].shape == (784, 200) and p["fc1"]["kernel"].dtype == np.float64
+
+
+def test_resume_after_crash_mid_chunk_is_bitwise_identical(tmp_path, mnist):
+    ref = run(TrainConfig(out=str(tmp_path / "ref"), **SMALL), mnist=mnist)[0]
+    cfg = TrainConfig(out=str(tmp_path / "crash"), **SMALL)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(cfg, mnist=mnist, crash_after_chunks=40)
+    partial = _records(tmp_path / "crash")
+    assert 0 < partial[-1]["step"] < 120
+    d = run(cfg, mnist=mnist)[0]
+    assert _records(d) == _records(ref)
+    _same_params(_final(d, 120), _final(ref, 120))
+
+
+def test_rerun_of_finished_run_changes_nothing(tmp_path, mnist):
+    cfg = TrainConfig(out=str(tmp_path / "r"), **SMALL)
+    d = run(cfg, mnist=mnist)[0]
+    before = _records(d)
+    run(cfg, mnist=mnist)
+    assert _records(d) == before
+
+
+def test_different_config_is_refused_unless_overwrite(tmp_path, mnist):
+    cfg = TrainConfig(out=str(tmp_path / "r"), **SMALL)
+    run(cfg, mnist=mnist)
+    other = TrainConfig(out=str(tmp_path / "r"), **{**SMALL, "wd": 0.01})
+    with pytest.raises(ConfigError, match="different config"):
+        run(other, mnist=mnist)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["wd"] == 0.0
+    run(TrainConfig(out=str(tmp_path / "r"), overwrite=True, **{**SMALL, "wd": 0.01}), mnist=mnist)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["wd"] == 0.01
+
+
+def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, mnist):
+    cfg = TrainConfig(out=str(tmp_path / "r"), lr=1e300, **SMALL)
+    with pytest.raises(NonFiniteError, match="last good checkpoint: step 0"):
+        run(cfg, mnist=mnist)
+    assert ckpt.list_param_steps(tmp_path / "r") == [0]
+
+
+def _cli(root, *args, timeout=300):
+    env = {**os.environ, "GROKJAX_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(root / "experiments" / "run.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--steps", "-5"], "steps must be a positive integer"),
+    (["--steps", "1.5"], "whole number"),
+    (["--steps", "abc"], "integer"),
+    (["--wd", "-1"], "wd must be"),
+    (["--bogus", "1"], "unrecognized arguments"),
+    (["--batch", "300"], "batch must divide"),
+])
+def test_cli_bad_input_one_line_exit_2(root, tmp_path, args, msg):
+    r = _cli(root, *args, "--out", str(tmp_path / "x"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and msg in lines[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_unwritable_out(root, tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = _cli(root, "--steps", "10", "--out", str(tmp_path / "file" / "run"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_cli_smoke_and_kill_9_resume(root, tmp_path):
+    """A real CLI run killed with SIGKILL at a random moment resumes to the same result."""
+    args = ["--steps", "400", "--log_points_per_decade", "5", "--chunk", "8", "--full_save_secs", "0",
+            "--progress", "false"]
+    ref = tmp_path / "ref"
+    r = _cli(root, *args, "--out", str(ref))
+    assert r.returncode == 0, r.stderr
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "GROKJAX_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *args, "--out", str(run_dir)],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(ckpt.list_param_steps(run_dir)) < 40 and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    r = _cli(root, *args, "--out", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    assert _records(run_dir) == _records(ref)
+    _same_params(_final(run_dir, 400), _final(ref, 400))
