@@ -80,6 +80,9 @@ class TrainConfig:
     # Extra evaluation points per decade of steps on a log grid, on top of the authors'
     # 191-point rule (0 disables them). They never change the trajectory.
     log_points_per_decade: int = 20
+    # Include the authors' 191-point evaluation rule (t<30; t<150 and t%10==0; t%ceil(N/150)==0).
+    # Only quick tests switch it off; steps 0 and N are always evaluated.
+    authors_grid: bool = True
     # Longest compiled scan chunk in steps; shorter segments are split into power-of-two
     # chunks so that at most log2(chunk)+1 lengths are ever compiled.
     chunk: int = 4096

@@ -230,7 +230,7 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, mnist: dict | None 
         cfgs = [cfg]
     for note in _science_notes(cfg):
         print(f"WARNING: {note}; recorded in config.json", file=sys.stderr)
-    steps = eval_steps(cfg.steps, cfg.log_points_per_decade)
+    steps = eval_steps(cfg.steps, cfg.log_points_per_decade, cfg.authors_grid)
     authors = set(int(s) for s in authors_log_steps(cfg.steps))
     replicas = [_Replica(c, steps) for c in cfgs]
     try:

@@ -28,9 +28,10 @@ def log_grid_steps(n_steps: int, per_decade: int) -> np.ndarray:
     return grid[(grid >= 1) & (grid <= n_steps)]
 
 
-def eval_steps(n_steps: int, per_decade: int = 20) -> np.ndarray:
-    """All evaluation steps: the authors' rule, plus N (the final state), plus the log grid."""
-    steps = np.concatenate([authors_log_steps(n_steps), [n_steps], log_grid_steps(n_steps, per_decade)])
+def eval_steps(n_steps: int, per_decade: int = 20, authors: bool = True) -> np.ndarray:
+    """All evaluation steps: 0, N (the final state), the log grid and (default) the authors' rule."""
+    base = authors_log_steps(n_steps) if authors else np.zeros(1, dtype=np.int64)
+    steps = np.concatenate([base, [n_steps], log_grid_steps(n_steps, per_decade)])
     return np.unique(steps.astype(np.int64))
 
 

@@ -14,7 +14,7 @@ from grokjax import ckpt
 from grokjax.config import ConfigError, TrainConfig
 from grokjax.runner import NonFiniteError, run
 
-SMALL = dict(steps=120, log_points_per_decade=4, chunk=16, progress=False, full_save_secs=0)
+SMALL = dict(steps=120, log_points_per_decade=6, authors_grid=False, chunk=16, progress=False, full_save_secs=0)
 
 
 def _records(d):
@@ -51,7 +51,7 @@ def test_resume_after_crash_mid_chunk_is_bitwise_identical(tmp_path, mnist):
     ref = run(TrainConfig(out=str(tmp_path / "ref"), **SMALL), mnist=mnist)[0]
     cfg = TrainConfig(out=str(tmp_path / "crash"), **SMALL)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(cfg, mnist=mnist, crash_after_chunks=40)
+        run(cfg, mnist=mnist, crash_after_chunks=12)
     partial = _records(tmp_path / "crash")
     assert 0 < partial[-1]["step"] < 120
     d = run(cfg, mnist=mnist)[0]
@@ -115,8 +115,8 @@ def test_cli_unwritable_out(root, tmp_path):
 
 def test_cli_smoke_and_kill_9_resume(root, tmp_path):
     """A real CLI run killed with SIGKILL at a random moment resumes to the same result."""
-    args = ["--steps", "400", "--log_points_per_decade", "5", "--chunk", "8", "--full_save_secs", "0",
-            "--progress", "false"]
+    args = ["--steps", "400", "--log_points_per_decade", "12", "--authors_grid", "false", "--chunk", "8",
+            "--full_save_secs", "0", "--progress", "false"]
     ref = tmp_path / "ref"
     r = _cli(root, *args, "--out", str(ref))
     assert r.returncode == 0, r.stderr
@@ -125,7 +125,7 @@ def test_cli_smoke_and_kill_9_resume(root, tmp_path):
     p = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *args, "--out", str(run_dir)],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and len(ckpt.list_param_steps(run_dir)) < 40 and p.poll() is None:
+    while time.time() < deadline and len(ckpt.list_param_steps(run_dir)) < 12 and p.poll() is None:
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
