@@ -301,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", choices=SOURCES, action="append", help="try only these sources, in order")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--idx-dir", default=None)
+    p.add_argument("--offline", action="store_true", help="never try the download mirrors")
     args = p.parse_args(argv)
     try:
-        arrays = load_mnist(args.cache_dir, args.idx_dir, sources=tuple(args.source or SOURCES))
+        arrays = load_mnist(args.cache_dir, args.idx_dir, sources=tuple(args.source or SOURCES),
+                            allow_download=False if args.offline else None)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
