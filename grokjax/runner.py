@@ -268,6 +268,9 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
         if sharded is not None:
             state, perm = jax.device_put((state, perm), sharded)
             data = jax.device_put(data, replicated)
+            n_dev = sharded.mesh.devices.size
+            print(f"sharding {len(cfgs)} seeds over {n_dev} devices ({len(cfgs) // n_dev} per device)",
+                  file=sys.stderr)
     else:
         state, perm = jax.tree.map(jnp.asarray, fresh[0]), jnp.asarray(perms[0])
 
