@@ -46,6 +46,7 @@ def params_manager(run_dir: str | os.PathLike, steps: Iterable[int] | None = Non
     opts = ocp.CheckpointManagerOptions(
         save_decision_policy=policy, preservation_policy=PreserveAll(), read_only=read_only,
         create=not read_only, enable_async_checkpointing=not read_only,
+        cleanup_tmp_directories=not read_only,  # drop half-written saves left by a killed run
     )
     return ocp.CheckpointManager(Path(run_dir).absolute() / PARAMS_DIR, options=opts)
 
@@ -58,7 +59,8 @@ def state_manager(run_dir: str | os.PathLike, final_step: int, min_interval_secs
         cm.SpecificStepsPolicy(steps=frozenset([int(final_step)])),
     ])
     opts = ocp.CheckpointManagerOptions(save_decision_policy=policy,
-                                        preservation_policy=cm.LatestN(n=FULL_STATES_KEPT))
+                                        preservation_policy=cm.LatestN(n=FULL_STATES_KEPT),
+                                        cleanup_tmp_directories=True)
     return ocp.CheckpointManager(Path(run_dir).absolute() / STATE_DIR, options=opts)
 
 

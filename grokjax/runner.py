@@ -83,10 +83,9 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
                               "use another --out or pass --overwrite")
         return d
     if d.exists() and any(d.iterdir()):
-        if not cfg.overwrite:
+        # --overwrite only ever deletes a grokjax run directory, never an arbitrary folder.
+        if not (cfg.overwrite and cfg_file.exists()):
             raise ConfigError(f"{d} is not empty and holds no {CONFIG_FILE}; use another --out")
-        shutil.rmtree(d)
-    elif d.exists() and cfg.overwrite:
         shutil.rmtree(d)
     try:
         d.mkdir(parents=True, exist_ok=True)
@@ -287,12 +286,12 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
                 if crash_after_chunks is not None and dispatched >= crash_after_chunks:
                     raise RuntimeError("simulated crash")
                 if pending is not None:
-                    _check_probe(*pending)  # blocks on the previous chunk only
+                    _check_probe(*pending, replicas[0])  # blocks on the previous chunk only
                     bar.update(pending[2])
                 pending = (last_loss, t + length, length)
                 t += length
             if pending is not None:
-                _check_probe(*pending)
+                _check_probe(*pending, replicas[0])
                 bar.update(pending[2])
             metrics = jax.device_get(evaluate(state.params, data))
             params_host = jax.device_get(state.params)
@@ -305,7 +304,7 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
                 if not all(math.isfinite(rec[k]) for k in ("train/loss", "test/loss", "params/l2")):
                     r.metrics.write(json.dumps(rec) + "\n")
                     r.metrics.flush()
-                    raise NonFiniteError(_nonfinite_message(e, r))
+                    raise NonFiniteError(_nonfinite_message(f"at step {e}", r))
                 r.metrics.write(json.dumps(rec) + "\n")
                 r.metrics.flush()
                 ckpt.save_params(r.params, e, jax.tree.map(pick, params_host))
@@ -324,12 +323,13 @@ def _wants_full_state(replica: _Replica, step: int) -> bool:
     return bool(replica.state.should_save(step))
 
 
-def _check_probe(last_loss, step: int, length: int) -> None:
+def _check_probe(last_loss, step: int, length: int, replica: _Replica) -> None:
     if not np.all(np.isfinite(np.asarray(last_loss))):
-        raise NonFiniteError(f"non-finite training loss within steps {step - length}..{step}")
+        raise NonFiniteError(_nonfinite_message(f"within steps {step - length}..{step}", replica))
 
 
-def _nonfinite_message(step: int, r: _Replica) -> str:
+def _nonfinite_message(where: str, r: _Replica) -> str:
+    r.params.wait_until_finished()
     good = ckpt.list_param_steps(r.dir)
     last = good[-1] if good else None
-    return f"non-finite loss or norm at step {step} in {r.dir}; last good checkpoint: step {last}"
+    return f"non-finite loss or norm {where} in {r.dir}; last good checkpoint: step {last}"

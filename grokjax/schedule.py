@@ -13,10 +13,10 @@ import numpy as np
 
 def authors_log_steps(n_steps: int) -> np.ndarray:
     """The notebook's rule over t = 0..N-1: t<30, or t<150 and t%10==0, or t % ceil(N/150) == 0."""
-    t = np.arange(n_steps, dtype=np.int64)
     log_freq = math.ceil(n_steps / 150)
-    keep = (t < 30) | ((t < 150) & (t % 10 == 0)) | (t % log_freq == 0)
-    return t[keep]
+    early = np.concatenate([np.arange(30), np.arange(30, 150, 10)])
+    steps = np.concatenate([early[early < n_steps], np.arange(0, n_steps, log_freq)])
+    return np.unique(steps.astype(np.int64))
 
 
 def log_grid_steps(n_steps: int, per_decade: int) -> np.ndarray:

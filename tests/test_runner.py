@@ -133,3 +133,10 @@ def test_cli_smoke_and_kill_9_resume(root, tmp_path):
     assert r.returncode == 0, r.stderr
     assert _records(run_dir) == _records(ref)
     _same_params(_final(run_dir, 400), _final(ref, 400))
+
+
+def test_overwrite_never_deletes_a_foreign_directory(tmp_path, mnist):
+    (tmp_path / "mine.txt").write_text("precious")
+    with pytest.raises(ConfigError, match="holds no config.json"):
+        run(TrainConfig(out=str(tmp_path), overwrite=True, **SMALL), mnist=mnist)
+    assert (tmp_path / "mine.txt").read_text() == "precious"

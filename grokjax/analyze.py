@@ -1,0 +1,523 @@
+"""Analyse a run directory: HTSR metrics, progress measures and norms at every checkpoint.
+
+`analyze_run(run_dir, options)` restores every saved params step (`grokjax.ckpt`), runs the
+native HTSR engine (`grokjax.htsr`) and, with engine 'ww' or 'both', WeightWatcher 0.7.5.5
+(`grokjax.wwadapter`), computes the progress measures (`grokjax.progress`), and returns two
+tidy tables:
+
+* layers: one row per (run, step, layer, engine) with the engine's columns (alpha,
+  raw_alpha, xmin, xmax, D, sigma, num_pl_spikes, num_fingers, status, lambda_max,
+  num_evals, norm, traps, traps_per_shuffle, n_shuffles, rand_sigma_mp, rand_bulk_max,
+  rand_bulk_min, max_rand_eval, mp_ks, mp_pvalue, mp_status, N, M, Q);
+* steps: one row per (run, step): the metrics.jsonl record, params/l2 and
+  params/l2_weights recomputed from the checkpoint, the progress measures, per engine
+  `<engine>/alpha_<layer>`, `<engine>/alpha_mean` (FC1+FC2, as the paper's tables),
+  `<engine>/traps_<layer>`, the seconds each part took (time/load, time/native, time/ww,
+  time/progress), and a status ('ok', 'no_checkpoint', 'no_metrics').
+
+Shuffles: checkpoint `step` of a run with seed s is analysed with the legacy stream
+`RandomState(checkpoint_seed(s, step))` walked through fc1, fc2, fc3 in order, and WW is
+called after `np.random.seed(checkpoint_seed(s, step))`: both engines see the same W^rand,
+so their trap counts differ only through the MP fit.
+
+Results are cached next to the run (`<run_dir>/analysis/{layers,steps}.{parquet,csv}` and
+`key.json`). The key hashes the options, the engine code and versions, and the run's identity
+(its config and creation time); with the same key, rows of checkpoints already analysed are
+reused and only new checkpoints are computed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from grokjax import ckpt, htsr, phases, progress
+
+ANALYSIS_VERSION = 1
+ANALYSIS_DIR = "analysis"
+ENGINES = ("native", "ww", "both")
+LAYERS = ("fc1", "fc2", "fc3")
+TABLE_LAYER_COLUMNS = ("run", "wd", "seed", "step", "layer", "engine")
+# Step-table columns computed from a checkpoint (the rest come from metrics.jsonl or are derived).
+COMPUTED_STEP_COLUMNS = ("progress/sparsity", "progress/sparsity_smooth", "progress/entropy_fc1",
+                         "progress/entropy_fc2", "progress/entropy_fc3", "progress/circuit", "params/l2",
+                         "params/l2_weights", "time/load", "time/native", "time/progress")
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_SEED_TAG = 0xA1FA
+
+
+class AnalysisError(ValueError):
+    """A bad analysis input: no run, no checkpoints, unreadable config or metrics."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AnalysisOptions:
+    """How a run is analysed. Fields marked (key) enter the cache key.
+
+    Attributes:
+        engine: (key) 'native' (grokjax.htsr), 'ww' (WeightWatcher 0.7.5.5) or 'both'. The
+            progress measures and norms are computed with every engine.
+        htsr: (key) options of both engines' HTSR pass (the paper's clip_xmax + randomize).
+        progress: (key) options of the progress measures.
+        ww_stride: (key) WW runs on every ww_stride-th checkpoint plus the first, the last
+            and the phase steps (WW costs ~3-5 s per checkpoint, the native engine ~0.2 s).
+        workers: worker processes (1: in this process).
+        progress_bar: show a tqdm bar over checkpoints.
+        reuse: reuse cached rows when the key matches.
+        write: write the tables and key next to the run.
+    """
+
+    engine: str = "both"
+    htsr: htsr.HTSROptions = dataclasses.field(default_factory=htsr.HTSROptions)
+    progress: progress.ProgressOptions = dataclasses.field(default_factory=progress.ProgressOptions)
+    ww_stride: int = 1
+    workers: int = 2
+    progress_bar: bool = True
+    reuse: bool = True
+    write: bool = True
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.ww_stride < 1:
+            raise ValueError(f"ww_stride must be >= 1, got {self.ww_stride}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+    @property
+    def engines(self) -> tuple[str, ...]:
+        """The engines to run, native first."""
+        return ("native", "ww") if self.engine == "both" else (self.engine,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What the analysis needs to know about a run directory."""
+
+    path: Path
+    name: str
+    config: dict  # the TrainConfig fields
+    created: str
+    metrics: pd.DataFrame  # one row per evaluated step, sorted
+    steps: tuple[int, ...]  # steps with a params checkpoint
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def wd(self) -> float:
+        return float(self.config.get("wd", math.nan))
+
+
+def find_runs(root: str | os.PathLike) -> list[Path]:
+    """Run directories (holding config.json) at or below `root`, sorted; not inside analysis/."""
+    root = Path(root)
+    if not root.exists():
+        raise AnalysisError(f"{root} does not exist")
+    if not root.is_dir():
+        raise AnalysisError(f"{root} is not a directory")
+    if (root / "config.json").is_file():
+        return [root]
+    found = sorted(p.parent for p in root.rglob("config.json") if ANALYSIS_DIR not in p.relative_to(root).parts)
+    return found
+
+
+def read_metrics(path: Path) -> pd.DataFrame:
+    """metrics.jsonl as a DataFrame sorted by step (torn or non-object lines are skipped)."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "step" in rec:
+                records.append(rec)
+    df = pd.DataFrame.from_records(records) if records else pd.DataFrame({"step": pd.Series([], dtype=np.int64)})
+    return df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+
+
+def read_run(run_dir: str | os.PathLike, name: str | None = None) -> Run:
+    """Reads config.json, metrics.jsonl and the list of checkpoint steps of a run.
+
+    Raises:
+        AnalysisError: config.json is missing or unreadable, or there is no params checkpoint.
+    """
+    d = Path(run_dir)
+    try:
+        payload = json.loads((d / "config.json").read_text())
+        config = dict(payload["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AnalysisError(f"{d}: unreadable config.json ({type(e).__name__}: {e})") from None
+    steps = tuple(ckpt.list_param_steps(d))
+    if not steps:
+        raise AnalysisError(f"{d}: no params checkpoints under {ckpt.PARAMS_DIR}")
+    return Run(path=d, name=name or d.name, config=config, created=str(payload.get("created", "")),
+               metrics=read_metrics(d / "metrics.jsonl"), steps=steps)
+
+
+def checkpoint_seed(run_seed: int, step: int) -> int:
+    """The shuffle seed of one checkpoint (a 32-bit int, valid for np.random.seed)."""
+    return int(np.random.SeedSequence([_SEED_TAG, int(run_seed), int(step)]).generate_state(1)[0])
+
+
+def weights_of(params: dict) -> dict[str, np.ndarray]:
+    """{fc1, fc2, fc3} -> kernel (in, out); the spectrum does not depend on the orientation."""
+    return {k: np.asarray(params[k]["kernel"], dtype=np.float64) for k in LAYERS}
+
+
+def _error_rows(weights: dict, message: str) -> list[dict]:
+    return [dict(name=k, N=max(W.shape), M=min(W.shape), Q=max(W.shape) / min(W.shape), status="error",
+                 mp_status="error", error=message) for k, W in weights.items()]
+
+
+def htsr_rows(weights: dict, *, engine: str, seed: int, options: htsr.HTSROptions) -> list[dict]:
+    """One engine's per-layer rows (keys as in `grokjax.htsr.analyze_matrix`, plus engine).
+
+    A matrix the engine rejects (non-finite entries) gives rows with status 'error'.
+    """
+    try:
+        if engine == "native":
+            rows = htsr.analyze_weights(weights, options=options, rng=np.random.RandomState(seed))
+        else:
+            from grokjax.wwadapter import analyze_weights_ww  # noqa: PLC0415  (heavy, optional)
+
+            rows = analyze_weights_ww(weights, seed=seed, randomize=options.randomize, fix_fingers=options.fix_fingers)
+    except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
+        rows = _error_rows(weights, f"{type(e).__name__}: {e}")
+    return [dict(r, engine=engine) for r in rows]
+
+
+def analyze_checkpoint(params: dict, *, step: int, run_seed: int, options: AnalysisOptions,
+                       inputs: dict[str, np.ndarray], engines: tuple[str, ...] = ("native",),
+                       with_progress: bool = True) -> tuple[list[dict], dict]:
+    """Analyses one parameter set.
+
+    Args:
+        params: {fc1, fc2, fc3} x {kernel, bias} numpy arrays.
+        step, run_seed: identify the checkpoint (they key the shuffles and dropout masks).
+        options: AnalysisOptions (its htsr and progress fields are used).
+        inputs: `progress.load_inputs(...)` images.
+        engines: which HTSR engines to run.
+        with_progress: compute the progress measures and norms.
+
+    Returns:
+        (layer rows with 'layer', 'engine' and 'step', step row with the computed columns).
+    """
+    weights = weights_of(params)
+    seed = checkpoint_seed(run_seed, step)
+    layer_rows, step_row = [], {"step": int(step)}
+    for engine in engines:
+        t0 = time.perf_counter()
+        for r in htsr_rows(weights, engine=engine, seed=seed, options=options.htsr):
+            r["layer"] = r.pop("name")
+            r["step"] = int(step)
+            layer_rows.append(r)
+        step_row[f"time/{engine}"] = time.perf_counter() - t0
+    if with_progress:
+        t0 = time.perf_counter()
+        step_row.update(progress.compute_progress(params, x_fixed=inputs["x_fixed"], x_all=inputs["x_all"],
+                                                  options=options.progress, seed=run_seed, step=step))
+        step_row["time/progress"] = time.perf_counter() - t0
+    return layer_rows, step_row
+
+
+# --------------------------------------------------------------------------------------
+# Workers
+
+_WORKER: dict = {}
+
+
+def _init_worker(run_dir: str, run_seed: int, options: AnalysisOptions, inputs: dict) -> None:
+    _WORKER.update(run_dir=run_dir, run_seed=run_seed, options=options, inputs=inputs)
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
+
+
+def _task(step: int, engines: tuple[str, ...], with_progress: bool) -> tuple[list[dict], dict]:
+    t0 = time.perf_counter()
+    params = ckpt.load_params(_WORKER["run_dir"], step)
+    load = time.perf_counter() - t0
+    layers, row = analyze_checkpoint(params, step=step, run_seed=_WORKER["run_seed"], options=_WORKER["options"],
+                                     inputs=_WORKER["inputs"], engines=engines, with_progress=with_progress)
+    if with_progress:
+        row["time/load"] = load
+    return layers, row
+
+
+@contextlib.contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """Sets the BLAS thread variables to 1 for spawned workers (restored afterwards)."""
+    old = {k: os.environ.get(k) for k in _THREAD_VARS}
+    os.environ.update({k: "1" for k in _THREAD_VARS})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _limit_threads_here() -> Iterator[None]:
+    """One BLAS thread in this process, when threadpoolctl is available (it usually is)."""
+    try:
+        from threadpoolctl import threadpool_limits  # noqa: PLC0415
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(1):
+        yield
+
+
+def _run_tasks(run: Run, tasks: list[tuple[int, tuple[str, ...], bool]], options: AnalysisOptions,
+               inputs: dict) -> list[tuple[list[dict], dict]]:
+    """Runs the checkpoint tasks, in worker processes when options.workers > 1."""
+    bar = tqdm(total=len(tasks), unit="ckpt", desc=run.name, disable=not options.progress_bar or not tasks,
+               dynamic_ncols=True)
+    results = []
+    try:
+        if options.workers == 1 or len(tasks) <= 1:
+            _init_worker(str(run.path), run.seed, options, inputs)
+            with _limit_threads_here(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=RuntimeWarning)
+                for t in tasks:
+                    results.append(_task(*t))
+                    bar.update()
+            return results
+        # spawn, not fork: the parent may hold JAX/Orbax threads; BLAS reads its thread count
+        # from the environment at import, so the variables are set before the workers start.
+        ctx = multiprocessing.get_context("spawn")
+        with _single_threaded_blas(), cf.ProcessPoolExecutor(
+                max_workers=min(options.workers, len(tasks)), mp_context=ctx, initializer=_init_worker,
+                initargs=(str(run.path), run.seed, options, inputs)) as pool:
+            futures = [pool.submit(_task, *t) for t in tasks]
+            try:
+                for fut in cf.as_completed(futures):
+                    results.append(fut.result())
+                    bar.update()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+        return results
+    finally:
+        bar.close()
+
+
+# --------------------------------------------------------------------------------------
+# Cache
+
+
+def _source_hash(*modules) -> str:
+    h = hashlib.sha256()
+    for m in modules:
+        h.update(Path(m.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(run: Run, options: AnalysisOptions) -> dict:
+    """The inputs that decide the cached rows (checkpoint steps are matched row by row)."""
+    key = {
+        "analysis_version": ANALYSIS_VERSION,
+        "engine": options.engine,
+        "htsr": dataclasses.asdict(options.htsr),
+        "progress": dataclasses.asdict(options.progress),
+        "ww_stride": options.ww_stride,
+        "code": _source_hash(htsr, progress),
+        "run": {"config": run.config, "created": run.created},
+    }
+    if "ww" in options.engines:
+        from grokjax.wwadapter import ww_version  # noqa: PLC0415
+
+        key["ww_version"] = ww_version()
+        key["ww_code"] = hashlib.sha256(Path(htsr.__file__).with_name("wwadapter.py").read_bytes()).hexdigest()[:16]
+    return key
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_cache(cache_dir: Path, digest: str) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    try:
+        stored = json.loads((cache_dir / "key.json").read_text())
+        if stored.get("digest") != digest:
+            return None
+        return pd.read_parquet(cache_dir / "layers.parquet"), pd.read_parquet(cache_dir / "steps.parquet")
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def write_table(df: pd.DataFrame, path_stem: Path) -> None:
+    """Writes df as <stem>.parquet and <stem>.csv, each atomically."""
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    for ext in ("parquet", "csv"):
+        final = path_stem.with_suffix(f".{ext}")
+        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+        if ext == "parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
+        os.replace(tmp, final)
+
+
+def _write_cache(cache_dir: Path, key: dict, digest: str, layers: pd.DataFrame, steps: pd.DataFrame) -> None:
+    try:
+        write_table(layers, cache_dir / "layers")
+        write_table(steps, cache_dir / "steps")
+        payload = {"digest": digest, "key": key, "steps": sorted(int(s) for s in steps.loc[steps["status"] == "ok", "step"])}
+        tmp = cache_dir / f".key.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        os.replace(tmp, cache_dir / "key.json")
+    except OSError as e:
+        warnings.warn(f"could not write the analysis cache in {cache_dir}: {e}", stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------
+# Tables
+
+
+def ww_steps(run: Run, stride: int) -> set[int]:
+    """Checkpoints WW analyses: every stride-th, the first, the last and the phase steps."""
+    steps = list(run.steps)
+    chosen = set(steps[::stride]) | {steps[0], steps[-1]}
+    if stride > 1 and {"train/acc", "test/acc"} <= set(run.metrics.columns) and len(run.metrics):
+        ph = phases.detect_phases(run.metrics["step"], run.metrics["train/acc"], run.metrics["test/acc"])
+        chosen |= {int(s) for s in phases.phase_steps(ph).values() if np.isfinite(s) and int(s) in run.steps}
+    return chosen
+
+
+def _wide_columns(layers: pd.DataFrame, engines: tuple[str, ...]) -> pd.DataFrame:
+    """Per-step `<engine>/alpha_<layer>`, `<engine>/alpha_mean`, `<engine>/traps_<layer>`."""
+    out = pd.DataFrame({"step": pd.Series(sorted(layers["step"].unique()) if len(layers) else [], dtype=np.int64)})
+    for engine in engines:
+        sub = layers[layers["engine"] == engine]
+        if sub.empty:
+            continue
+        for col, name in (("alpha", "alpha"), ("traps", "traps")):
+            wide = sub.pivot_table(index="step", columns="layer", values=col, aggfunc="first", dropna=False)
+            wide = wide.reindex(columns=list(LAYERS))
+            wide.columns = [f"{engine}/{name}_{c}" for c in wide.columns]
+            out = out.merge(wide.reset_index(), on="step", how="left")
+        out[f"{engine}/alpha_mean"] = out[[f"{engine}/alpha_fc1", f"{engine}/alpha_fc2"]].mean(axis=1, skipna=False)
+    return out
+
+
+def _assemble(run: Run, layer_rows: pd.DataFrame, computed: pd.DataFrame, engines: tuple[str, ...]) -> tuple[
+        pd.DataFrame, pd.DataFrame]:
+    """Adds run/wd/seed, orders the columns, and builds the per-step table."""
+    ident = {"run": run.name, "wd": run.wd, "seed": run.seed}
+    layers = layer_rows.copy()
+    for k, v in ident.items():
+        layers[k] = v
+    layers["_engine_rank"] = layers["engine"].map({e: i for i, e in enumerate(("native", "ww"))})
+    layers = layers.sort_values(["_engine_rank", "step", "layer"]).drop(columns="_engine_rank").reset_index(drop=True)
+    front = list(TABLE_LAYER_COLUMNS)
+    layers = layers[front + [c for c in layers.columns if c not in front]]
+
+    # The norms recomputed from the checkpoint replace the logged ones (equal to rounding);
+    # steps without a checkpoint keep the logged values.
+    logged = run.metrics.drop(columns=[c for c in ("run", "wd", "seed", "status") if c in run.metrics.columns])
+    logged = logged.rename(columns={"params/l2": "_logged_l2", "params/l2_weights": "_logged_l2_weights"})
+    steps = logged.merge(computed, on="step", how="outer", indicator=True)
+    steps["status"] = steps["_merge"].map({"both": "ok", "left_only": "no_checkpoint",
+                                           "right_only": "no_metrics"}).astype(str)
+    for col in ("params/l2", "params/l2_weights"):
+        if f"_logged_{col[7:]}" in steps.columns:
+            steps[col] = steps[col].astype(float).fillna(steps[f"_logged_{col[7:]}"])
+    steps = steps.drop(columns=[c for c in steps.columns if c.startswith("_")])
+    if len(layers):
+        steps = steps.merge(_wide_columns(layers, engines), on="step", how="left")
+    for k, v in ident.items():
+        steps[k] = v
+    steps = steps.sort_values("step").reset_index(drop=True)
+    front = ["run", "wd", "seed", "step", "status"]
+    return layers, steps[front + [c for c in steps.columns if c not in front]]
+
+
+def analyze_run(run_dir: str | os.PathLike, options: AnalysisOptions | None = None, *, name: str | None = None,
+                mnist: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Analyses every params checkpoint of a run (see the module docstring).
+
+    Args:
+        run_dir: a run directory (config.json, metrics.jsonl, checkpoints/params/<step>).
+        options: AnalysisOptions.
+        name: the value of the `run` column (default: the directory name).
+        mnist: preloaded MNIST arrays (default: the offline cache via grokjax.data).
+
+    Returns:
+        (layer table, step table), see the module docstring.
+
+    Raises:
+        AnalysisError: no config or no checkpoints. ckpt.CheckpointError: an unreadable checkpoint.
+    """
+    options = options or AnalysisOptions()
+    run = read_run(run_dir, name)
+    cache_dir = run.path / ANALYSIS_DIR
+    key = cache_key(run, options)
+    digest = _digest(key)
+    cached = _load_cache(cache_dir, digest) if options.reuse else None
+    want_ww = ww_steps(run, options.ww_stride) if "ww" in options.engines else set()
+
+    have_layers = pd.DataFrame(columns=["step", "engine"])
+    have_computed = pd.DataFrame(columns=["step"])
+    if cached is not None:
+        c_layers, c_steps = cached
+        c_steps = c_steps[(c_steps["status"] == "ok") & c_steps["step"].isin(run.steps)]
+        cols = ["step"] + [c for c in (*COMPUTED_STEP_COLUMNS, "time/ww") if c in c_steps.columns]
+        have_computed = c_steps[cols]
+        keep = c_layers["step"].isin(run.steps) & ((c_layers["engine"] != "ww") | c_layers["step"].isin(want_ww))
+        have_layers = c_layers[keep].drop(columns=[c for c in ("run", "wd", "seed") if c in c_layers.columns])
+    done = set(zip(have_layers["step"].astype(int), have_layers["engine"]))
+    done_steps = set(have_computed["step"].astype(int))
+
+    tasks = []
+    for s in run.steps:
+        engines = tuple(e for e in options.engines if (e == "native" or s in want_ww) and (s, e) not in done)
+        need_progress = s not in done_steps
+        if need_progress and "native" not in engines and "native" in options.engines:
+            engines = ("native", *engines)
+        if engines or need_progress:
+            tasks.append((s, engines, need_progress))
+
+    inputs = {}
+    if any(t[2] for t in tasks):
+        cfg = run.config
+        inputs = progress.load_inputs(int(cfg.get("n_per_class", 100)), int(cfg.get("data_seed", 0)), run.seed,
+                                      options.progress.n_fixed, mnist)
+    results = _run_tasks(run, tasks, options, inputs)
+
+    new_layers = [r for layers, _ in results for r in layers]
+    layer_df = pd.concat([have_layers, pd.DataFrame(new_layers)], ignore_index=True) if new_layers else have_layers
+    rows = [row for _, row in results if row.get("time/progress") is not None]
+    computed = pd.concat([have_computed, pd.DataFrame(rows)], ignore_index=True) if rows else have_computed
+    # WW timings of steps whose progress row was cached land on that row.
+    ww_times = {row["step"]: row["time/ww"] for _, row in results if "time/ww" in row}
+    if ww_times:
+        if "time/ww" not in computed.columns:
+            computed["time/ww"] = np.nan
+        upd = computed["step"].map(ww_times)
+        computed["time/ww"] = upd.where(upd.notna(), computed["time/ww"])
+    computed = computed.astype({"step": np.int64}).sort_values("step").reset_index(drop=True)
+    layer_df["step"] = layer_df["step"].astype(np.int64)
+    layers, steps = _assemble(run, layer_df, computed, options.engines)
+    if options.write:
+        _write_cache(cache_dir, key, digest, layers, steps)
+    return layers, steps
