@@ -85,8 +85,8 @@ def save_state(mngr: ocp.CheckpointManager, step: int, state: dict, *, force: bo
 def restore_latest_state(mngr: ocp.CheckpointManager, template: dict) -> tuple[int, dict] | None:
     """Restores the newest readable full state, falling back to older ones.
 
-    A truncated or unreadable latest checkpoint (say, after `kill -9` during a write) is
-    reported and skipped.
+    A truncated or unreadable latest checkpoint (say, a torn write) is reported and deleted,
+    so that the step can be saved again.
 
     Returns:
         (step, state) or None when there is no readable state.
@@ -99,7 +99,8 @@ def restore_latest_state(mngr: ocp.CheckpointManager, template: dict) -> tuple[i
             state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # noqa: BLE001  (any unreadable checkpoint: try the previous one)
             warnings.warn(f"full state at step {step} is unreadable ({type(e).__name__}: {e}); "
-                          "falling back to the previous one", stacklevel=2)
+                          "deleting it and falling back to the previous one", stacklevel=2)
+            mngr.delete(step)
             continue
         return step, state
     return None

@@ -193,6 +193,9 @@ class _OneStep:
     def restore(self, step, args):
         return self._m.restore(step, args=args)
 
+    def delete(self, step):
+        self._m.delete(step)
+
 
 def _mesh_sharding(n_seeds: int):
     """Shards the seed axis over as many devices as divide n_seeds; None for one device."""

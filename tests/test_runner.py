@@ -140,3 +140,24 @@ def test_overwrite_never_deletes_a_foreign_directory(tmp_path, mnist):
     with pytest.raises(ConfigError, match="holds no config.json"):
         run(TrainConfig(out=str(tmp_path), overwrite=True, **SMALL), mnist=mnist)
     assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_truncated_latest_full_state_falls_back_to_previous(tmp_path, mnist):
+    cfg = TrainConfig(out=str(tmp_path / "r"), **SMALL)
+    d = run(cfg, mnist=mnist)[0]
+    before = _records(d)
+    final = _final(d, 120)
+    states = sorted(int(p.name) for p in (d / "checkpoints" / "state").iterdir() if p.name.isdigit())
+    assert states[-1] == 120 and len(states) == 2
+    for f in (d / "checkpoints" / "state" / "120").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])  # a torn write
+    with pytest.warns(UserWarning, match="unreadable"):
+        run(cfg, mnist=mnist)
+    assert _records(d) == before
+    _same_params(_final(d, 120), final)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the torn state was replaced by a good one
+        run(cfg, mnist=mnist)
