@@ -86,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         dirs = run(cfg, seeds=seeds)
-    except ConfigError as e:
-        print(f"run.py: error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
+    except (ConfigError, DataError) as e:
         print(f"run.py: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
