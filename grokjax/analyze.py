@@ -46,6 +46,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from grokjax import ckpt, htsr, phases, progress
+from grokjax.htsr import HTSROptions
+from grokjax.progress import ProgressOptions
 
 ANALYSIS_VERSION = 1
 ANALYSIS_DIR = "analysis"
@@ -66,24 +68,25 @@ class AnalysisError(ValueError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AnalysisOptions:
-    """How a run is analysed. Fields marked (key) enter the cache key.
+    """How a run is analysed. Only `htsr` and `progress` enter the cache key; cached rows
+    are matched per checkpoint and engine.
 
     Attributes:
-        engine: (key) 'native' (grokjax.htsr), 'ww' (WeightWatcher 0.7.5.5) or 'both'. The
-            progress measures and norms are computed with every engine.
-        htsr: (key) options of both engines' HTSR pass (the paper's clip_xmax + randomize).
-        progress: (key) options of the progress measures.
-        ww_stride: (key) WW runs on every ww_stride-th checkpoint plus the first, the last
-            and the phase steps (WW costs ~3-5 s per checkpoint, the native engine ~0.2 s).
-        workers: worker processes (1: in this process).
+        engine: 'native' (grokjax.htsr), 'ww' (WeightWatcher 0.7.5.5) or 'both'. The
+            progress measures and norms are computed whatever the engine.
+        htsr: options of both engines' HTSR pass (the paper's clip_xmax + randomize).
+        progress: options of the progress measures.
+        ww_stride: WW runs on every ww_stride-th checkpoint plus the first, the last and
+            the phase steps (WW costs ~2.5-6 s per checkpoint, the native engine ~0.1 s).
+        workers: worker processes (checkpoints are always read in workers, never here).
         progress_bar: show a tqdm bar over checkpoints.
         reuse: reuse cached rows when the key matches.
         write: write the tables and key next to the run.
     """
 
     engine: str = "both"
-    htsr: htsr.HTSROptions = dataclasses.field(default_factory=htsr.HTSROptions)
-    progress: progress.ProgressOptions = dataclasses.field(default_factory=progress.ProgressOptions)
+    htsr: HTSROptions = dataclasses.field(default_factory=HTSROptions)
+    progress: ProgressOptions = dataclasses.field(default_factory=ProgressOptions)
     ww_stride: int = 1
     workers: int = 2
     progress_bar: bool = True
@@ -186,7 +189,7 @@ def _error_rows(weights: dict, message: str) -> list[dict]:
                  mp_status="error", error=message) for k, W in weights.items()]
 
 
-def htsr_rows(weights: dict, *, engine: str, seed: int, options: htsr.HTSROptions) -> list[dict]:
+def htsr_rows(weights: dict, *, engine: str, seed: int, options: HTSROptions) -> list[dict]:
     """One engine's per-layer rows (keys as in `grokjax.htsr.analyze_matrix`, plus engine).
 
     A matrix the engine rejects (non-finite entries) gives rows with status 'error'.
@@ -243,7 +246,10 @@ def analyze_checkpoint(params: dict, *, step: int, run_seed: int, options: Analy
 _WORKER: dict = {}
 
 
-def _init_worker(run_dir: str, run_seed: int, options: AnalysisOptions, inputs: dict) -> None:
+def _init_worker(run_dir: str, run_seed: int, options: AnalysisOptions, input_spec: dict | None) -> None:
+    """Per-process state. Workers load the images themselves (from the offline MNIST cache),
+    so that nothing large travels through the spawn pipe."""
+    inputs = progress.load_inputs(**input_spec) if input_spec is not None else {}
     _WORKER.update(run_dir=run_dir, run_seed=run_seed, options=options, inputs=inputs)
     warnings.filterwarnings("ignore", category=RuntimeWarning)
 
@@ -274,39 +280,27 @@ def _single_threaded_blas() -> Iterator[None]:
                 os.environ[k] = v
 
 
-@contextlib.contextmanager
-def _limit_threads_here() -> Iterator[None]:
-    """One BLAS thread in this process, when threadpoolctl is available (it usually is)."""
-    try:
-        from threadpoolctl import threadpool_limits  # noqa: PLC0415
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(1):
-        yield
-
-
 def _run_tasks(run: Run, tasks: list[tuple[int, tuple[str, ...], bool]], options: AnalysisOptions,
-               inputs: dict) -> list[tuple[list[dict], dict]]:
-    """Runs the checkpoint tasks, in worker processes when options.workers > 1."""
-    bar = tqdm(total=len(tasks), unit="ckpt", desc=run.name, disable=not options.progress_bar or not tasks,
-               dynamic_ncols=True)
-    results = []
+               input_spec: dict | None) -> list[tuple[list[dict], dict]]:
+    """Runs the checkpoint tasks in `options.workers` spawned worker processes.
+
+    Checkpoints are never restored in the calling process: Orbax's threads stay out of it
+    (after a failed restore they print asyncio tracebacks at random moments), and each
+    worker starts with one BLAS thread. Workers are spawned, not forked (the caller may hold
+    JAX threads), so a script calling this needs the usual `if __name__ == "__main__":` guard.
+    """
+    results: list = []
+    if not tasks:
+        return results
+    bar = tqdm(total=len(tasks), unit="ckpt", desc=run.name, disable=not options.progress_bar,
+               dynamic_ncols=True, mininterval=1.0)
+    ctx = multiprocessing.get_context("spawn")
     try:
-        if options.workers == 1 or len(tasks) <= 1:
-            _init_worker(str(run.path), run.seed, options, inputs)
-            with _limit_threads_here(), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=RuntimeWarning)
-                for t in tasks:
-                    results.append(_task(*t))
-                    bar.update()
-            return results
-        # spawn, not fork: the parent may hold JAX/Orbax threads; BLAS reads its thread count
-        # from the environment at import, so the variables are set before the workers start.
-        ctx = multiprocessing.get_context("spawn")
+        # BLAS reads its thread count from the environment at import, so the variables are
+        # set before the workers start.
         with _single_threaded_blas(), cf.ProcessPoolExecutor(
                 max_workers=min(options.workers, len(tasks)), mp_context=ctx, initializer=_init_worker,
-                initargs=(str(run.path), run.seed, options, inputs)) as pool:
+                initargs=(str(run.path), run.seed, options, input_spec)) as pool:
             futures = [pool.submit(_task, *t) for t in tasks]
             try:
                 for fut in cf.as_completed(futures):
@@ -316,9 +310,9 @@ def _run_tasks(run: Run, tasks: list[tuple[int, tuple[str, ...], bool]], options
                 for f in futures:
                     f.cancel()
                 raise
-        return results
     finally:
         bar.close()
+    return results
 
 
 # --------------------------------------------------------------------------------------
@@ -333,22 +327,22 @@ def _source_hash(*modules) -> str:
 
 
 def cache_key(run: Run, options: AnalysisOptions) -> dict:
-    """The inputs that decide the cached rows (checkpoint steps are matched row by row)."""
-    key = {
+    """The inputs that decide the cached rows.
+
+    Checkpoint steps and engines are matched row by row (a new checkpoint, or WW asked for
+    after a native-only pass, computes only what is missing), so they are not in the key.
+    """
+    from grokjax.wwadapter import ww_version  # noqa: PLC0415  (reads package metadata only)
+
+    return {
         "analysis_version": ANALYSIS_VERSION,
-        "engine": options.engine,
         "htsr": dataclasses.asdict(options.htsr),
         "progress": dataclasses.asdict(options.progress),
-        "ww_stride": options.ww_stride,
         "code": _source_hash(htsr, progress),
+        "ww_version": ww_version(),
+        "ww_code": hashlib.sha256(Path(htsr.__file__).with_name("wwadapter.py").read_bytes()).hexdigest()[:16],
         "run": {"config": run.config, "created": run.created},
     }
-    if "ww" in options.engines:
-        from grokjax.wwadapter import ww_version  # noqa: PLC0415
-
-        key["ww_version"] = ww_version()
-        key["ww_code"] = hashlib.sha256(Path(htsr.__file__).with_name("wwadapter.py").read_bytes()).hexdigest()[:16]
-    return key
 
 
 def _digest(key: dict) -> str:
@@ -452,15 +446,14 @@ def _assemble(run: Run, layer_rows: pd.DataFrame, computed: pd.DataFrame, engine
     return layers, steps[front + [c for c in steps.columns if c not in front]]
 
 
-def analyze_run(run_dir: str | os.PathLike, options: AnalysisOptions | None = None, *, name: str | None = None,
-                mnist: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def analyze_run(run_dir: str | os.PathLike, options: AnalysisOptions | None = None, *,
+                name: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Analyses every params checkpoint of a run (see the module docstring).
 
     Args:
         run_dir: a run directory (config.json, metrics.jsonl, checkpoints/params/<step>).
         options: AnalysisOptions.
         name: the value of the `run` column (default: the directory name).
-        mnist: preloaded MNIST arrays (default: the offline cache via grokjax.data).
 
     Returns:
         (layer table, step table), see the module docstring.
@@ -476,15 +469,18 @@ def analyze_run(run_dir: str | os.PathLike, options: AnalysisOptions | None = No
     cached = _load_cache(cache_dir, digest) if options.reuse else None
     want_ww = ww_steps(run, options.ww_stride) if "ww" in options.engines else set()
 
-    have_layers = pd.DataFrame(columns=["step", "engine"])
+    have_layers = other_layers = pd.DataFrame(columns=["step", "engine"])
     have_computed = pd.DataFrame(columns=["step"])
     if cached is not None:
         c_layers, c_steps = cached
         c_steps = c_steps[(c_steps["status"] == "ok") & c_steps["step"].isin(run.steps)]
         cols = ["step"] + [c for c in (*COMPUTED_STEP_COLUMNS, "time/ww") if c in c_steps.columns]
         have_computed = c_steps[cols]
-        keep = c_layers["step"].isin(run.steps) & ((c_layers["engine"] != "ww") | c_layers["step"].isin(want_ww))
-        have_layers = c_layers[keep].drop(columns=[c for c in ("run", "wd", "seed") if c in c_layers.columns])
+        c_layers = c_layers[c_layers["step"].isin(run.steps)].drop(
+            columns=[c for c in ("run", "wd", "seed") if c in c_layers.columns])
+        wanted = c_layers["engine"].isin(options.engines) & (
+            (c_layers["engine"] != "ww") | c_layers["step"].isin(want_ww))
+        have_layers, other_layers = c_layers[wanted], c_layers[~wanted]
     done = set(zip(have_layers["step"].astype(int), have_layers["engine"]))
     done_steps = set(have_computed["step"].astype(int))
 
@@ -492,32 +488,34 @@ def analyze_run(run_dir: str | os.PathLike, options: AnalysisOptions | None = No
     for s in run.steps:
         engines = tuple(e for e in options.engines if (e == "native" or s in want_ww) and (s, e) not in done)
         need_progress = s not in done_steps
-        if need_progress and "native" not in engines and "native" in options.engines:
-            engines = ("native", *engines)
         if engines or need_progress:
             tasks.append((s, engines, need_progress))
 
-    inputs = {}
+    input_spec = None
     if any(t[2] for t in tasks):
         cfg = run.config
-        inputs = progress.load_inputs(int(cfg.get("n_per_class", 100)), int(cfg.get("data_seed", 0)), run.seed,
-                                      options.progress.n_fixed, mnist)
-    results = _run_tasks(run, tasks, options, inputs)
+        input_spec = dict(n_per_class=int(cfg.get("n_per_class", 100)), data_seed=int(cfg.get("data_seed", 0)),
+                          seed=run.seed, n_fixed=options.progress.n_fixed)
+    results = _run_tasks(run, tasks, options, input_spec)
 
     new_layers = [r for layers, _ in results for r in layers]
     layer_df = pd.concat([have_layers, pd.DataFrame(new_layers)], ignore_index=True) if new_layers else have_layers
     rows = [row for _, row in results if row.get("time/progress") is not None]
     computed = pd.concat([have_computed, pd.DataFrame(rows)], ignore_index=True) if rows else have_computed
-    # WW timings of steps whose progress row was cached land on that row.
-    ww_times = {row["step"]: row["time/ww"] for _, row in results if "time/ww" in row}
-    if ww_times:
-        if "time/ww" not in computed.columns:
-            computed["time/ww"] = np.nan
-        upd = computed["step"].map(ww_times)
-        computed["time/ww"] = upd.where(upd.notna(), computed["time/ww"])
+    # Engine timings of steps whose progress row was cached land on that row.
+    for engine in options.engines:
+        times = {row["step"]: row[f"time/{engine}"] for _, row in results if f"time/{engine}" in row}
+        if times:
+            old = computed[f"time/{engine}"] if f"time/{engine}" in computed.columns else np.nan
+            new = computed["step"].map(times)
+            computed[f"time/{engine}"] = new.where(new.notna(), old)
     computed = computed.astype({"step": np.int64}).sort_values("step").reset_index(drop=True)
     layer_df["step"] = layer_df["step"].astype(np.int64)
     layers, steps = _assemble(run, layer_df, computed, options.engines)
     if options.write:
-        _write_cache(cache_dir, key, digest, layers, steps)
+        # Rows of engines not asked for this time stay in the cache (WW rows are costly).
+        kept = _assemble(run, other_layers.astype({"step": np.int64}), computed, ())[0] if len(other_layers) else None
+        _write_cache(cache_dir, key, digest, pd.concat([layers, kept], ignore_index=True) if kept is not None
+                     else layers, steps)
+    steps.attrs["computed_checkpoints"] = len(tasks)
     return layers, steps

@@ -1,0 +1,101 @@
+"""HTSR spectra, progress measures and the paper's tables and figures for trained runs.
+
+    python analysis/spectra.py ckpts/                 # every run below ckpts/ (found by config.json)
+    python analysis/spectra.py ckpts/wd0_s0 --engine native --no-figures
+
+Per run the results are cached in `<run>/analysis/` and reused while the inputs are unchanged;
+the combined tables, report.md, summary.txt and figures go to `--out` (default
+`<input>/analysis`). Bad inputs exit with code 2 and one line on stderr.
+"""
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROG = "spectra.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line (exit 2) instead of usage + message."""
+
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _one_line(e: Exception, limit: int = 400) -> str:
+    """The message on one line, without TensorStore's spec dump, at most `limit` characters."""
+    text = re.sub(r"\s*\[tensorstore_spec=.*$", "", " ".join(str(e).split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="HTSR analysis of grokking runs (tables + figures).", allow_abbrev=False,
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("input", help="a run directory, or a folder searched recursively for runs (config.json)")
+    p.add_argument("--engine", choices=("native", "ww", "both"), default="both",
+                   help="HTSR engine: native (fast), ww (WeightWatcher 0.7.5.5, ~3-6 s per checkpoint), or both")
+    p.add_argument("--out", default=None, help="output folder (None: <input>/analysis)")
+    p.add_argument("--paper-text", action="store_true",
+                   help="circuit complexity as in the paper's text (10%% zeroed, no rescale, sum over 1,000 images)")
+    p.add_argument("--workers", type=_positive_int, default=2, help="worker processes")
+    p.add_argument("--ww-stride", type=_positive_int, default=1,
+                   help="WW on every k-th checkpoint (plus first, last and phase steps)")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.add_argument("--rerun", action="store_true", help="ignore cached results")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    root = Path(args.input)
+    if not root.exists():
+        print(f"{PROG}: error: {root} does not exist", file=sys.stderr)
+        return 2
+    from grokjax.analyze import AnalysisError, AnalysisOptions  # noqa: PLC0415  (heavy imports after the check)
+    from grokjax.ckpt import CheckpointError  # noqa: PLC0415
+    from grokjax.data import DataError  # noqa: PLC0415
+    from grokjax.progress import ProgressOptions  # noqa: PLC0415
+    from grokjax.report import make_report  # noqa: PLC0415
+
+    options = AnalysisOptions(engine=args.engine, progress=ProgressOptions(paper_text=args.paper_text),
+                              workers=args.workers, ww_stride=args.ww_stride, progress_bar=args.progress,
+                              reuse=not args.rerun)
+    try:
+        result = make_report(root, options=options, out_dir=args.out, figures=not args.no_figures)
+    except (AnalysisError, CheckpointError, DataError) as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; finished runs are cached", file=sys.stderr)
+        return 130
+    print(result["summary"])
+    print(f"tables: {result['out_dir']} (report.md, *.csv, all_layers/all_steps .parquet/.csv)")
+    if result["figures"]:
+        print(f"figures: {result['out_dir'] / 'figures'} ({len(result['figures'])} PNG)")
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    if code == 2:
+        # After a failed Orbax restore in this process, its asyncio threads print "Event loop
+        # is closed" tracebacks at interpreter shutdown; the error line is already out.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -1,0 +1,281 @@
+"""The paper's tables from analysed runs: phases, Tables 1, 2 and 4, and early warnings.
+
+Every table is computed from the tidy outputs of `grokjax.analyze` (layer and step tables of
+one or more runs) and the phases of each run (`grokjax.phases.detect_phases`), and is written
+as a tidy CSV (one number per row: wd, engine, layer, metric, phase, mean, std, n) plus a
+markdown rendering in the paper's layout, mean ± std over the runs of each weight decay
+(sample std, ddof = 1; a single run shows its value alone).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from grokjax.phases import PHASE_TITLES, PHASES, PhaseOptions, detect_phases, early_warnings, phase_steps
+
+RUN_KEYS = ("run", "wd", "seed")
+# (layer, column, row label) of each table; Table 4 is FC1's MP fit of W^rand (paper App. D).
+TABLE1_ROWS = (("fc1", "alpha", "FC1 α"), ("fc2", "alpha", "FC2 α"), ("mean", "alpha", "average α (FC1, FC2)"))
+TABLE2_ROWS = (("fc1", "traps", "FC1 traps"), ("fc2", "traps", "FC2 traps"))
+TABLE4_ROWS = (("fc1", "rand_sigma_mp", "σ_mp of W^rand"), ("fc1", "mp_ks", "KS statistic"),
+               ("fc1", "mp_pvalue", "p-value"), ("fc1", "traps", "# traps"))
+
+
+def run_phases(steps: pd.DataFrame, options: PhaseOptions | None = None) -> pd.DataFrame:
+    """One row per run: run, wd, seed and the `detect_phases` columns."""
+    rows = []
+    for (run, wd, seed), df in steps.groupby(list(RUN_KEYS), sort=True):
+        df = df[df["test/acc"].notna()] if "test/acc" in df else df.iloc[:0]
+        if df.empty:
+            continue
+        ph = detect_phases(df["step"], df["train/acc"], df["test/acc"], options=options)
+        rows.append(dict(run=run, wd=wd, seed=seed, **ph))
+    return pd.DataFrame(rows)
+
+
+def _nearest_analysed(steps: np.ndarray, target: float) -> float:
+    """The analysed step closest to target in log(1 + step) (the target itself when present)."""
+    if not np.isfinite(target) or steps.size == 0:
+        return math.nan
+    i = int(np.argmin(np.abs(np.log1p(steps) - np.log1p(target))))
+    return int(steps[i])
+
+
+def values_at_phases(layers: pd.DataFrame, phases_df: pd.DataFrame, rows) -> pd.DataFrame:
+    """Long table: one row per (run, engine, layer, metric, phase) with the value at that phase.
+
+    'mean' as a layer is the FC1+FC2 mean of the metric (NaN if either is NaN). If the phase
+    step itself has no analysed checkpoint, the nearest analysed one is used (`step_used`).
+    """
+    out = []
+    for ph in phases_df.itertuples(index=False):
+        mine = layers[layers["run"] == ph.run]
+        for engine, eng_df in mine.groupby("engine", sort=False):
+            analysed = np.unique(eng_df["step"].to_numpy())
+            for phase, target in phase_steps(ph._asdict()).items():
+                used = _nearest_analysed(analysed, target)
+                at = eng_df[eng_df["step"] == used].set_index("layer") if np.isfinite(used) else None
+                for layer, col, _ in rows:
+                    if at is None:
+                        v = math.nan
+                    elif layer == "mean":
+                        v = float(at.reindex(["fc1", "fc2"])[col].astype(float).mean(skipna=False))
+                    else:
+                        v = float(at[col].get(layer, math.nan)) if col in at else math.nan
+                    out.append(dict(run=ph.run, wd=ph.wd, seed=ph.seed, engine=engine, layer=layer, metric=col,
+                                    phase=phase, step=target, step_used=used, value=v))
+    return pd.DataFrame(out)
+
+
+def summarize(long: pd.DataFrame) -> pd.DataFrame:
+    """mean, std (ddof 1) and n of `value` per (wd, engine, layer, metric, phase)."""
+    keys = ["wd", "engine", "layer", "metric", "phase"]
+    if long.empty:
+        return pd.DataFrame(columns=[*keys, "mean", "std", "n"])
+    g = long.groupby(keys, sort=False)["value"]
+    return g.agg(mean="mean", std="std", n="count").reset_index()
+
+
+def _fmt(mean: float, std: float, n: int, metric: str) -> str:
+    if n == 0 or not np.isfinite(mean):
+        return "–"
+    if metric == "mp_pvalue":
+        txt = f"{mean:.3g}"
+        return txt if n == 1 else f"{txt} ± {std:.2g}"
+    digits = 4 if metric == "mp_ks" else (3 if metric == "rand_sigma_mp" else 2)
+    if metric == "traps" and n == 1:
+        digits = 0
+    return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(summary: pd.DataFrame, rows, title: str) -> str:
+    """The paper's layout: one line per (wd, engine, row label), one column per phase."""
+    head = ["WD", "engine", "Layer, metric", *(PHASE_TITLES[p] for p in PHASES), "runs"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (wd, engine), grp in summary.groupby(["wd", "engine"], sort=True):
+        for layer, col, label in rows:
+            cells, n_max = [], 0
+            for phase in PHASES:
+                r = grp[(grp["layer"] == layer) & (grp["metric"] == col) & (grp["phase"] == phase)]
+                if r.empty:
+                    cells.append("–")
+                    continue
+                r = r.iloc[0]
+                n_max = max(n_max, int(r["n"]))
+                cells.append(_fmt(float(r["mean"]), float(r["std"]), int(r["n"]), col))
+            lines.append(f"| {wd:g} | {engine} | {label} | " + " | ".join(cells) + f" | {n_max} |")
+    return "\n".join(lines) + "\n"
+
+
+def phases_markdown(phases_df: pd.DataFrame) -> str:
+    """Per-run phase steps and test accuracies."""
+    head = ["run", "WD", "seed", "pre step", "grok step (peak acc)", "anti step (acc)", "collapse", "drop (pp)"]
+    lines = ["### Phases per run", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in phases_df.itertuples(index=False):
+        pre = "–" if not np.isfinite(r.pre_step) else f"{int(r.pre_step):,}"
+        if r.pre_status != "ok":
+            pre += f" ({r.pre_status})"
+        lines.append(f"| {r.run} | {r.wd:g} | {r.seed} | {pre} | {r.grok_step:,} ({r.peak_test_acc:.4f}) | "
+                     f"{r.anti_step:,} ({r.anti_test_acc:.4f}) | {'yes' if r.collapsed else 'no'} | {r.drop_pp:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def warnings_table(steps: pd.DataFrame, phases_df: pd.DataFrame, engines=("native", "ww"),
+                   options: PhaseOptions | None = None) -> pd.DataFrame:
+    """`phases.early_warnings` of every run and engine, with run, wd, seed columns."""
+    rows = []
+    for ph in phases_df.itertuples(index=False):
+        df = steps[steps["run"] == ph.run]
+        for engine in engines:
+            if f"{engine}/alpha_fc1" not in df:
+                continue
+            for w in early_warnings(df, ph._asdict(), engine=engine, options=options):
+                rows.append(dict(run=ph.run, wd=ph.wd, seed=ph.seed, **w))
+    return pd.DataFrame(rows)
+
+
+def warnings_markdown(warn: pd.DataFrame) -> str:
+    """Early-warning rows: first alpha<2 / traps>0 step and its lead over the test-acc drop."""
+    head = ["run", "WD", "engine", "layer", "signal", "first step", "drop step", "lead (steps)", "lead (decades)",
+            "status"]
+    lines = ["### Early warning (search starts at the end of pre-grokking)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def num(v, fmt="{:,.0f}"):
+        return "–" if not np.isfinite(v) else fmt.format(v)
+
+    for r in warn.itertuples(index=False):
+        lines.append(f"| {r.run} | {r.wd:g} | {r.engine} | {r.layer} | {r.signal} | {num(r.warn_step)} | "
+                     f"{num(r.drop_step)} | {num(r.lead_steps)} | {num(r.lead_decades, '{:.2f}')} | {r.status} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_tables(layers: pd.DataFrame, steps: pd.DataFrame,
+                 options: PhaseOptions | None = None) -> dict[str, tuple[pd.DataFrame, str]]:
+    """All report tables as {name: (tidy DataFrame, markdown)}.
+
+    Names: phases, table1_alpha, table2_traps, table4_mp_fc1 (native engine only: WW has no
+    KS test), early_warning.
+    """
+    ph = run_phases(steps, options)
+    out = {"phases": (ph, phases_markdown(ph))}
+    specs = (("table1_alpha", TABLE1_ROWS, "Table 1: HTSR α at the phases", None),
+             ("table2_traps", TABLE2_ROWS, "Table 2: correlation traps at the phases", None),
+             ("table4_mp_fc1", TABLE4_ROWS, "Table 4: MP fit of FC1's W^rand at the phases", "native"))
+    for name, rows, title, only in specs:
+        sub = layers if only is None else layers[layers["engine"] == only]
+        summary = summarize(values_at_phases(sub, ph, rows))
+        out[name] = (summary, markdown_table(summary, rows, title))
+    warn = warnings_table(steps, ph, options=options)
+    out["early_warning"] = (warn, warnings_markdown(warn))
+    return out
+
+
+def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], out_dir: str | Path) -> Path:
+    """Writes <name>.csv for each table and all markdown into report.md; returns its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, (df, _) in tables.items():
+        df.to_csv(out_dir / f"{name}.csv", index=False)
+    md = out_dir / "report.md"
+    md.write_text("# Grokking / anti-grokking: HTSR tables\n\n" + "\n".join(m for _, m in tables.values()))
+    return md
+
+
+def _run_names(root: Path, run_dirs: list[Path]) -> dict[str, Path]:
+    """Run names: the path relative to the input root ('.' becomes the directory name)."""
+    names = {}
+    for d in run_dirs:
+        rel = d.relative_to(root).as_posix() if d != root else d.resolve().name
+        names[rel or d.resolve().name] = d
+    return names
+
+
+def _at(layers: pd.DataFrame, engine: str, layer: str, col: str, step: float) -> float:
+    if not np.isfinite(step):
+        return math.nan
+    r = layers[(layers["engine"] == engine) & (layers["layer"] == layer) & (layers["step"] == step)]
+    return float(r[col].iloc[0]) if len(r) else math.nan
+
+
+def summary_text(layers: pd.DataFrame, steps: pd.DataFrame, phases_df: pd.DataFrame, timings: dict) -> str:
+    """A few lines per run: phases, alpha and traps at the phases, and engine timings."""
+    lines = []
+    for ph in phases_df.itertuples(index=False):
+        t = timings.get(ph.run, {})
+        pre = f"{ph.pre_step:,.0f}" if np.isfinite(ph.pre_step) else "–"
+        lines.append(f"{ph.run} (WD={ph.wd:g}, seed {ph.seed}, {t.get('checkpoints', '?')} checkpoints): "
+                     f"pre-grokking ends {pre} [{ph.pre_status}], peak test acc {ph.peak_test_acc:.4f} "
+                     f"at {ph.grok_step:,}, {'collapse' if ph.collapsed else 'no collapse'}: "
+                     f"{ph.anti_test_acc:.4f} at {ph.anti_step:,} (drop {ph.drop_pp:.1f} pp)")
+        mine = layers[layers["run"] == ph.run]
+        for engine in [e for e in ("native", "ww") if e in set(mine["engine"])]:
+            parts = []
+            for phase, step in phase_steps(ph._asdict()).items():
+                a1, a2 = _at(mine, engine, "fc1", "alpha", step), _at(mine, engine, "fc2", "alpha", step)
+                t1, t2 = _at(mine, engine, "fc1", "traps", step), _at(mine, engine, "fc2", "traps", step)
+                parts.append(f"{phase}: α {a1:.2f}/{a2:.2f} (mean {(a1 + a2) / 2:.2f}), traps {t1:.0f}/{t2:.0f}")
+            lines.append(f"  {engine:6s} FC1/FC2  " + "; ".join(parts))
+        engines = ", ".join(f"{'WW' if k == 'ww' else k} {t[k]:.1f} s" for k in ("native", "ww") if k in t)
+        lines.append(f"  time: {engines}, progress {t.get('progress', 0):.1f} s (CPU, summed over checkpoints); "
+                     f"wall {t.get('wall', 0):.1f} s"
+                     f" ({t.get('computed', '?')} checkpoints computed, the rest cached)")
+    return "\n".join(lines)
+
+
+def make_report(root: str | Path, *, options=None, out_dir: str | Path | None = None, figures: bool = True,
+                phase_options: PhaseOptions | None = None) -> dict:
+    """Analyses every run under `root` and writes tables, figures and a summary.
+
+    Outputs in `out_dir` (default `<root>/analysis`): all_layers and all_steps
+    (.parquet + .csv; the per-run caches stay in each `<run>/analysis`), phases.csv,
+    table1_alpha.csv, table2_traps.csv, table4_mp_fc1.csv, early_warning.csv, report.md,
+    summary.txt and figures/*.png.
+
+    Raises:
+        AnalysisError: missing or empty input, no run, a run without checkpoints.
+        CheckpointError: an unreadable checkpoint.
+    """
+    import time  # noqa: PLC0415
+
+    from grokjax.analyze import AnalysisError, AnalysisOptions, analyze_run, find_runs, read_run, write_table  # noqa: PLC0415
+
+    options = options or AnalysisOptions()
+    root = Path(root)
+    run_dirs = find_runs(root)
+    if not run_dirs:
+        raise AnalysisError(f"no run directories (with config.json) under {root}")
+    names = _run_names(root, run_dirs)
+    for name, d in names.items():
+        read_run(d, name)  # fail early, before any long computation, on a run without checkpoints
+    out_dir = Path(out_dir) if out_dir is not None else root / "analysis"
+    all_layers, all_steps, timings = [], [], {}
+    for name, d in names.items():
+        t0 = time.perf_counter()
+        layers, steps = analyze_run(d, options, name=name)
+        wall = time.perf_counter() - t0
+        ok = steps[steps["status"] == "ok"]
+        timings[name] = {"checkpoints": len(ok), "wall": wall, "computed": steps.attrs.get("computed_checkpoints"),
+                         **{k: float(ok[f"time/{k}"].sum()) for k in (*options.engines, "progress")
+                            if f"time/{k}" in ok}}
+        all_layers.append(layers)
+        all_steps.append(steps)
+    layers, steps = pd.concat(all_layers, ignore_index=True), pd.concat(all_steps, ignore_index=True)
+    write_table(layers, out_dir / "all_layers")
+    write_table(steps, out_dir / "all_steps")
+    tables = build_tables(layers, steps, phase_options)
+    md = write_tables(tables, out_dir)
+    phases_df = tables["phases"][0]
+    text = summary_text(layers, steps, phases_df, timings)
+    (out_dir / "summary.txt").write_text(text + "\n")
+    written = []
+    if figures and len(phases_df):
+        from grokjax.figures import make_figures  # noqa: PLC0415
+
+        written = make_figures(steps, phases_df, {n: names[n] for n in phases_df["run"]}, out_dir / "figures")
+    return {"out_dir": out_dir, "report": md, "summary": text, "figures": written, "timings": timings,
+            "tables": tables}
