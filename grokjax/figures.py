@@ -43,7 +43,7 @@ def shade_phases(ax, ph: dict, xmax: float, label: bool = True) -> None:
     whose training never saturated is pre-grokking up to its peak."""
     start = 1.0
     if np.isfinite(ph["pre_step"]):
-        pre, pre_name = ph["pre_step"], "pre-grokking (until train acc saturates)"
+        pre, pre_name = ph["pre_step"], "pre-grokking (train saturated, test low)"
     else:
         pre, pre_name = ph["grok_step"], "pre-grokking (train acc never saturates)"
     spans = [("pre", start, pre, pre_name), ("grok", pre, ph["grok_step"], "grokking"),

@@ -50,10 +50,12 @@ def detect_phases(steps, train_acc, test_acc, *, options: PhaseOptions | None = 
     """The three phase steps of one run, by these rules (steps sorted ascending first):
 
     * grokking: `grok_step` = the first step of maximal test accuracy (the peak).
-    * pre-grokking (its end): `pre_step` = the first step s <= grok_step with
+    * pre-grokking (its end): `pre_step` = the LAST step s <= grok_step with
       train_acc(s) >= train_saturated and test_acc(s) < acc0 + low_fraction*(peak - acc0),
-      i.e. training has saturated while test accuracy is still below halfway from its
-      starting value to its peak. `pre_status` says 'ok', 'test_not_low' (training
+      i.e. the right edge of the stretch where training has saturated while test accuracy
+      is still below halfway from its starting value to its peak (the paper reads its
+      tables at the right edge of each phase). `saturated_step` is the first step with
+      train_acc >= train_saturated. `pre_status` says 'ok', 'test_not_low' (training
       saturated only once test accuracy was already high: pre_step is then the first
       saturated step), or 'not_saturated' (never saturated: pre_step is NaN).
       `low_end_step` is the last step before the peak whose test accuracy is still low
@@ -66,7 +68,7 @@ def detect_phases(steps, train_acc, test_acc, *, options: PhaseOptions | None = 
       column for the WD > 0 control) and `drop_step` is NaN.
 
     Returns:
-        dict with pre_step, pre_status, low_end_step, grok_step, anti_step, drop_step,
+        dict with pre_step, pre_status, saturated_step, low_end_step, grok_step, anti_step, drop_step,
         final_step, collapsed, peak_test_acc, anti_test_acc, drop_pp (peak minus the
         minimum after the peak, in percentage points; 0 if the peak is the last step),
         test_acc_pre, train_acc_pre.
@@ -89,7 +91,7 @@ def detect_phases(steps, train_acc, test_acc, *, options: PhaseOptions | None = 
 
     cand = np.flatnonzero(sat & low & upto)
     if cand.size:
-        i_pre, pre_status = int(cand[0]), "ok"
+        i_pre, pre_status = int(cand[-1]), "ok"
     elif np.any(sat & upto):
         i_pre, pre_status = int(np.flatnonzero(sat & upto)[0]), "test_not_low"
     else:
@@ -109,6 +111,7 @@ def detect_phases(steps, train_acc, test_acc, *, options: PhaseOptions | None = 
 
     return dict(
         pre_step=int(steps[i_pre]) if i_pre is not None else math.nan, pre_status=pre_status,
+        saturated_step=int(steps[np.flatnonzero(sat)[0]]) if sat.any() else math.nan,
         low_end_step=int(steps[low_before[-1]]) if low_before.size else math.nan,
         grok_step=int(steps[i_peak]), anti_step=int(steps[i_anti]), drop_step=drop_step,
         final_step=int(steps[-1]), collapsed=collapsed, peak_test_acc=peak, anti_test_acc=float(te[i_anti]),

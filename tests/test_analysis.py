@@ -99,8 +99,12 @@ def test_phases_grok_then_collapse():
     train, test = _grok_curves(steps)
     ph = phases.detect_phases(steps, train, test)
     first_sat = steps[np.argmax(train >= 0.999)]
-    assert ph["pre_step"] == first_sat and ph["pre_status"] == "ok"
-    assert ph["test_acc_pre"] < 0.5
+    assert ph["saturated_step"] == first_sat and ph["pre_status"] == "ok"
+    # pre_step: the right edge of "train saturated, test still below halfway to the peak".
+    halfway = test[0] + 0.5 * (test.max() - test[0])
+    edge = steps[(train >= 0.999) & (test < halfway) & (steps <= steps[np.argmax(test)])][-1]
+    assert ph["pre_step"] == edge and ph["pre_step"] > first_sat
+    assert ph["test_acc_pre"] < halfway
     assert ph["grok_step"] == steps[np.argmax(test)]
     after = steps > ph["grok_step"]
     assert ph["anti_step"] == steps[after][np.argmin(test[after])]
