@@ -38,10 +38,12 @@ def _positive(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def shade_phases(ax, ph: dict, xmax: float, label: bool = True) -> None:
-    """Shades pre-grokking [1, pre_step], grokking [pre_step, grok_step] and the rest:
-    anti-grokking when a collapse was detected, else a 'no collapse' plateau colour. A run
-    whose training never saturated is pre-grokking up to its peak."""
-    start = 1.0
+    """Shades pre-grokking [saturated_step, pre_step] (train saturated, test still low),
+    grokking [pre_step, grok_step] and the rest: anti-grokking when a collapse was detected,
+    else a 'no collapse' plateau colour. A run whose training never saturated is
+    pre-grokking up to its peak."""
+    sat = ph.get("saturated_step", np.nan)
+    start = float(sat) if np.isfinite(sat) and sat > 0 else 1.0
     if np.isfinite(ph["pre_step"]):
         pre, pre_name = ph["pre_step"], "pre-grokking (train saturated, test low)"
     else:
