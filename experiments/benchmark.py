@@ -1,0 +1,154 @@
+"""Steps/s of the JAX trainer against the authors' PyTorch loop: `python experiments/benchmark.py`.
+
+Both run in this process, in interleaved windows, on the same batches in float64; the
+table adds the FLOPs per step, the machine's float64 GEMM rate, the floor it implies,
+JAX's aggregate rate for several vmapped seeds, and the cost of evaluations. `--threads 1`
+re-executes itself pinned to one core. The timing logic lives in `grokjax.bench`; this
+file adds the PyTorch contender (the only module besides the torch reference that imports
+torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the torch reference lives with the tests
+
+PINNED_ENV = "GROKJAX_BENCH_PINNED"
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seed counts, got {text!r}") from None
+    if any(k < 1 for k in out):
+        raise argparse.ArgumentTypeError(f"seed counts must be >= 1, got {text!r}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--windows", type=int, default=7, help="timed windows per contender")
+    p.add_argument("--window-steps", type=int, default=300, help="training steps per window")
+    p.add_argument("--seeds", type=_seeds, default=None,
+                   help="vmapped seed counts for the aggregate rows (default 1,2,4,8; --quick: 1,2)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="pin this process to the first N cores and use N threads (0: all cores)")
+    p.add_argument("--skip-torch", action="store_true", help="time JAX only")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="device of the torch reference")
+    p.add_argument("--gemm-n", type=int, default=2048, help="side of the square GEMM that measures the floor")
+    p.add_argument("--wd", type=float, default=0.0, help="weight decay of both contenders")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
+    return p
+
+
+def pin_threads(n: int) -> None:
+    """Re-executes this script restricted to the first n cores, with n-thread BLAS pools.
+
+    Affinity survives exec, and XLA sizes its thread pool from it, so JAX is pinned too.
+    """
+    if n <= 0 or os.environ.get(PINNED_ENV):
+        return
+    cpus = sorted(os.sched_getaffinity(0))[:n]
+    os.sched_setaffinity(0, cpus)
+    env = dict(os.environ, **{PINNED_ENV: "1"}, **{v: str(n) for v in THREAD_VARS})
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def make_torch_window(params, data, perm, *, wd: float, lr: float, batch: int, device: str, threads: int):
+    """A window function for the authors' PyTorch step (the torch reference's inner loop).
+
+    The model, optimizer (torch.optim.AdamW, default implementation), loss and fixed batch
+    cycle are those of `torch_reference.train_reference`; the state persists across windows.
+    """
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    from torch import nn  # noqa: PLC0415
+    from torch_reference import build_model  # noqa: PLC0415
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device("cuda" if device == "gpu" else "cpu")
+    model = build_model(params).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    loss_fn = nn.MSELoss()
+    xt = torch.tensor(np.asarray(data.x_train), dtype=torch.float64)
+    onehot = torch.eye(10, dtype=torch.float64)[torch.tensor(np.asarray(data.y_train), dtype=torch.int64)]
+    blocks = [torch.from_numpy(np.asarray(perm[b:b + batch], np.int64)) for b in range(0, len(perm), batch)]
+    batches = [(xt[i].to(dev), onehot[i].to(dev)) for i in blocks]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    step = [0]
+
+    def window(steps: int) -> float:
+        sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            x, y = batches[step[0] % len(batches)]
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+            step[0] += 1
+        sync()
+        return time.perf_counter() - t
+
+    return window
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    pin_threads(args.threads)
+    import grokjax  # noqa: F401,PLC0415  (x64 on before JAX makes arrays)
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from grokjax import bench  # noqa: PLC0415
+    from grokjax.config import TrainConfig  # noqa: PLC0415
+    from grokjax.data import load_mnist  # noqa: PLC0415
+    from grokjax.train import batch_perm, init_state, make_data  # noqa: PLC0415
+
+    cfg = TrainConfig(out="unused", wd=args.wd, progress=False)
+    if args.quick:
+        opts = bench.BenchOptions(windows=2, window_steps=10, seeds=args.seeds or (1, 2), gemm_n=256,
+                                  gemm_reps=2, eval_reps=2)
+    else:
+        opts = bench.BenchOptions(windows=args.windows, window_steps=args.window_steps,
+                                  seeds=args.seeds or (1, 2, 4, 8), gemm_n=args.gemm_n)
+    mnist = load_mnist(verbose=False)
+    reference = None
+    if not args.skip_torch:
+        data = make_data(cfg, mnist)
+        p0 = jax.tree.map(np.asarray, init_state(cfg).params)
+
+        def reference(_steps):
+            return make_torch_window(p0, data, batch_perm(cfg), wd=cfg.wd, lr=cfg.lr, batch=cfg.batch,
+                                     device=args.device, threads=args.threads)
+
+    res = bench.run_benchmark(cfg, mnist, opts, reference, "torch",
+                              log=lambda s: print(s, file=sys.stderr, flush=True))
+    res["torch_device"] = None if args.skip_torch else args.device
+    res["threads"] = args.threads
+    if not args.skip_torch:
+        import torch  # noqa: PLC0415
+
+        res["torch_threads"] = torch.get_num_threads()
+    print(bench.format_table(res))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"results written to {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
