@@ -17,8 +17,7 @@
 # Requirements on the GPU machine (it has no network):
 #   - a CUDA jaxlib: elsewhere `pip install "jax[cuda12]"` (or "jax[cuda13]"); without a network
 #     the wheels (jax-cuda*-plugin, jax-cuda*-pjrt and the nvidia-* libraries) must be carried
-#     and installed with `pip install --no-index`. The project's 'cuda' GPU image already has
-#     jax/jaxlib with the CUDA 13 plugin, flax, optax, orbax, torch (CUDA), tqdm and pytest.
+#     and installed with `pip install --no-index`.
 #   - MNIST in the offline cache: copy ~/.cache/grokjax/mnist-uint8.npz (55 MB; an
 #     np.savez_compressed copy of the same arrays, ~10 MB, also verifies) into a folder and
 #     point GROKJAX_CACHE at it. The arrays are checked against pinned SHA-256 digests.

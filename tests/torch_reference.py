@@ -62,7 +62,7 @@ def train_reference(params: dict, x_train: np.ndarray, y_train: np.ndarray, perm
     model = build_model(params)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     loss_fn = nn.MSELoss()
-    xt = torch.from_numpy(np.asarray(x_train, np.float64))
+    xt = torch.from_numpy(np.array(x_train, np.float64))
     yt = torch.from_numpy(np.asarray(y_train, np.int64))
     onehot = torch.eye(10, dtype=torch.float64)[yt]
     blocks = [torch.from_numpy(np.asarray(perm[b:b + batch], np.int64)) for b in range(0, len(perm), batch)]
