@@ -21,6 +21,7 @@ import pytest
 
 from grokjax import htsr, phases, report
 from grokjax.analyze import AnalysisOptions, analyze_run, checkpoint_seed, find_runs, weights_of
+from helpers import torch_init as _torch_init
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECTRA = ROOT / "analysis" / "spectra.py"
@@ -41,14 +42,6 @@ def _grok_curves(steps, collapse=True):
     if collapse:
         test = test - 0.4 / (1 + np.exp(-(ls - 4.9) * 8))
     return train, test
-
-
-def _torch_init(rng, width=200, scale=8.0):
-    out = {}
-    for name, (fan_in, fan_out) in {"fc1": (784, width), "fc2": (width, width), "fc3": (width, 10)}.items():
-        b = scale / math.sqrt(fan_in)
-        out[name] = {"kernel": rng.uniform(-b, b, (fan_in, fan_out)), "bias": rng.uniform(-b, b, fan_out)}
-    return out
 
 
 CKPT_STEPS = (0, 100, 3000, 10000, 30000, 100000)

@@ -8,6 +8,7 @@ import pytest
 
 from grokjax import progress
 from grokjax.progress import ProgressOptions
+from helpers import torch_init as _torch_init
 
 
 def _tiny_params():
@@ -17,15 +18,6 @@ def _tiny_params():
         "fc2": {"kernel": np.eye(3), "bias": np.zeros(3)},
         "fc3": {"kernel": np.array([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]), "bias": np.array([0.0, 0.1])},
     }
-
-
-def _torch_init(rng, width=200, scale=8.0):
-    """PyTorch's default Linear init (weights and biases U(+-1/sqrt(fan_in))) times scale."""
-    out = {}
-    for name, (fan_in, fan_out) in {"fc1": (784, width), "fc2": (width, width), "fc3": (width, 10)}.items():
-        b = scale / math.sqrt(fan_in)
-        out[name] = {"kernel": rng.uniform(-b, b, (fan_in, fan_out)), "bias": rng.uniform(-b, b, fan_out)}
-    return out
 
 
 def test_sparsity_by_hand():
