@@ -63,12 +63,12 @@ def train_reference(params: dict, x_train: np.ndarray, y_train: np.ndarray, perm
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     loss_fn = nn.MSELoss()
     xt = torch.from_numpy(np.array(x_train, np.float64))
-    yt = torch.from_numpy(np.asarray(y_train, np.int64))
+    yt = torch.from_numpy(np.array(y_train, np.int64))
     onehot = torch.eye(10, dtype=torch.float64)[yt]
     blocks = [torch.from_numpy(np.asarray(perm[b:b + batch], np.int64)) for b in range(0, len(perm), batch)]
     batches = [(xt[i], onehot[i]) for i in blocks]
-    xs = torch.from_numpy(np.asarray(x_test, np.float64)) if x_test is not None else None
-    ys = torch.from_numpy(np.asarray(y_test, np.int64)) if y_test is not None else None
+    xs = torch.from_numpy(np.array(x_test, np.float64)) if x_test is not None else None
+    ys = torch.from_numpy(np.array(y_test, np.int64)) if y_test is not None else None
     eval_at = set(int(s) for s in eval_at)
     records = []
 
