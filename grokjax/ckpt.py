@@ -82,8 +82,9 @@ def save_state(mngr: ocp.CheckpointManager, step: int, state: dict, *, force: bo
     return bool(mngr.save(int(step), args=ocp.args.StandardSave(_to_numpy(state)), force=force))
 
 
-def restore_latest_state(mngr: ocp.CheckpointManager, template: dict) -> tuple[int, dict] | None:
-    """Restores the newest readable full state, falling back to older ones.
+def restore_latest_state(mngr: ocp.CheckpointManager, template: dict,
+                         steps: Iterable[int] | None = None) -> tuple[int, dict] | None:
+    """Restores the newest readable full state (among `steps`, default all), falling back to older ones.
 
     A truncated or unreadable latest checkpoint (say, a torn write) is reported and deleted,
     so that the step can be saved again.
@@ -94,7 +95,7 @@ def restore_latest_state(mngr: ocp.CheckpointManager, template: dict) -> tuple[i
     import jax  # noqa: PLC0415
 
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    for step in sorted(mngr.all_steps(), reverse=True):
+    for step in sorted(mngr.all_steps() if steps is None else steps, reverse=True):
         try:
             state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # noqa: BLE001  (any unreadable checkpoint: try the previous one)

@@ -172,29 +172,13 @@ def _restore(replicas: list[_Replica], templates: list[dict]) -> tuple[int, list
     for step in sorted(common, reverse=True):
         states = []
         for r, tmpl in zip(replicas, templates):
-            got = ckpt.restore_latest_state(_OneStep(r.state, step), tmpl)
+            got = ckpt.restore_latest_state(r.state, tmpl, steps=[step])
             if got is None:
                 break
             states.append(got[1])
         else:
             return step, states
     return None
-
-
-class _OneStep:
-    """A view of a manager exposing a single step (restore falls back step by step)."""
-
-    def __init__(self, mngr, step: int):
-        self._m, self._step = mngr, step
-
-    def all_steps(self):
-        return [self._step]
-
-    def restore(self, step, args):
-        return self._m.restore(step, args=args)
-
-    def delete(self, step):
-        self._m.delete(step)
 
 
 def _mesh_sharding(n_seeds: int):
