@@ -52,6 +52,11 @@ same permutations WW uses for a one-layer model after `np.random.seed(s)`.
 `RandomState(SeedSequence([s, i]))`, so a layer's shuffles do not depend on the other
 layers; pass `rng=np.random.RandomState(s)` instead to walk one stream through the layers
 in WW's order (this reproduces WW's multi-layer `analyze()` after `np.random.seed(s)`).
+
+Beyond WW: `rand_spectrum` exposes the W^rand eigenvalues and MP fit behind the trap count,
+and `extended_metrics` / `extended_weights` separate a growing mean of W's entries (a rank-1
+spike that a shuffle keeps) from heavy, localised entries: centred trap counts and alphas,
+the trap count averaged over K seeded shuffles, and the trap's overlap with the uniform vector.
 """
 
 from __future__ import annotations
@@ -700,3 +705,237 @@ def analyze_weights(weights: Mapping[str, Any], *, options: HTSROptions | None =
         layer_gen = rng if rng is not None else layer_rng(seed, i)
         rows.append(analyze_matrix(W, name=name, options=options, rng=layer_gen))
     return rows
+
+
+# --------------------------------------------------------------------------------------
+# W^rand as a public spectrum, and the extended (mean-aware) per-layer metrics
+
+# SeedSequence tag of the extra shuffles of `extended_metrics` (shuffles 1..K-1).
+_K_SHUFFLE_TAG = 0x4B53
+
+
+def _shuffle_draws(W: np.ndarray, rng: np.random.RandomState, n_shuffles: int) -> list[np.ndarray]:
+    """n_shuffles W^rand matrices drawn as `shuffle_esd` draws them (same permutations)."""
+    return [_shuffled(W, rng) for _ in range(n_shuffles)]
+
+
+def _mp_of_draws(mats: list[np.ndarray], Q: float, M: int) -> dict:
+    """Pooled ESD of some W^rand matrices and its `fit_mp`, plus the per-draw top eigenvalues."""
+    per_draw = [_squared_svals(m) for m in mats]
+    evals = np.sort(np.concatenate(per_draw))
+    mp = fit_mp(evals, Q, M)
+    top = np.array([e[-1] for e in per_draw])
+    scale2 = mp["W_scale"] ** 2
+    return dict(evals=evals, top_per_draw=top, threshold=float(mp["tw_threshold"] / scale2)
+                if mp["status"] == "success" else np.nan, **mp)
+
+
+def rand_spectrum(W: Any, rng: np.random.RandomState | int, *, n_shuffles: int | None = None,
+                  centred: bool = False) -> dict:
+    """The W^rand eigenvalues and their Marchenko-Pastur fit, as the trap count uses them.
+
+    With the same generator state, the permutations, the eigenvalues and the fit are those
+    of `analyze_matrix`'s trap columns (`shuffle_esd` + `fit_mp`): `rand_spectrum(W, s)`
+    gives `analyze_matrix(W, seed=s)`'s `traps` as `num_spikes`. `analyze_matrix` then
+    draws one more, discarded, shuffle (WW's); this function does not.
+
+    Args:
+        W: the weight matrix, in the orientation WW sees (the flattening order matters).
+        rng: a legacy `np.random.RandomState` (advanced in place) or an int seed.
+        n_shuffles: pooled shuffles; default WW's rule (5 if min(shape) < 100, else 1).
+        centred: shuffle W - mean(W) instead of W, with the same permutations (the
+            global mean is the one structure a shuffle keeps; see `extended_metrics`).
+
+    Returns:
+        dict with evals (pooled eigenvalues, original units, ascending), N, M, Q,
+        n_shuffles, max_rand_eval, the `fit_mp` keys (sigma_mp, bulk_min, bulk_max in
+        original units, bulk_max_rescaled, tw_threshold = lambda_+ + sqrt(TW) in rescaled
+        units, num_spikes = the trap count, W_scale, mp_softrank, status), threshold (the
+        trap threshold in original units: tw_threshold / W_scale^2, NaN if the fit failed)
+        and tw_margin (sqrt(TW), rescaled units).
+    """
+    W = _as_matrix(W)
+    rng = _as_rng(rng)
+    N, M = max(W.shape), min(W.shape)
+    if n_shuffles is None:
+        n_shuffles = n_shuffles_for(M)
+    if n_shuffles < 1:
+        raise ValueError(f"n_shuffles must be >= 1, got {n_shuffles}")
+    mats = _shuffle_draws(W, rng, n_shuffles)
+    if centred:
+        mu = np.mean(W)
+        mats = [m - mu for m in mats]
+    out = _mp_of_draws(mats, N / M, M)
+    out.pop("top_per_draw")
+    return dict(N=N, M=M, Q=N / M, n_shuffles=n_shuffles, max_rand_eval=float(out["evals"][-1]),
+                tw_margin=float(out["tw_threshold"] - out["bulk_max_rescaled"]), **out)
+
+
+def _uniform_overlaps(A: np.ndarray) -> tuple[float, float]:
+    """|<u, 1/sqrt(n)>| for the top left and right singular vectors of A (via the small Gram)."""
+    rows, cols = A.shape
+    if rows >= cols:
+        _, vecs = np.linalg.eigh(A.T @ A)
+        v = vecs[:, -1]
+        u = A @ v
+    else:
+        _, vecs = np.linalg.eigh(A @ A.T)
+        u = vecs[:, -1]
+        v = A.T @ u
+    u, v = u / np.linalg.norm(u), v / np.linalg.norm(v)
+    return float(abs(np.sum(u)) / np.sqrt(rows)), float(abs(np.sum(v)) / np.sqrt(cols))
+
+
+def k_shuffle_rng(seed: int, k: int) -> np.random.RandomState:
+    """The generator of `extended_metrics`'s extra shuffle k >= 1: RandomState(SeedSequence([tag, seed, k]))."""
+    return np.random.RandomState(np.random.SeedSequence([_K_SHUFFLE_TAG, int(seed), int(k)]).generate_state(4))
+
+
+EXTENDED_COLUMNS = ("w_mean", "w_std", "mean_over_std", "traps_raw", "traps_k_mean", "traps_centred",
+                    "traps_centred_k_mean", "k_shuffles", "rand_sigma_mp_raw", "rand_sigma_mp_centred",
+                    "rand_edge_ratio_raw", "rand_edge_ratio_centred", "trap_uniform_overlap",
+                    "trap_uniform_overlap_u", "trap_uniform_overlap_v", "lambda_max_centred", "alpha_centred",
+                    "alpha_dcentred")
+
+
+def extended_metrics(W: Any, *, seed: int, k_shuffles: int = 10, rng: np.random.RandomState | None = None,
+                     options: HTSROptions | None = None) -> dict:
+    """Mean-aware HTSR metrics of one weight matrix, as one flat dict of floats.
+
+    Why: shuffling W's entries keeps their mean mu, and mu * 1 1^T has one singular value
+    |mu| sqrt(N M), so a growing mean puts one eigenvalue of about mu^2 M (in units of
+    W^T W / N) above the MP edge of W^rand. WeightWatcher counts it as a correlation trap,
+    although it is no localised heavy entry; its singular vectors are close to the uniform
+    vector. The same rank-1 spike sits in W's own ESD and lowers the power-law alpha. These
+    columns separate the two:
+
+    * w_mean, w_std, mean_over_std: of W's entries (std with ddof 0).
+    * traps_raw: the WeightWatcher-compatible count of the first shuffle (equal to
+      `analyze_matrix`'s `traps` for the same generator state: `rng`, or RandomState(seed)).
+    * traps_centred: the count from the same permutation(s) applied to W - mean(W).
+    * traps_k_mean, traps_centred_k_mean: the two counts averaged over k_shuffles
+      independently seeded draws: draw 0 is the one above, draw k >= 1 uses
+      `k_shuffle_rng(seed, k)`. Each draw is a full WW-compatible count (it pools 5
+      shuffles when min(shape) < 100, as WW does), so the means are on the same scale as
+      `traps`. NaN if any draw's MP fit failed.
+    * rand_sigma_mp_raw / _centred: the fitted MP sigma of draw 0 (rescaled units);
+      rand_edge_ratio_raw / _centred: the largest rescaled W^rand eigenvalue of draw 0
+      over the fitted bulk edge lambda_+ (a trap needs it above 1 + sqrt(TW)/lambda_+).
+    * trap_uniform_overlap_u / _v: for the top trap of draw 0 (the largest eigenvalue,
+      which is a trap whenever traps_raw > 0), |<u, 1/sqrt(n)>| of its left and right
+      singular vectors in W's orientation (1 for the uniform vector, ~1/sqrt(n) for a
+      localised one); trap_uniform_overlap is the larger of the two. NaN without a trap.
+    * lambda_max_centred, alpha_centred: the top eigenvalue and the power-law alpha
+      (`fit_power_law` with `options`' finger fix, clip_xmax by default) of the ESD of
+      W - mean(W); alpha_dcentred: the same for the double-centred W (row and column means
+      removed, grand mean added back). A failed fit is NaN, as in `fit_power_law`.
+    * k_shuffles: K, as a float.
+
+    How the MP fit handles the mean spike: it does not remove it. `fit_mp` is WW's: the
+    pooled eigenvalues are rescaled to mean 1 with the spike included, so the bulk's mean
+    is 1 - lambda_spike / sum(lambda) and the fitted sigma_mp is biased low, to about
+    sqrt(1 - lambda_spike / sum(lambda)) = 1 / sqrt(1 + (mu / std)^2) for a noise bulk
+    (0.96 at mu/std = 0.3, 0.90 at 0.5, for Q > 1); the KDE residual is fitted to the
+    bulk's shape (the spike adds the same residual for every sigma whose edge lies below
+    it), so the threshold still follows the bulk and the spike is counted. For Q = 1 (FC2)
+    WW's quarter circle has a fixed support [0, 2] in singular values and sigma only sets
+    its height, so sigma stays near 1 while the rescaled bulk shrinks: the threshold
+    (4 sigma^2 + sqrt(TW)) then sits above the shrunken bulk, and the raw count is, if
+    anything, conservative. A very large spike also coarsens the sigma
+    grid, which is laid out from the largest eigenvalue (step 0.01 s0), and can push the
+    bulk's sigma below the grid's start (0.05 s0) once the spike exceeds ~400x the edge.
+    The centred columns avoid both: the mean is removed before the shuffle, so the fit
+    sees the bulk alone.
+
+    Cost: 2 K SVDs of W^rand and 2 K MP fits (x5 when min(shape) < 100), plus two SVDs
+    and power-law fits: about 0.3-0.5 s for a 784 x 200 matrix with K = 10 on one core.
+
+    Args:
+        W: 2-D weight matrix, any orientation (the shuffle flattens it in C order).
+        seed: int; seeds draw 0 when rng is None and keys draws 1..K-1.
+        k_shuffles: K >= 1.
+        rng: a legacy RandomState for draw 0 instead of RandomState(seed), advanced as
+            `analyze_matrix` advances it (the pooled shuffles, then WW's discarded one), so
+            a stream walked through the layers matches `analyze_weights(rng=...)`.
+        options: HTSROptions for the power-law fits and the BLAS thread limit.
+
+    Returns:
+        dict with the `EXTENDED_COLUMNS` keys, floats.
+    """
+    options = options or HTSROptions()
+    if k_shuffles < 1:
+        raise ValueError(f"k_shuffles must be >= 1, got {k_shuffles}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    W = _as_matrix(W)
+    with blas_thread_limit(options.blas_threads):
+        return _extended(W, int(seed), int(k_shuffles), rng, options)
+
+
+def _extended(W: np.ndarray, seed: int, k_shuffles: int, rng: np.random.RandomState | None,
+              options: HTSROptions) -> dict:
+    """extended_metrics' body, for a validated float64 W."""
+    N, M = max(W.shape), min(W.shape)
+    Q, n_pool = N / M, n_shuffles_for(M)
+    mu, sd = float(np.mean(W)), float(np.std(W))
+    raw_counts, centred_counts = [], []
+    first: dict[str, Any] = {}
+    for k in range(k_shuffles):
+        gen = (rng if rng is not None else np.random.RandomState(seed)) if k == 0 else k_shuffle_rng(seed, k)
+        mats = _shuffle_draws(W, gen, n_pool)
+        if k == 0 and rng is not None:
+            gen.shuffle(np.empty(W.size))  # WW's discarded shuffle, as in analyze_matrix
+        raw = _mp_of_draws(mats, Q, M)
+        cen = _mp_of_draws([m - mu for m in mats], Q, M)
+        raw_counts.append(raw["num_spikes"])
+        centred_counts.append(cen["num_spikes"])
+        if k == 0:
+            first = dict(raw=raw, cen=cen, mats=mats)
+
+    def edge_ratio(fit: dict) -> float:
+        return float(fit["evals"][-1] * fit["W_scale"] ** 2 / fit["bulk_max_rescaled"])
+
+    raw, cen = first["raw"], first["cen"]
+    ov_u = ov_v = np.nan
+    if raw["status"] == "success" and raw["num_spikes"] > 0:
+        top = first["mats"][int(np.argmax(raw["top_per_draw"]))]
+        ov_u, ov_v = _uniform_overlaps(top)
+    fit_kw = dict(fix_fingers=options.fix_fingers, max_fingers=options.max_fingers,
+                  finger_thresh=options.finger_thresh, evals_thresh=options.evals_thresh)
+    centred_W = W - mu
+    evals_c = _squared_svals(centred_W)
+    dcentred_W = W - W.mean(axis=0, keepdims=True) - W.mean(axis=1, keepdims=True) + mu
+    return dict(
+        w_mean=mu, w_std=sd, mean_over_std=mu / sd if sd > 0 else np.nan,
+        traps_raw=float(raw["num_spikes"]), traps_k_mean=float(np.mean(raw_counts)),
+        traps_centred=float(cen["num_spikes"]), traps_centred_k_mean=float(np.mean(centred_counts)),
+        k_shuffles=float(k_shuffles),
+        rand_sigma_mp_raw=float(raw["sigma_mp"]), rand_sigma_mp_centred=float(cen["sigma_mp"]),
+        rand_edge_ratio_raw=edge_ratio(raw), rand_edge_ratio_centred=edge_ratio(cen),
+        trap_uniform_overlap=float(np.nanmax([ov_u, ov_v])) if np.isfinite(ov_u) else np.nan,
+        trap_uniform_overlap_u=ov_u, trap_uniform_overlap_v=ov_v,
+        lambda_max_centred=float(evals_c[-1]),
+        alpha_centred=float(fit_power_law(evals_c, **fit_kw)["alpha"]),
+        alpha_dcentred=float(fit_power_law(_squared_svals(dcentred_W), **fit_kw)["alpha"]),
+    )
+
+
+def extended_weights(weights: Mapping[str, Any], *, seed: int, k_shuffles: int = 10,
+                     rng: np.random.RandomState | None = None, options: HTSROptions | None = None) -> dict[str, dict]:
+    """`extended_metrics` over the layers of a model, seeded like `analyze_weights`.
+
+    Layer i's draw 0 uses `layer_rng(seed, i)`, or, when rng is given, the one stream
+    walked through the layers in WW's order (then draw 0 of every layer is the
+    permutation `analyze_weights(weights, rng=RandomState(s))` counts, for rng =
+    RandomState(s)). Draws k >= 1 of layer i use `k_shuffle_rng(seed_i, k)` with
+    seed_i = SeedSequence([seed, i]).generate_state(1)[0], independent across layers.
+
+    Returns:
+        layer name -> `extended_metrics` dict.
+    """
+    out = {}
+    for i, (name, W) in enumerate(weights.items()):
+        seed_i = int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0])
+        gen = rng if rng is not None else layer_rng(seed, i)
+        out[name] = extended_metrics(W, seed=seed_i, k_shuffles=k_shuffles, rng=gen, options=options)
+    return out
