@@ -93,11 +93,18 @@ def test_phases_grok_then_collapse():
     ph = phases.detect_phases(steps, train, test)
     first_sat = steps[np.argmax(train >= 0.999)]
     assert ph["saturated_step"] == first_sat and ph["pre_status"] == "ok"
-    # pre_step: the right edge of "train saturated, test still below halfway to the peak".
-    halfway = test[0] + 0.5 * (test.max() - test[0])
-    edge = steps[(train >= 0.999) & (test < halfway) & (steps <= steps[np.argmax(test)])][-1]
-    assert ph["pre_step"] == edge and ph["pre_step"] > first_sat
-    assert ph["test_acc_pre"] < halfway
+    # pre_step: the evaluation before test accuracy leaves its plateau (the median over
+    # [s_sat, 2 s_sat]) by max(1 point, 10 % of the rise seen up to 3x the step). The
+    # halfway-to-the-peak rule it replaces moved with the run's length (issue: the same
+    # trajectory gave 56,695 at 1e5 steps and 93,338 at 1e6).
+    sat = steps >= first_sat
+    plateau = np.median(test[sat & (steps <= 2 * first_sat)])
+    leave = next(i for i in np.flatnonzero(sat)
+                 if test[i] >= plateau + max(0.01, 0.1 * (test[sat & (steps <= 3 * steps[i])].max() - plateau)))
+    assert ph["plateau_acc"] == plateau and ph["leave_step"] == steps[leave]
+    assert ph["pre_step"] == steps[leave - 1] and ph["pre_step"] > first_sat
+    assert ph["pre_horizon_step"] == 3 * steps[leave]
+    assert ph["test_acc_pre"] < plateau + max(0.01, 0.1 * (test.max() - plateau))
     assert ph["grok_step"] == steps[np.argmax(test)]
     after = steps > ph["grok_step"]
     assert ph["anti_step"] == steps[after][np.argmin(test[after])]
@@ -139,15 +146,18 @@ def test_early_warnings():
     steps = np.unique(np.round(np.logspace(0, 6, 120)).astype(int))
     train, test = _grok_curves(steps)
     ph = phases.detect_phases(steps, train, test)
-    alpha_fc1 = np.where(steps >= 2e4, 1.5, 4.0)  # below 2 before the drop
-    alpha_fc1[:3] = 1.0  # an early fluke before pre-grokking ends is ignored
+    alpha_fc1 = np.where(steps >= 2e4, 1.5, 4.0)  # below 2 from before the peak to past the drop
+    alpha_fc1[:3] = 1.0  # an early fluke long before the peak is ignored
     traps_fc1 = np.where(steps >= 5e5, 3, 0)  # traps only after the drop
     df = pd.DataFrame({"step": steps, "native/alpha_fc1": alpha_fc1, "native/alpha_fc2": 4.0,
                        "native/alpha_mean": (alpha_fc1 + 4.0) / 2, "native/traps_fc1": traps_fc1,
                        "native/traps_fc2": 0})
     rows = {(r["layer"], r["signal"]): r for r in phases.early_warnings(df, ph)}
     a = rows[("fc1", "alpha<2")]
-    assert a["warn_step"] == steps[steps >= 2e4][0] and a["status"] == "warned"
+    # The search starts at the test-accuracy peak (it used to start at the end of
+    # pre-grokking): a signal already holding there counts from the peak.
+    assert a["search_from"] == ph["grok_step"] > 2e4
+    assert a["warn_step"] == ph["grok_step"] and a["status"] == "warned"
     assert a["lead_steps"] == ph["drop_step"] - a["warn_step"] > 0
     assert a["lead_decades"] == pytest.approx(math.log10(ph["drop_step"] / a["warn_step"]))
     assert rows[("fc1", "traps>0")]["status"] == "late"

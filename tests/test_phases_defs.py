@@ -148,3 +148,193 @@ def test_extended_metrics_rejects_bad_input():
         htsr.extended_metrics(gaussian((20, 30), 0), seed=0, k_shuffles=0)
     with pytest.raises(TypeError):
         htsr.extended_metrics(gaussian((20, 30), 0), seed=1.5)
+
+
+# --------------------------------------------------------------------------------------
+# The persistent early-warning rule
+
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+from grokjax import phases  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def test_persistent_signal_fires_once_and_ignores_blips():
+    steps = np.arange(0, 200, 10)
+    flags = np.zeros(steps.size, bool)
+    flags[[2, 5, 6, 9]] = True  # isolated blips and a pair: never 3 in a row
+    flags[12:16] = True  # the planted persistent signal, from step 120
+    flags[18] = True
+    sig = phases.PersistentSignal(3)
+    fired = [sig.update(int(s), bool(f)) for s, f in zip(steps, flags)]
+    assert sum(fired) == 1 and fired.index(True) == 14  # fires at the third evaluation of the streak
+    assert sig.onset == 120 and sig.fired_step == 140 and sig.fired
+    assert phases.persistent_onset(steps, flags, n=3) == 120
+    # The blips alone never fire; a longer n needs a longer streak.
+    blips = flags.copy()
+    blips[12:16] = False
+    assert math.isnan(phases.persistent_onset(steps, blips, n=3))
+    assert phases.persistent_onset(steps, flags, n=2) == 50 and math.isnan(phases.persistent_onset(steps, flags, n=5))
+    # Unsorted input is sorted; a streak that began before start counts from start.
+    perm = np.random.RandomState(0).permutation(steps.size)
+    assert phases.persistent_onset(steps[perm], flags[perm]) == 120
+    assert phases.persistent_onset(steps, flags, start=130) == 130
+    assert math.isnan(phases.persistent_onset(steps, flags, start=140))
+    late = phases.PersistentSignal(3, start=130)
+    assert [late.update(int(s), bool(f)) for s, f in zip(steps, flags)].count(True) == 1 and late.onset == 130
+
+
+def test_persistent_signal_refuses_bad_input():
+    sig = phases.PersistentSignal(3)
+    sig.update(5, True)
+    with pytest.raises(ValueError):
+        sig.update(5, True)  # steps must increase
+    with pytest.raises(ValueError):
+        sig.update(6, float("nan"))
+    with pytest.raises(ValueError):
+        phases.persistent_onset([1, 2, 3], [0.0, np.nan, 1.0])
+    with pytest.raises(ValueError):
+        phases.PersistentSignal(0)
+    assert math.isnan(phases.persistent_onset([], []))
+
+
+# --------------------------------------------------------------------------------------
+# Pre-grokking edge, windows, titles
+
+
+def _curves(steps, collapse=True):
+    """Train saturates by 3e3; test plateaus at 0.14, rises around 1e4 to ~0.9, may collapse."""
+    ls = np.log10(np.maximum(steps, 1))
+    train = np.where(steps >= 3000, 1.0, 0.1 + 0.8 * np.clip(ls / 3.5, 0, 1))
+    test = 0.14 + 0.76 / (1 + np.exp(-(ls - 4.3) * 6))
+    if collapse:
+        test = test - 0.4 / (1 + np.exp(-(ls - 5.5) * 8))
+    return train, test
+
+
+def test_pre_edge_does_not_depend_on_the_run_length():
+    steps = np.unique(np.round(np.logspace(0, 7, 300)).astype(int))
+    train, test = _curves(steps)
+    full = phases.detect_phases(steps, train, test)
+    assert full["pre_status"] == "ok" and full["saturated_step"] < full["pre_step"] < full["leave_step"]
+    for end in (steps[steps >= full["pre_horizon_step"]][0], 1e5, 1e6):
+        keep = steps <= end
+        cut = phases.detect_phases(steps[keep], train[keep], test[keep])
+        assert cut["pre_step"] == full["pre_step"] and cut["pre_status"] == "ok"
+    # Cut before the horizon, the run says so.
+    keep = steps <= 0.9 * full["pre_horizon_step"]
+    assert phases.detect_phases(steps[keep], train[keep], test[keep])["pre_status"] == "short_run"
+    # The old halfway-to-the-peak edge moves with the run's length; this one does not.
+    keep = steps <= 3e4
+    cut = phases.detect_phases(steps[keep], train[keep], test[keep])
+    assert cut["low_end_step"] < full["low_end_step"] and cut["pre_step"] == full["pre_step"]
+
+
+def test_pre_edge_of_the_committed_1e6_run_is_its_1e5_edge():
+    steps = pd.read_csv(RESULTS / "wd0_1e6" / "all_steps.csv")
+    steps = steps[steps["test/acc"].notna()]
+    full = phases.detect_phases(steps["step"], steps["train/acc"], steps["test/acc"])
+    head = steps[steps["step"] <= 100_000]
+    cut = phases.detect_phases(head["step"], head["train/acc"], head["test/acc"])
+    assert full["final_step"] == 1_000_000 and cut["final_step"] == 100_000
+    assert cut["pre_step"] == full["pre_step"] and cut["pre_status"] == full["pre_status"] == "ok"
+    assert full["pre_horizon_step"] <= 100_000
+    # The separate 1e5 run of the same trajectory (bitwise equal on the shared steps) gives
+    # the same edge on the steps the two runs share.
+    short = pd.read_csv(RESULTS / "all_steps.csv")
+    short = short[(short["run"] == "wd0_s0") & short["test/acc"].notna()]
+    shared = np.intersect1d(short["step"], head["step"])
+    a = head.set_index("step").loc[shared]
+    b = short.set_index("step").loc[shared]
+    np.testing.assert_array_equal(a["test/acc"].to_numpy(), b["test/acc"].to_numpy())
+    pa = phases.detect_phases(shared, a["train/acc"], a["test/acc"])
+    pb = phases.detect_phases(shared, b["train/acc"], b["test/acc"])
+    assert pa["pre_step"] == pb["pre_step"]
+
+
+def test_pre_edge_status_when_the_test_accuracy_never_rises():
+    steps = np.arange(1, 200) * 100
+    train = np.where(steps >= 1000, 1.0, 0.5)
+    test = 0.15 + 0.001 * np.sin(steps)  # flat plateau with noise below 1 point
+    ph = phases.detect_phases(steps, train, test)
+    assert ph["pre_status"] == "no_rise" and math.isnan(ph["pre_step"]) and math.isnan(ph["leave_step"])
+
+
+def test_phase_windows():
+    steps = np.unique(np.round(np.logspace(0, 7, 300)).astype(int))
+    train, test = _curves(steps)
+    ph = phases.detect_phases(steps, train, test)
+    win = phases.phase_windows(steps, test, ph)
+    peak = test.max()
+    np.testing.assert_array_equal(win["grok"], steps[test >= peak - 0.005])
+    assert ph["grok_step"] in win["grok"] and win["grok"].size > 3
+    assert win["pre"][-1] == ph["pre_step"] and win["pre"][0] >= ph["pre_step"] * 10 ** -0.25
+    assert win["pre"].size >= 3
+    assert ph["collapsed"] and ph["anti_step"] in win["anti"]
+    after = steps > ph["grok_step"]
+    np.testing.assert_array_equal(win["anti"], steps[after & (test <= ph["anti_test_acc"] + 0.005)])
+    # Without a collapse the third window is the last quarter decade.
+    train, test = _curves(steps, collapse=False)
+    ph = phases.detect_phases(steps, train, test)
+    win = phases.phase_windows(steps, test, ph)
+    np.testing.assert_array_equal(win["anti"], steps[steps >= 1e7 * 10 ** -0.25])
+
+
+def test_anti_title_says_when_nothing_collapsed():
+    assert phases.phase_title("anti", [False, False]) == "final (no collapse)"
+    assert phases.phase_title("anti", True) == "Anti-grokking (collapse)"
+    assert phases.phase_title("anti", [True, False]) == "Anti-grokking (collapse) / final (no collapse)"
+    assert phases.phase_title("pre", [False]) == "Pre-grokking"
+
+
+# --------------------------------------------------------------------------------------
+# Early warnings from the peak, persistent, with false alarms counted
+
+
+def _warn_frame(steps, **cols):
+    return pd.DataFrame({"step": steps, **{f"native/{k}": v for k, v in cols.items()}})
+
+
+def test_early_warning_is_persistent_from_the_peak_and_counts_false_alarms():
+    steps = np.unique(np.round(np.logspace(0, 7, 300)).astype(int))
+    train, test = _curves(steps)
+    ph = phases.detect_phases(steps, train, test)
+    peak, drop = ph["grok_step"], ph["drop_step"]
+    after_peak = np.flatnonzero(steps > peak)
+    traps_fc2 = np.where((steps > 5e4) & (steps < peak), 1, 0)  # a trap during the rise only: ignored
+    traps_fc2[after_peak[[1, 4]]] = 1  # two isolated blips after the peak: no warning
+    alpha_fc1 = np.full(steps.size, 4.0)
+    alpha_fc1[after_peak[6:]] = 1.8  # persistent from the 7th evaluation after the peak
+    centred = np.zeros(steps.size)  # the centred trap count stays 0
+    df = _warn_frame(steps, alpha_fc1=alpha_fc1, alpha_fc2=4.0, alpha_mean=(alpha_fc1 + 4) / 2, traps_fc1=0,
+                     traps_fc2=traps_fc2, traps_centred_fc2=centred)
+    rows = {(r["layer"], r["signal"]): r for r in phases.early_warnings(df, ph)}
+    a = rows[("fc1", "alpha<2")]
+    onset = steps[after_peak[6]]
+    assert a["warn_step"] == onset < drop and a["status"] == "warned" and a["search_from"] == peak
+    assert a["lead_steps"] == drop - onset
+    assert a["lead_decades"] == pytest.approx(math.log10(drop / onset), rel=1e-12)
+    assert rows[("fc2", "traps>0")]["status"] == "missed"
+    assert rows[("fc2", "traps_centred>0")]["status"] == "missed"
+    assert ("fc1", "traps_centred>0") not in rows and ("fc1", "alpha_centred<2") not in rows
+    # Without a collapse the same persistent signal is a false alarm.
+    train2, test2 = _curves(steps, collapse=False)
+    test2 = np.where(steps > 1e6, test2 - 0.03, test2)  # a 3-point dip after ~1e6: no collapse
+    ph2 = phases.detect_phases(steps, train2, test2)
+    assert not ph2["collapsed"] and ph2["grok_step"] < 1e6
+    alpha2 = np.where(steps > 2 * ph2["grok_step"], 1.8, 4.0)
+    df2 = _warn_frame(steps, alpha_fc1=alpha2, alpha_fc2=4.0, alpha_mean=(alpha2 + 4) / 2, traps_fc1=0, traps_fc2=0)
+    warn = []
+    for run, wd, d, p in (("a", 0.0, df, ph), ("b", 0.0, df2, ph2), ("c", 0.01, df2, ph2)):
+        warn += [dict(r, run=run, wd=wd, steps=p["final_step"]) for r in phases.early_warnings(d, p)]
+    warn = pd.DataFrame(warn)
+    per_run = phases.warning_counts(warn, keys=("run", "engine")).set_index("run")
+    assert per_run.loc["a", "false_alarm"] == 0 and per_run.loc["b", "false_alarm"] == 1
+    per_wd = phases.warning_counts(warn, keys=("wd", "steps", "layer", "signal"))
+    fc1 = per_wd[(per_wd["layer"] == "fc1") & (per_wd["signal"] == "alpha<2")].set_index("wd")
+    assert fc1.loc[0.0, "runs"] == 2 and fc1.loc[0.0, "warned"] == 1 and fc1.loc[0.0, "false_alarm"] == 1
+    assert fc1.loc[0.01, "false_alarm"] == 1
+    assert (per_wd[list(phases.WARNING_STATUSES)].sum(axis=1) == per_wd["rows"]).all()
