@@ -107,6 +107,14 @@ def restore_latest_state(mngr: ocp.CheckpointManager, template: dict,
     return None
 
 
+def list_state_steps(run_dir: str | os.PathLike) -> list[int]:
+    """Steps that have a finished full-state checkpoint, ascending (Orbax's temporary folders excluded)."""
+    d = Path(run_dir) / STATE_DIR
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+
 def list_param_steps(run_dir: str | os.PathLike) -> list[int]:
     """Steps that have a saved params checkpoint, ascending."""
     d = Path(run_dir) / PARAMS_DIR

@@ -7,7 +7,10 @@ import dataclasses
 import sys
 import typing
 
-from grokjax.config import ConfigError, TrainConfig, parse_steps
+from grokjax.config import ConfigError, TrainConfig, parse_duration, parse_steps
+
+# Exit codes of run.py (documented in the README).
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PAUSED = 0, 1, 2, 3, 75
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,6 +43,13 @@ def _finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -58,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         hint = hints[f.name]
-        if hint is bool:
+        if f.name == "time_limit":
+            p.add_argument(*flags, dest=f.name, type=_duration, default=f.default)
+        elif hint is bool:
             p.add_argument(*flags, dest=f.name, type=_bool, nargs="?", const=True, default=f.default)
         elif f.name == "steps" or hint is int:
             p.add_argument(*flags, dest=f.name, type=_int, default=f.default)
@@ -68,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(*flags, dest=f.name, type=str, default=f.default)
     p.add_argument("--seeds", type=_seeds, default=None,
                    help="train several seeds at once (vmapped) into <out>/seed<k>; overrides --seed")
+    p.add_argument("--export", nargs=2, metavar=("RUN", "FOLDER"), default=None,
+                   help="write RUN's compact record (config, metrics, events, monitor record, latest "
+                        "full state) into the new folder FOLDER and exit; train with --out FOLDER to continue")
+    p.add_argument("--export_params", "--export-params", type=_int, default=0, metavar="PER_DECADE",
+                   help="with --export: also copy about this many params checkpoints a decade (0: none)")
     return p
 
 
@@ -75,29 +92,47 @@ def main(argv: list[str] | None = None) -> int:
     """Parses flags, trains, and maps failures to exit codes (2: bad input, 3: diverged)."""
     args = vars(build_parser().parse_args(argv))
     seeds = args.pop("seeds")
+    export, per_decade = args.pop("export"), args.pop("export_params")
+    if export is not None:
+        return _export(*export, per_decade)
     try:
         cfg = TrainConfig(**args)
     except ConfigError as e:
         print(f"run.py: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     from grokjax.ckpt import CheckpointError  # noqa: PLC0415  (heavy imports after validation)
     from grokjax.data import DataError  # noqa: PLC0415
-    from grokjax.runner import NonFiniteError, run  # noqa: PLC0415
+    from grokjax.runner import NonFiniteError, Paused, run  # noqa: PLC0415
 
     try:
         dirs = run(cfg, seeds=seeds)
     except (ConfigError, DataError) as e:
         print(f"run.py: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except NonFiniteError as e:
         print(f"run.py: diverged: {e}", file=sys.stderr)
-        return 3
+        return EXIT_DIVERGED
+    except Paused as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_PAUSED
     except CheckpointError as e:
         print(f"run.py: checkpoint error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("run.py: interrupted; rerun the same command to resume", file=sys.stderr)
+        print("run.py: interrupted; rerun the same command to resume from the last full state", file=sys.stderr)
         return 130
     for d in dirs:
         print(f"run written to {d}", file=sys.stderr)
-    return 0
+    return EXIT_OK
+
+
+def _export(run_dir: str, folder: str, per_decade: int) -> int:
+    from grokjax.runner import export_run  # noqa: PLC0415
+
+    try:
+        out = export_run(run_dir, folder, params_per_decade=per_decade)
+    except ConfigError as e:
+        print(f"run.py: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"exported {run_dir} to {out}", file=sys.stderr)
+    return EXIT_OK

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 # Fields that do not change the science: a run directory may be resumed with other values.
-NON_SCIENCE_FIELDS = ("out", "overwrite", "chunk", "full_save_secs", "progress", "cache_dir", "idx_dir")
+NON_SCIENCE_FIELDS = ("out", "overwrite", "chunk", "full_save_secs", "progress", "cache_dir", "idx_dir",
+                      "time_limit", "monitor", "keep_params")
+# The most steps a run may ask for (10^7 takes hours; this bound only rejects absurd values).
+MAX_STEPS = 10**10
+KEEP_PARAMS = ("all", "log", "none")
 
 
 class ConfigError(ValueError):
@@ -40,6 +45,37 @@ def parse_steps(value: Any) -> int:
     if not math.isfinite(f) or f != int(f):
         raise ConfigError(f"steps must be a whole number, got {value!r}")
     return int(f)
+
+
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Parses a wall-clock duration: `2h30m`, `150m`, `90s`, `1h`, or plain seconds (`5400`).
+
+    Returns:
+        Seconds (> 0).
+    """
+    text = str(value).strip().lower().replace(" ", "")
+    try:
+        seconds = float(text)
+    except ValueError:
+        m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text)
+        if not text or m is None or not any(m.groups()):
+            raise ConfigError(f"time limit must look like 2h30m, 150m, 90s or a number of seconds, "
+                              f"got {value!r}") from None
+        seconds = sum(float(g) * _DURATION_UNITS[u] for g, u in zip(m.groups(), "hms") if g)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"time limit must be a positive duration, got {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """`2h05m`, `4m10s`, `12s`."""
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -98,6 +134,16 @@ class TrainConfig:
     cache_dir: str | None = None
     # A directory holding the four standard MNIST IDX files (optionally gzipped).
     idx_dir: str | None = None
+    # Wall-clock budget of this segment in seconds (0: none); the CLI accepts 2h30m, 150m, 90s.
+    # When it is spent the run finishes the chunk in flight, writes a full state, prints
+    # `paused at step X of N ...` and exits with code 75; rerunning the command continues.
+    time_limit: float = 0.0
+    # Compute the in-loop HTSR monitor (alpha, traps, spectra, progress measures) at every
+    # evaluation step into monitor/ and show the live early warning. Never changes the trajectory.
+    monitor: bool = True
+    # Which params checkpoints to keep: all (every evaluation step), log (about 5 a decade plus
+    # the authors' schedule) or none (the monitor's record and the full states only).
+    keep_params: str = "all"
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
@@ -131,6 +177,12 @@ class TrainConfig:
             raise ConfigError("full_save_secs must be >= 0")
         if not self.out:
             raise ConfigError("out must be a directory path")
+        if self.steps > MAX_STEPS:
+            raise ConfigError(f"steps must be at most {MAX_STEPS:.0e}, got {self.steps:.3g}")
+        if not (self.time_limit >= 0 and math.isfinite(self.time_limit)):
+            raise ConfigError(f"time_limit must be a finite number of seconds >= 0, got {self.time_limit!r}")
+        if self.keep_params not in KEEP_PARAMS:
+            raise ConfigError(f"keep_params must be one of {', '.join(KEEP_PARAMS)}, got {self.keep_params!r}")
 
     @property
     def n_train(self) -> int:

@@ -18,7 +18,9 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -29,18 +31,76 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from grokjax import ckpt
-from grokjax.config import ConfigError, TrainConfig
+from grokjax.config import ConfigError, TrainConfig, format_duration
 from grokjax.data import load_mnist
-from grokjax.schedule import authors_log_steps, chunk_lengths, eval_steps
+from grokjax.schedule import authors_log_steps, chunk_lengths, eval_steps, log_grid_steps
 from grokjax.train import TrainState, batch_perm, init_state, make_data, make_evaluate, make_train_chunk
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+EVENTS_FILE = "events.jsonl"
+# keep_params=log keeps about this many params checkpoints a decade (plus the authors' steps).
+LOG_PARAMS_PER_DECADE = 5
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "grokjax")
 
 
 class NonFiniteError(RuntimeError):
     """The loss or the parameter norm stopped being finite."""
+
+
+class Paused(Exception):
+    """The run stopped cleanly (time limit or signal) with a full state at `step`."""
+
+    def __init__(self, step: int, total: int, elapsed: float, reason: str):
+        self.step, self.total, self.elapsed, self.reason = step, total, elapsed, reason
+        super().__init__(f"paused at step {step} of {total} after {format_duration(elapsed)} ({reason}); "
+                         "rerun the same command to continue")
+
+
+class _StopRequest:
+    """Decides when a segment pauses: the time limit, or the first SIGTERM/SIGINT.
+
+    The first signal asks the loop to finish the chunk in flight, write a full state and
+    pause. A second signal restores the default handler and re-sends itself: the process
+    stops at once, and the next start resumes from the last full state.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, time_limit: float):
+        self.reason: str | None = None
+        self.started = time.monotonic()
+        self.deadline = self.started + time_limit if time_limit > 0 else math.inf
+        self._old: dict = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        name = signal.Signals(signum).name
+        if self.reason is None:
+            self.reason = name
+            print(f"\n{name} received: pausing after the chunk in flight (send it again to stop at once)",
+                  file=sys.stderr, flush=True)
+            return
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    def should_stop(self) -> str | None:
+        if self.reason is None and time.monotonic() >= self.deadline:
+            self.reason = "time limit"
+        return self.reason
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
 
 
 def _versions() -> dict[str, str]:
@@ -111,16 +171,30 @@ def _science_notes(cfg: TrainConfig) -> list[str]:
 
 
 def _read_records(path: Path, before_step: int) -> list[dict]:
-    """Complete JSON lines of metrics.jsonl with step < before_step (a torn last line is dropped)."""
+    """Complete JSON lines of a .jsonl log with step < before_step.
+
+    A torn last line (a write cut by a kill) is dropped. A bad line anywhere else means the
+    file was damaged, not torn: it is refused, and the file is left as it is.
+
+    Raises:
+        ConfigError: a line before the last one is not a JSON object with a step.
+    """
     if not path.exists():
         return []
+    lines = path.read_text().splitlines()
     out = []
-    for line in path.read_text().splitlines():
+    for i, line in enumerate(lines):
         try:
             rec = json.loads(line)
+            ok = isinstance(rec, dict) and isinstance(rec.get("step"), int)
         except ValueError:
-            continue
-        if isinstance(rec, dict) and rec.get("step", math.inf) < before_step:
+            ok = False
+        if not ok:
+            if i == len(lines) - 1:
+                continue
+            raise ConfigError(f"{path} line {i + 1} is corrupt (not a JSON record with a step); "
+                              "the file was left unchanged: repair or remove that line, or use --overwrite")
+        if rec["step"] < before_step:
             out.append(rec)
     return out
 
@@ -137,7 +211,7 @@ class _Replica:
     def __init__(self, cfg: TrainConfig, steps: np.ndarray):
         self.cfg = cfg
         self.dir = prepare_run_dir(cfg)
-        self.params = ckpt.params_manager(self.dir, set(int(s) for s in steps) | {0})
+        self.params = ckpt.params_manager(self.dir, kept_param_steps(cfg, steps))
         self.state = ckpt.state_manager(self.dir, cfg.steps, cfg.full_save_secs)
         self.metrics_path = self.dir / METRICS_FILE
         self.metrics = None
@@ -153,12 +227,55 @@ class _Replica:
         self.metrics = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
         return kept[-1].get("time/wall", offset) if kept else offset
 
+    def has_final_record(self) -> bool:
+        """metrics.jsonl ends with the record of the final step."""
+        recs = _read_records(self.metrics_path, self.cfg.steps + 1)
+        return bool(recs) and recs[-1]["step"] == self.cfg.steps
+
+    def event(self, **fields) -> None:
+        """Appends one event (pause, resume, warning) to events.jsonl."""
+        rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+        with open(self.dir / EVENTS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def last_pause(self) -> dict | None:
+        path = self.dir / EVENTS_FILE
+        if not path.exists():
+            return None
+        last = None
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("event") in ("pause", "resume"):
+                last = rec
+        return last if last and last.get("event") == "pause" else None
+
     def close(self) -> None:
         if self.metrics:
             self.metrics.close()
         for m in (self.params, self.state):
             m.wait_until_finished()
             m.close()
+
+
+def kept_param_steps(cfg: TrainConfig, steps: np.ndarray) -> set[int]:
+    """The evaluation steps whose params checkpoint is kept, by `cfg.keep_params`.
+
+    all: every evaluation step and 0. log: the evaluation steps nearest to a grid of
+    LOG_PARAMS_PER_DECADE points a decade, the authors' schedule, 0 and N. none: no params.
+    """
+    all_steps = set(int(s) for s in steps) | {0}
+    if cfg.keep_params == "all":
+        return all_steps
+    if cfg.keep_params == "none":
+        return set()
+    ev = np.array(sorted(all_steps))
+    keep = {0, int(cfg.steps)} | set(int(s) for s in authors_log_steps(cfg.steps))
+    for target in log_grid_steps(cfg.steps, LOG_PARAMS_PER_DECADE):
+        keep.add(int(ev[np.argmin(np.abs(np.log(np.maximum(ev, 1)) - np.log(max(target, 1))))]))
+    return keep & all_steps
 
 
 def _state_tree(state: TrainState, perm: np.ndarray, wall: float) -> dict:
@@ -206,6 +323,8 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, mnist: dict | None 
 
     Raises:
         ConfigError: bad run directory. NonFiniteError: the run diverged (checkpoints kept).
+        Paused: the time limit was reached or a SIGTERM/SIGINT arrived; a full state at the
+            current step is on disk and rerunning continues bitwise as if never stopped.
     """
     multi = seeds is not None
     if multi:
@@ -218,15 +337,24 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, mnist: dict | None 
         print(f"WARNING: {note}; recorded in config.json", file=sys.stderr)
     steps = eval_steps(cfg.steps, cfg.log_points_per_decade, cfg.authors_grid)
     authors = set(int(s) for s in authors_log_steps(cfg.steps))
-    replicas = [_Replica(c, steps) for c in cfgs]
-    try:
-        return _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks)
-    finally:
-        for r in replicas:
-            r.close()
+    with _StopRequest(cfg.time_limit) as stop:
+        replicas = [_Replica(c, steps) for c in cfgs]
+        try:
+            return _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks, stop)
+        finally:
+            for r in replicas:
+                r.close()
 
 
-def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks):
+def _resume_reason(replicas: list[_Replica], start: int) -> str:
+    pause = replicas[0].last_pause()
+    if pause is not None and pause.get("step") == start:
+        return f"paused by {pause.get('reason', 'a stop')} at {pause.get('time', '?')}"
+    return ("the latest full state; the previous segment stopped without pausing, "
+            "so the steps after it are recomputed")
+
+
+def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks, stop):
     mnist = mnist if mnist is not None else load_mnist(cfg.cache_dir, cfg.idx_dir)
     data = make_data(cfg, mnist)
     perms = [batch_perm(c) for c in cfgs]
@@ -242,6 +370,13 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
         fresh = [TrainState(t["params"], t["opt_state"], jnp.asarray(t["step"]), jnp.asarray(t["key"]))
                  for t in trees]
         walls = [float(t["wall"]) for t in trees]
+        if start == cfg.steps and all(r.has_final_record() for r in replicas):
+            print(f"already complete: {cfg.out} ({cfg.steps} steps)", file=sys.stderr)
+            return [r.dir for r in replicas]
+        reason = _resume_reason(replicas, start)
+        print(f"resuming {cfg.out} from step {start} of {cfg.steps} ({reason})", file=sys.stderr)
+        for r in replicas:
+            r.event(event="resume", step=int(start), reason=reason)
     walls = [r.open_metrics(start, w) for r, w in zip(replicas, walls)]
 
     n = len(cfgs) if multi else None
@@ -260,6 +395,9 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
     else:
         state, perm = jax.tree.map(jnp.asarray, fresh[0]), jnp.asarray(perms[0])
 
+    def pick_fn(i):
+        return (lambda a: a[i]) if multi else (lambda a: a)
+
     t0 = time.perf_counter() - walls[0]
     t, dispatched = start, 0
     bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=not cfg.progress,
@@ -268,6 +406,11 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
         for e in (int(s) for s in steps if s >= start):
             pending = None
             for length in chunk_lengths(e - t, cfg.chunk):
+                if stop.should_stop():
+                    if pending is not None:
+                        _check_probe(*pending, replicas[0])
+                        bar.update(pending[2])
+                    _pause(cfg, replicas, state, perms, t, time.perf_counter() - t0, stop, pick_fn)
                 state, last_loss = chunk(state, perm, data, length)
                 dispatched += 1
                 if crash_after_chunks is not None and dispatched >= crash_after_chunks:
@@ -285,7 +428,7 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
             wall = time.perf_counter() - t0
             full = jax.device_get(state) if _wants_full_state(replicas[0], e) else None
             for i, r in enumerate(replicas):
-                pick = (lambda a, i=i: a[i]) if multi else (lambda a: a)
+                pick = pick_fn(i)
                 rec = {"step": e, **{k: float(pick(v)) for k, v in metrics.items()},
                        "time/wall": round(wall, 3), "schedule/authors": e in authors}
                 if not all(math.isfinite(rec[k]) for k in ("train/loss", "test/loss", "params/l2")):
@@ -305,6 +448,21 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
     return [r.dir for r in replicas]
 
 
+def _pause(cfg, replicas, state, perms, t: int, wall: float, stop: _StopRequest, pick_fn) -> None:
+    """Writes a full state at step t (also between evaluation steps), records the pause, raises Paused."""
+    full = jax.device_get(state)
+    for i, r in enumerate(replicas):
+        if t not in r.state.all_steps():
+            tree = _state_tree(jax.tree.map(pick_fn(i), full), perms[i], wall)
+            if not ckpt.save_state(r.state, t, tree, force=True):
+                raise ckpt.CheckpointError(f"full-state save at step {t} was refused")
+        r.state.wait_until_finished()
+        r.params.wait_until_finished()
+        r.metrics.flush()
+        r.event(event="pause", step=int(t), reason=stop.reason, elapsed=round(stop.elapsed, 1))
+    raise Paused(int(t), cfg.steps, stop.elapsed, stop.reason)
+
+
 def _wants_full_state(replica: _Replica, step: int) -> bool:
     """One save decision for all replicas, from the first replica's state-manager policy."""
     return bool(replica.state.should_save(step))
@@ -320,3 +478,77 @@ def _nonfinite_message(where: str, r: _Replica) -> str:
     good = ckpt.list_param_steps(r.dir)
     last = good[-1] if good else None
     return f"non-finite loss or norm {where} in {r.dir}; last good checkpoint: step {last}"
+
+
+# --------------------------------------------------------------------------------------
+# Export: a run's compact, portable record
+
+MONITOR_DIR = "monitor"
+
+
+def _nearest_per_decade(available: list[int], per_decade: int, final: int) -> list[int]:
+    """About `per_decade` of the available steps a decade (nearest on a log grid), plus 0 and the last."""
+    if per_decade <= 0 or not available:
+        return []
+    av = np.array(available)
+    keep = {available[0], available[-1]}
+    for target in log_grid_steps(max(final, 1), per_decade):
+        keep.add(int(av[np.argmin(np.abs(np.log(np.maximum(av, 1)) - np.log(target)))]))
+    return sorted(keep)
+
+
+def export_run(run_dir: str | os.PathLike, folder: str | os.PathLike, *, params_per_decade: int = 0) -> Path:
+    """Writes a run's compact record into the new folder `folder`, itself a run directory.
+
+    It holds config.json, metrics.jsonl, events.jsonl, the monitor's record (monitor/), the
+    latest full state (checkpoints/state/<step>/) and, with `params_per_decade` > 0, about that
+    many params checkpoints a decade. The analysis reads it as it reads the run; training with
+    `--out folder` and the run's flags continues from the exported state, bitwise as if the run
+    had never stopped. The copy is assembled in a temporary sibling folder and renamed into
+    place, so a failed export leaves nothing behind. Export a paused or finished run: a full
+    state written while the export copies may be missed (the previous one is then exported).
+
+    Raises:
+        ConfigError: `run_dir` holds no run, or `folder` exists and is not an empty folder.
+    """
+    src, dst = Path(run_dir), Path(folder)
+    if not (src / CONFIG_FILE).is_file():
+        raise ConfigError(f"{src} holds no run (no {CONFIG_FILE}); nothing exported")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ConfigError(f"export folder {dst} exists and is not empty; choose a new folder")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise ConfigError(f"export folder {dst} lies inside the run {src}; choose a folder outside it")
+    states = ckpt.list_state_steps(src)
+    if not states:
+        raise ConfigError(f"{src} has no full state to export (it has not saved one yet)")
+    tmp = dst.with_name(f".{dst.name}.export-tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        for name in (CONFIG_FILE, METRICS_FILE, EVENTS_FILE):
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        if (src / MONITOR_DIR).is_dir():
+            shutil.copytree(src / MONITOR_DIR, tmp / MONITOR_DIR)
+        for step in sorted(states, reverse=True):  # the newest state that copies completely
+            try:
+                shutil.copytree(src / ckpt.STATE_DIR / str(step), tmp / ckpt.STATE_DIR / str(step))
+                break
+            except (OSError, shutil.Error):
+                shutil.rmtree(tmp / ckpt.STATE_DIR / str(step), ignore_errors=True)
+        else:
+            raise ConfigError(f"no full state of {src} could be copied")
+        cfg_steps = int(json.loads((src / CONFIG_FILE).read_text())["config"].get("steps", 1))
+        for step in _nearest_per_decade(ckpt.list_param_steps(src), params_per_decade, cfg_steps):
+            shutil.copytree(src / ckpt.PARAMS_DIR / str(step), tmp / ckpt.PARAMS_DIR / str(step))
+        if dst.exists():
+            dst.rmdir()
+        os.replace(tmp, dst)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"export to {dst} failed: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst

@@ -1,0 +1,224 @@
+"""Long runs: time-limited and signalled pauses, resume messages, export and continue elsewhere."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from grokjax import ckpt, runner
+from grokjax.config import ConfigError, TrainConfig, parse_duration
+from grokjax.runner import Paused, export_run, run
+
+SMALL = dict(steps=120, log_points_per_decade=6, authors_grid=False, chunk=16, progress=False, full_save_secs=0,
+             monitor=False)
+
+
+def _records(d):
+    return [{k: v for k, v in json.loads(line).items() if k != "time/wall"}
+            for line in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_params(a, b):
+    for layer in a:
+        for k in a[layer]:
+            np.testing.assert_array_equal(a[layer][k], b[layer][k])
+
+
+def _events(d):
+    return [json.loads(line) for line in (d / "events.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, mnist):
+    return run(TrainConfig(out=str(tmp_path_factory.mktemp("ref") / "r"), **SMALL), mnist=mnist)[0]
+
+
+def _mid_segment_checks(cfg, skip=0):
+    """(check number, step) of stop checks that fall strictly between two evaluation steps."""
+    from grokjax.schedule import chunk_lengths, eval_steps
+
+    out, n, t = [], 0, 0
+    evals = [int(e) for e in eval_steps(cfg.steps, cfg.log_points_per_decade, cfg.authors_grid)]
+    for e in evals:
+        for length in chunk_lengths(e - t, cfg.chunk):
+            n += 1
+            if t not in evals:
+                out.append((n, t))
+            t += length
+    return out[skip:]
+
+
+def _stop_after(monkeypatch, n_checks, reason="time limit"):
+    """Makes the run pause at its n-th stop check (one check per chunk dispatched)."""
+    calls = {"n": 0}
+
+    def should_stop(self):
+        calls["n"] += 1
+        if calls["n"] >= n_checks:
+            self.reason = reason
+        return self.reason
+
+    monkeypatch.setattr(runner._StopRequest, "should_stop", should_stop)
+
+
+@pytest.mark.parametrize("text, seconds", [("2h30m", 9000), ("150m", 9000), ("90s", 90), ("5400", 5400),
+                                           ("1h", 3600), ("1.5h", 5400), ("2m30s", 150)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "-5", "0", "2x", "h", "inf", "nan"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ConfigError, match="time limit"):
+        parse_duration(text)
+
+
+def test_pause_between_evaluations_then_resume_is_bitwise_identical(tmp_path, mnist, monkeypatch, capsys, reference):
+    cfg = TrainConfig(out=str(tmp_path / "r"), **SMALL)
+    n, expected = _mid_segment_checks(cfg)[0]
+    _stop_after(monkeypatch, n)
+    with pytest.raises(Paused) as info:
+        run(cfg, mnist=mnist)
+    step = info.value.step
+    evals = [r["step"] for r in _records(reference)]
+    assert step == expected and 0 < step < 120 and step not in evals
+    assert f"paused at step {step} of 120" in str(info.value) and "rerun the same command" in str(info.value)
+    d = tmp_path / "r"
+    assert ckpt.list_state_steps(d)[-1] == step  # a full state at the pause step itself
+    assert _events(d)[-1]["event"] == "pause" and _events(d)[-1]["step"] == step
+    monkeypatch.undo()
+    capsys.readouterr()
+    run(cfg, mnist=mnist)
+    err = capsys.readouterr().err
+    assert f"resuming {d} from step {step} of 120 (paused by time limit" in err
+    assert _records(d) == _records(reference)
+    _same_params(ckpt.load_params(d, 120), ckpt.load_params(reference, 120))
+
+
+def test_several_pauses_multi_seed(tmp_path, mnist, monkeypatch):
+    ref = run(TrainConfig(out=str(tmp_path / "ref"), **SMALL), seeds=[0, 1], mnist=mnist)
+    cfg = TrainConfig(out=str(tmp_path / "r"), **SMALL)
+    for n in (3, 4, 7):
+        _stop_after(monkeypatch, n, reason="SIGTERM")
+        with pytest.raises(Paused):
+            run(cfg, seeds=[0, 1], mnist=mnist)
+        monkeypatch.undo()
+    got = run(cfg, seeds=[0, 1], mnist=mnist)
+    for a, b in zip(got, ref):
+        assert _records(a) == _records(b)
+        _same_params(ckpt.load_params(a, 120), ckpt.load_params(b, 120))
+        assert [e["event"] for e in _events(a)] == ["pause", "resume"] * 3
+
+
+def test_rerun_of_complete_run_says_so_and_touches_nothing(tmp_path, mnist, capsys):
+    cfg = TrainConfig(out=str(tmp_path / "r"), **SMALL)
+    d = run(cfg, mnist=mnist)[0]
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    run(cfg, mnist=mnist)
+    assert f"already complete: {d} (120 steps)" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+
+
+def test_corrupt_metrics_in_the_middle_is_refused_untouched(tmp_path, mnist):
+    cfg = TrainConfig(out=str(tmp_path / "r"), **SMALL)
+    d = run(cfg, mnist=mnist)[0]
+    lines = (d / "metrics.jsonl").read_text().splitlines()
+    lines[3] = lines[3][:10]
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    before = (d / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match="line 4 is corrupt"):
+        run(cfg, mnist=mnist)
+    assert (d / "metrics.jsonl").read_bytes() == before
+
+
+def test_export_mid_run_and_continue_elsewhere(tmp_path, mnist, monkeypatch, reference):
+    cfg = TrainConfig(out=str(tmp_path / "r"), **SMALL)
+    _stop_after(monkeypatch, _mid_segment_checks(cfg, skip=1)[0][0])
+    with pytest.raises(Paused) as info:
+        run(cfg, mnist=mnist)
+    monkeypatch.undo()
+    out = export_run(tmp_path / "r", tmp_path / "exported", params_per_decade=2)
+    assert ckpt.list_state_steps(out) == [info.value.step]
+    kept = ckpt.list_param_steps(out)
+    assert 0 < len(kept) < len(ckpt.list_param_steps(tmp_path / "r")) and kept[0] == 0
+    run(TrainConfig(out=str(out), **SMALL), mnist=mnist)
+    assert _records(out) == _records(reference)
+    _same_params(ckpt.load_params(out, 120), ckpt.load_params(reference, 120))
+
+
+def test_export_refuses_bad_input_and_touches_nothing(tmp_path, reference):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="not empty"):
+        export_run(reference, tmp_path / "busy")
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "keep"
+    (tmp_path / "norun").mkdir()
+    with pytest.raises(ConfigError, match="holds no run"):
+        export_run(tmp_path / "norun", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def _cli(root, *args, timeout=300):
+    env = {**os.environ, "GROKJAX_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(root / "experiments" / "run.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+CLI_ARGS = ["--steps", "3000", "--log_points_per_decade", "4", "--authors_grid", "false", "--chunk", "8",
+            "--full_save_secs", "0", "--progress", "false", "--monitor", "false"]
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--time_limit", "soon"], "time limit must look like"),
+    (["--steps", "1e30"], "steps must be at most"),
+    (["--keep_params", "some"], "keep_params must be one of"),
+])
+def test_cli_bad_long_run_flags(root, tmp_path, args, msg):
+    r = _cli(root, *args, "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_export_bad_input(root, tmp_path):
+    (tmp_path / "norun").mkdir()
+    r = _cli(root, "--export", str(tmp_path / "norun"), str(tmp_path / "x"))
+    assert r.returncode == 2 and "holds no run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_sigterm_pauses_with_code_75_and_resumes_identically(root, tmp_path):
+    ref = tmp_path / "ref"
+    r = _cli(root, *CLI_ARGS, "--out", str(ref))
+    assert r.returncode == 0, r.stderr
+    d = tmp_path / "r"
+    env = {**os.environ, "GROKJAX_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *CLI_ARGS, "--out", str(d)],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(ckpt.list_param_steps(d)) < 6 and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=240)[1]
+    assert p.returncode == 75, err
+    assert "paused at step" in err and "rerun the same command to continue" in err
+    r = _cli(root, *CLI_ARGS, "--out", str(d))
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr and "paused by SIGTERM" in r.stderr
+    assert _records(d) == _records(ref)
+    _same_params(ckpt.load_params(d, 3000), ckpt.load_params(ref, 3000))
+
+
+def test_cli_time_limit_pauses_with_code_75(root, tmp_path):
+    d = tmp_path / "r"
+    r = _cli(root, *CLI_ARGS[:1], "200000", *CLI_ARGS[2:], "--time_limit", "4s", "--out", str(d))
+    assert r.returncode == 75, r.stderr
+    line = [x for x in r.stderr.splitlines() if x.startswith("paused at step")]
+    assert len(line) == 1 and "of 200000 after" in line[0] and "time limit" in line[0]
+    step = int(line[0].split()[3])
+    assert ckpt.list_state_steps(d)[-1] == step
