@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from grokjax.phases import PHASE_TITLES, PHASES, PhaseOptions, detect_phases, early_warnings, phase_steps
+from grokjax import phase_tables
+from grokjax.phases import (PHASE_TITLES, PHASES, PhaseOptions, detect_phases, early_warnings, phase_steps,
+                            phase_title, warning_counts)
 
 RUN_KEYS = ("run", "wd", "seed")
 # (layer, column, row label) of each table; Table 4 is FC1's MP fit of W^rand (paper App. D).
@@ -66,14 +68,16 @@ def values_at_phases(layers: pd.DataFrame, phases_df: pd.DataFrame, rows) -> pd.
                         v = float(at.reindex(["fc1", "fc2"])[col].astype(float).mean(skipna=False))
                     else:
                         v = float(at[col].get(layer, math.nan)) if col in at else math.nan
-                    out.append(dict(run=ph.run, wd=ph.wd, seed=ph.seed, engine=engine, layer=layer, metric=col,
+                    out.append(dict(run=ph.run, wd=ph.wd, steps=ph.final_step, seed=ph.seed, engine=engine,
+                                    layer=layer, metric=col,
                                     phase=phase, step=target, step_used=used, value=v))
     return pd.DataFrame(out)
 
 
 def summarize(long: pd.DataFrame) -> pd.DataFrame:
-    """mean, std (ddof 1) and n of `value` per (wd, engine, layer, metric, phase)."""
-    keys = ["wd", "engine", "layer", "metric", "phase"]
+    """mean, std (ddof 1) and n of `value` per (wd, steps, engine, layer, metric, phase); steps
+    is the run's final step, so runs of different lengths are never pooled."""
+    keys = ["wd", "steps", "engine", "layer", "metric", "phase"]
     if long.empty:
         return pd.DataFrame(columns=[*keys, "mean", "std", "n"])
     g = long.groupby(keys, sort=False)["value"]
@@ -92,11 +96,12 @@ def _fmt(mean: float, std: float, n: int, metric: str) -> str:
     return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def markdown_table(summary: pd.DataFrame, rows, title: str) -> str:
-    """The paper's layout: one line per (wd, engine, row label), one column per phase."""
-    head = ["WD", "engine", "Layer, metric", *(PHASE_TITLES[p] for p in PHASES), "runs"]
+def markdown_table(summary: pd.DataFrame, rows, title: str, collapsed=None) -> str:
+    """The paper's layout: one line per (wd, steps, engine, row label), one column per phase;
+    `collapsed` (the runs' flags) titles the third column "final (no collapse)" when none did."""
+    head = ["WD", "steps", "engine", "Layer, metric", *(phase_title(p, collapsed) for p in PHASES), "runs"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (wd, engine), grp in summary.groupby(["wd", "engine"], sort=True):
+    for (wd, n_steps, engine), grp in summary.groupby(["wd", "steps", "engine"], sort=True):
         for layer, col, label in rows:
             cells, n_max = [], 0
             for phase in PHASES:
@@ -107,7 +112,7 @@ def markdown_table(summary: pd.DataFrame, rows, title: str) -> str:
                 r = r.iloc[0]
                 n_max = max(n_max, int(r["n"]))
                 cells.append(_fmt(float(r["mean"]), float(r["std"]), int(r["n"]), col))
-            lines.append(f"| {wd:g} | {engine} | {label} | " + " | ".join(cells) + f" | {n_max} |")
+            lines.append(f"| {wd:g} | {int(n_steps):,} | {engine} | {label} | " + " | ".join(cells) + f" | {n_max} |")
     return "\n".join(lines) + "\n"
 
 
@@ -134,15 +139,17 @@ def warnings_table(steps: pd.DataFrame, phases_df: pd.DataFrame, engines=("nativ
             if f"{engine}/alpha_fc1" not in df:
                 continue
             for w in early_warnings(df, ph._asdict(), engine=engine, options=options):
-                rows.append(dict(run=ph.run, wd=ph.wd, seed=ph.seed, **w))
+                rows.append(dict(run=ph.run, wd=ph.wd, steps=ph.final_step, seed=ph.seed, **w))
     return pd.DataFrame(rows)
 
 
 def warnings_markdown(warn: pd.DataFrame) -> str:
-    """Early-warning rows: first alpha<2 / traps>0 step and its lead over the test-acc drop."""
+    """Early-warning rows: the first persistent alpha<2 / traps>0 step after the peak and its
+    lead over the test-accuracy drop (`grokjax.phases.early_warnings`)."""
     head = ["run", "WD", "engine", "layer", "signal", "first step", "drop step", "lead (steps)", "lead (decades)",
             "status"]
-    lines = ["### Early warning (search starts at the end of pre-grokking)", "",
+    lines = ["### Early warning (from the test-accuracy peak; a signal counts from the first of ≥ 3 consecutive "
+             "evaluations where it holds)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def num(v, fmt="{:,.0f}"):
@@ -158,21 +165,51 @@ def build_tables(layers: pd.DataFrame, steps: pd.DataFrame,
                  options: PhaseOptions | None = None) -> dict[str, tuple[pd.DataFrame, str]]:
     """All report tables as {name: (tidy DataFrame, markdown)}.
 
-    Names: phases, table1_alpha, table2_traps, table4_mp_fc1 (native engine only: WW has no
-    KS test), early_warning.
+    Names: phases, table1_alpha and table2_traps (`grokjax.phase_tables`: the phase
+    checkpoint's value beside the median and IQR over the phase window, the paper's nominal
+    10^5-step column, raw and mean-aware rows where the layer table has them),
+    table4_mp_fc1 (native engine only: WW has no KS test), early_warning, and
+    early_warning_counts (statuses, false alarms included, per run and per (wd, steps)).
+    Runs are grouped by (weight decay, run length).
     """
     ph = run_phases(steps, options)
     out = {"phases": (ph, phases_markdown(ph))}
-    specs = (("table1_alpha", TABLE1_ROWS, "Table 1: HTSR α at the phases", None),
-             ("table2_traps", TABLE2_ROWS, "Table 2: correlation traps at the phases", None),
-             ("table4_mp_fc1", TABLE4_ROWS, "Table 4: MP fit of FC1's W^rand at the phases", "native"))
-    for name, rows, title, only in specs:
-        sub = layers if only is None else layers[layers["engine"] == only]
-        summary = summarize(values_at_phases(sub, ph, rows))
-        out[name] = (summary, markdown_table(summary, rows, title))
+    for name, rows, title in (("table1_alpha", phase_tables.TABLE1_ROWS, "Table 1: HTSR α at the phases"),
+                              ("table2_traps", phase_tables.TABLE2_ROWS, "Table 2: correlation traps at the phases")):
+        out[name] = phase_tables.window_table(layers, steps, ph, rows, title, options=options)
+    sub = layers[layers["engine"] == "native"]
+    summary = summarize(values_at_phases(sub, ph, TABLE4_ROWS))
+    out["table4_mp_fc1"] = (summary, markdown_table(summary, TABLE4_ROWS, "Table 4: MP fit of FC1's W^rand at the "
+                                                    "phases (KS statistic first; see grokjax.htsr.mp_ks_test)",
+                                                    collapsed=list(ph["collapsed"]) if len(ph) else None))
     warn = warnings_table(steps, ph, options=options)
     out["early_warning"] = (warn, warnings_markdown(warn))
+    counts = pd.concat([warning_counts(warn, keys=("run", "engine")).assign(group="run"),
+                        warning_counts(warn, keys=("wd", "steps", "engine", "layer", "signal")).assign(group="wd")]
+                       ) if len(warn) else pd.DataFrame()
+    out["early_warning_counts"] = (counts, warning_counts_markdown(counts))
     return out
+
+
+def warning_counts_markdown(counts: pd.DataFrame) -> str:
+    """False alarms (a persistent signal without a later drop) and the other statuses, per
+    run and per (weight decay, run length)."""
+    lines = ["### Early-warning outcomes per run and per weight decay", ""]
+    if counts.empty:
+        return "\n".join(lines + ["(no runs)"]) + "\n"
+    statuses = ["warned", "late", "missed", "false_alarm", "quiet", "no_data"]
+    per_run = counts[counts["group"] == "run"]
+    head = ["run", "engine", *statuses]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in per_run.to_dict("records"):
+        lines.append(f"| {r['run']} | {r['engine']} | " + " | ".join(str(int(r[s])) for s in statuses) + " |")
+    per_wd = counts[counts["group"] == "wd"]
+    head = ["WD", "steps", "engine", "layer", "signal", "runs", *statuses]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in per_wd.to_dict("records"):
+        lines.append(f"| {r['wd']:g} | {int(r['steps']):,} | {r['engine']} | {r['layer']} | {r['signal']} | "
+                     f"{int(r['runs'])} | " + " | ".join(str(int(r[s])) for s in statuses) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], out_dir: str | Path) -> Path:

@@ -338,3 +338,63 @@ def test_early_warning_is_persistent_from_the_peak_and_counts_false_alarms():
     assert fc1.loc[0.0, "runs"] == 2 and fc1.loc[0.0, "warned"] == 1 and fc1.loc[0.0, "false_alarm"] == 1
     assert fc1.loc[0.01, "false_alarm"] == 1
     assert (per_wd[list(phases.WARNING_STATUSES)].sum(axis=1) == per_wd["rows"]).all()
+
+
+# --------------------------------------------------------------------------------------
+# Tables over phase windows (grokjax.phase_tables via grokjax.report.build_tables)
+
+from grokjax import phase_tables, report  # noqa: E402
+
+
+def _run_tables(run, seed, n_steps, collapse, centred):
+    """One run's step and layer tables: alpha_fc1 alternates 3/5 (a noisy clip_xmax reading)."""
+    steps = np.unique(np.round(np.logspace(0, np.log10(n_steps), 240)).astype(int))
+    train, test = _curves(steps, collapse=collapse)
+    step_rows = pd.DataFrame({"run": run, "wd": 0.0, "seed": seed, "step": steps, "train/acc": train,
+                              "test/acc": test})
+    layer_rows = []
+    for i, s in enumerate(steps):
+        for layer in ("fc1", "fc2"):
+            row = {"run": run, "wd": 0.0, "seed": seed, "step": s, "layer": layer, "engine": "native",
+                   "alpha": (3.0 if i % 2 else 5.0) if layer == "fc1" else 4.0, "traps": 1.0,
+                   "rand_sigma_mp": 1.0, "mp_ks": 0.01, "mp_pvalue": 0.9}
+            if centred:
+                row.update(alpha_centred=6.0, traps_centred=0.0, traps_k_mean=0.9)
+            layer_rows.append(row)
+    return pd.DataFrame(layer_rows), step_rows
+
+
+def test_window_tables_report_median_iqr_and_the_checkpoint():
+    layers, steps = _run_tables("a", 0, 10 ** 7, collapse=False, centred=False)
+    ph = report.run_phases(steps)
+    win = phases.phase_windows(steps["step"], steps["test/acc"], ph.iloc[0].to_dict())
+    long = phase_tables.window_values(layers, steps, ph, phase_tables.available_rows(layers, phase_tables.TABLE1_ROWS))
+    assert set(long["metric"]) == {"alpha"}  # the centred rows are absent: skipped
+    fc1 = long[long["layer"] == "fc1"].set_index("phase")
+    alpha = layers[layers["layer"] == "fc1"].set_index("step")["alpha"]
+    for phase in ("pre", "grok", "anti"):
+        w = alpha.reindex(win[phase])
+        assert fc1.loc[phase, "win_n"] == len(w) > 2
+        assert fc1.loc[phase, "win_median"] == pytest.approx(w.median())
+        assert fc1.loc[phase, "win_q25"] == pytest.approx(w.quantile(0.25))
+        assert fc1.loc[phase, "value"] == alpha[fc1.loc[phase, "step_used"]]
+    assert fc1.loc["nominal", "step_used"] == steps["step"].iloc[
+        np.argmin(np.abs(np.log1p(steps["step"]) - np.log1p(1e5)))]
+    md = report.build_tables(layers, steps)["table1_alpha"][1]
+    assert "final (no collapse): checkpoint" in md and "Anti-grokking" not in md
+
+
+def test_window_tables_group_by_run_length_and_show_centred_rows():
+    parts = [_run_tables("long", 0, 10 ** 7, collapse=True, centred=True),
+             _run_tables("short", 0, 10 ** 6, collapse=True, centred=True)]
+    layers = pd.concat([p[0] for p in parts], ignore_index=True)
+    steps = pd.concat([p[1] for p in parts], ignore_index=True)
+    tables = report.build_tables(layers, steps)
+    t1, md1 = tables["table1_alpha"]
+    assert set(t1["steps"]) == {10 ** 6, 10 ** 7} and (t1["runs"] == 1).all()
+    assert "FC1 α, W − mean" in md1 and "| 0 | 10,000,000 |" in md1 and "| 0 | 1,000,000 |" in md1
+    t2, md2 = tables["table2_traps"]
+    assert {"traps", "traps_k_mean", "traps_centred"} <= set(t2["metric"])
+    assert "FC2 traps, mean of K shuffles" in md2 and "FC1 traps, W − mean" in md2
+    t4 = tables["table4_mp_fc1"][0]
+    assert set(t4["steps"]) == {10 ** 6, 10 ** 7}
