@@ -398,3 +398,44 @@ def test_window_tables_group_by_run_length_and_show_centred_rows():
     assert "FC2 traps, mean of K shuffles" in md2 and "FC1 traps, W − mean" in md2
     t4 = tables["table4_mp_fc1"][0]
     assert set(t4["steps"]) == {10 ** 6, 10 ** 7}
+
+
+# --------------------------------------------------------------------------------------
+# KS of the MP fit: how sigma enters the Q = 1 (FC2) reference law
+
+
+def _quarter_circle_cdf(lam, sigma):
+    """CDF of lambda = s^2 with s ~ (1/(pi sigma^2)) sqrt(4 sigma^2 - s^2) on [0, 2 sigma]."""
+    s = np.sqrt(np.clip(lam, 0, 4 * sigma ** 2))
+    return (s / 2 * np.sqrt(4 * sigma ** 2 - s ** 2) + 2 * sigma ** 2 * np.arcsin(s / (2 * sigma))) / (np.pi * sigma ** 2)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 1.7])
+def test_q1_reference_law_scales_with_sigma(sigma):
+    lam = np.linspace(-0.1, 4 * sigma ** 2 + 0.1, 57)
+    np.testing.assert_allclose(htsr.mp_cdf(lam, sigma, 1.0), _quarter_circle_cdf(lam, sigma), atol=1e-6)
+    # Support [0, 4 sigma^2] and mean sigma^2 (the entry variance), not WW's fixed [0, 2] support.
+    grid = np.linspace(0, 4 * sigma ** 2, 20001)
+    mean = np.trapezoid(1 - htsr.mp_cdf(grid, sigma, 1.0), grid)
+    assert mean == pytest.approx(sigma ** 2, rel=1e-4)
+
+
+def test_ks_of_a_square_noise_matrix_depends_on_sigma():
+    W = gaussian((200, 200), 12)
+    row = htsr.analyze_matrix(W, seed=3)
+    assert row["Q"] == 1 and row["mp_ks"] < 0.08 and row["mp_pvalue"] > 0.05
+    evals = htsr.shuffle_esd(W, 3)
+    off = htsr.mp_ks_test(evals, 1.2, 1.0)
+    assert off["mp_ks"] > 3 * row["mp_ks"] and off["mp_pvalue"] < 0.01
+    # D is the sup distance between the empirical CDF of the rescaled eigenvalues and mp_cdf.
+    x = np.sort(evals * evals.size / evals.sum())
+    F = htsr.mp_cdf(x, row["rand_sigma_mp"], 1.0)
+    n = x.size
+    D = max(np.max(np.arange(1, n + 1) / n - F), np.max(F - np.arange(n) / n))
+    assert row["mp_ks"] == pytest.approx(D, abs=1e-12)
+    # The p-value is the exact KS tail for n samples (the paper's D = 0.3044, p = 1.9e-5 is n ~ 60).
+    from scipy import stats
+
+    assert row["mp_pvalue"] == pytest.approx(stats.kstwo.sf(D, n), rel=1e-6)
+    assert stats.kstwo.sf(0.3044, 60) == pytest.approx(1.877e-5, rel=0.06)
+    assert stats.kstwo.sf(0.3044, 200) < 1e-16
