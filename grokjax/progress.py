@@ -2,7 +2,8 @@
 
 Per parameter set {fc1, fc2, fc3} x {kernel (in, out), bias}:
 
-* activation sparsity A_s of FC1's post-ReLU activations on the fixed evaluation images:
+* activation sparsity A_s of FC1's post-ReLU activations on the fixed evaluation images
+  (`paper_text=True`: on all 1,000 training images, the paper's eq. 8):
   hard = fraction of (image, neuron) entries < tau, smooth = mean sigmoid((tau - a)/beta);
   tau = 1, beta = 0.3 (the authors' notebook);
 * absolute weight entropy H_abs(W) = -sum |w| ln(|w| + 1e-8) of FC1's weights (the paper's
@@ -54,7 +55,8 @@ class ProgressOptions:
             ([A]: 200, one batch).
         paper_text: the paper's App. B reading of Lambda_LC (10% zeroed, no rescale, sum over
             all training images) instead of [A]'s (dropout 0.5 x2, mean over the fixed 200).
-            Sparsity stays on the fixed subset in both variants.
+            With paper_text, sparsity is also taken over all training images (eq. 8 sums
+            over the training set) instead of the fixed subset.
         drop: override of the masked fraction (None: 0.5, or 0.1 with paper_text); 0 gives
             Lambda_LC = 0 exactly.
         n_masks: masks averaged per checkpoint ([A]: 1, a single fresh mask per log step).
@@ -203,7 +205,8 @@ def compute_progress(params: Params, *, x_fixed: np.ndarray, x_all: np.ndarray |
     Args:
         params: {fc1, fc2, fc3} x {kernel (in, out), bias}.
         x_fixed: the fixed evaluation images (n_fixed, 784), float64 pixel/255.
-        x_all: all training images (needed only with options.paper_text).
+        x_all: all training images (needed only with options.paper_text, which computes
+            both sparsity and Lambda_LC on them).
         options: ProgressOptions.
         seed: the run's seed (keys the dropout masks together with step).
         step: the checkpoint's step.
@@ -213,12 +216,12 @@ def compute_progress(params: Params, *, x_fixed: np.ndarray, x_all: np.ndarray |
         H_abs), progress/entropy_fc2, progress/entropy_fc3, progress/circuit, params/l2,
         params/l2_weights.
     """
-    hard, smooth = activation_sparsity(hidden(params, x_fixed), options.tau, options.beta)
     x_lc = x_fixed
     if options.paper_text:
         if x_all is None:
-            raise ValueError("paper_text Lambda_LC needs all training images (x_all)")
+            raise ValueError("paper_text sparsity and Lambda_LC need all training images (x_all)")
         x_lc = x_all
+    hard, smooth = activation_sparsity(hidden(params, x_lc), options.tau, options.beta)
     lc = circuit_complexity(params, x_lc, mask_rng(seed, step), drop=options.lc_drop, rescale=options.lc_rescale,
                             reduce=options.lc_reduce, n_masks=options.n_masks)
     l2, l2_w = l2_norms(params)

@@ -439,3 +439,27 @@ def test_ks_of_a_square_noise_matrix_depends_on_sigma():
     assert row["mp_pvalue"] == pytest.approx(stats.kstwo.sf(D, n), rel=1e-6)
     assert stats.kstwo.sf(0.3044, 60) == pytest.approx(1.877e-5, rel=0.06)
     assert stats.kstwo.sf(0.3044, 200) < 1e-16
+
+
+# --------------------------------------------------------------------------------------
+# --paper-text: sparsity over all training images (eq. 8)
+
+
+def test_paper_text_sparsity_uses_all_training_images():
+    from grokjax import progress
+    from grokjax.progress import ProgressOptions
+    from helpers import torch_init
+
+    params = torch_init(np.random.default_rng(0))
+    x_all = np.random.default_rng(1).uniform(0, 1, (1000, 784)) ** 3
+    x_fixed = x_all[progress.fixed_subset(1000, 200, 0)]
+    default = progress.compute_progress(params, x_fixed=x_fixed, x_all=x_all, options=ProgressOptions(), seed=0, step=0)
+    paper = progress.compute_progress(params, x_fixed=x_fixed, x_all=x_all, options=ProgressOptions(paper_text=True),
+                                      seed=0, step=0)
+    assert default["progress/sparsity"] == progress.activation_sparsity(progress.hidden(params, x_fixed))[0]
+    hard, smooth = progress.activation_sparsity(progress.hidden(params, x_all))
+    assert paper["progress/sparsity"] == hard != default["progress/sparsity"]
+    assert paper["progress/sparsity_smooth"] == smooth
+    with pytest.raises(ValueError):
+        progress.compute_progress(params, x_fixed=x_fixed, x_all=None, options=ProgressOptions(paper_text=True),
+                                  seed=0, step=0)

@@ -143,4 +143,6 @@ def test_initial_values_on_mnist():
         paper = progress.compute_progress(params, x_fixed=inputs["x_fixed"], x_all=inputs["x_all"],
                                           options=ProgressOptions(paper_text=True), seed=seed, step=0)
         assert paper["progress/circuit"] > 10 * row["progress/circuit"]  # a sum over 1,000 images
-        assert paper["progress/sparsity"] == row["progress/sparsity"]
+        # Eq. 8: the paper-text sparsity is over all 1,000 training images, not the 200.
+        hard, _ = progress.activation_sparsity(progress.hidden(params, inputs["x_all"]))
+        assert paper["progress/sparsity"] == hard != row["progress/sparsity"]
