@@ -2,6 +2,7 @@
 
     python analysis/spectra.py ckpts/                 # every run below ckpts/ (found by config.json)
     python analysis/spectra.py ckpts/wd0_s0 --engine native --no-figures
+    python analysis/spectra.py ckpts/wd0_s0 --ablate-traps     # also: remove the traps, measure accuracy
 
 Per run the results are cached in `<run>/analysis/` and reused while the inputs are unchanged;
 the combined tables, report.md, summary.txt and figures go to `--out` (default
@@ -36,6 +37,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _draws(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}") from None
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}")
+    return v
+
+
 def _one_line(e: Exception, limit: int = 400) -> str:
     """The message on one line, without TensorStore's spec dump, at most `limit` characters."""
     text = re.sub(r"\s*\[tensorstore_spec=.*$", "", " ".join(str(e).split()))
@@ -57,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--rerun", action="store_true", help="ignore cached results")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    p.add_argument("--ablate-traps", action="store_true",
+                   help="remove the correlation traps from the weights and measure accuracy (ablation.csv)")
+    p.add_argument("--ablate-draws", type=_draws, default=5,
+                   help="random bulk-mode draws of the ablation's control")
     return p
 
 
@@ -77,6 +92,13 @@ def main(argv=None) -> int:
                               reuse=not args.rerun)
     try:
         result = make_report(root, options=options, out_dir=args.out, figures=not args.no_figures)
+        ablation = None
+        if args.ablate_traps:
+            from grokjax.ablation import AblationOptions, ablate_runs  # noqa: PLC0415
+
+            ablation = ablate_runs(root, out_dir=result["out_dir"], analysis=options, figures=not args.no_figures,
+                                   options=AblationOptions(n_draws=args.ablate_draws, workers=args.workers,
+                                                           progress_bar=args.progress))
     except (AnalysisError, CheckpointError, DataError) as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -87,6 +109,9 @@ def main(argv=None) -> int:
     print(f"tables: {result['out_dir']} (report.md, *.csv, all_layers/all_steps .parquet/.csv)")
     if result["figures"]:
         print(f"figures: {result['out_dir'] / 'figures'} ({len(result['figures'])} PNG)")
+    if ablation is not None:
+        print(f"ablation: {ablation['out_dir'] / 'ablation.csv'} ({len(ablation['table'])} rows), ablation_traps.csv"
+              + (f", {ablation['figure']}" if ablation["figure"] else ""))
     return 0
 
 
