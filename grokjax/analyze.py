@@ -49,7 +49,7 @@ from grokjax import ckpt, htsr, phases, progress
 from grokjax.htsr import HTSROptions
 from grokjax.progress import ProgressOptions
 
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2  # 2: the native rows carry the mean-aware, K-shuffle columns
 ANALYSIS_DIR = "analysis"
 ENGINES = ("native", "ww", "both")
 LAYERS = ("fc1", "fc2", "fc3")
@@ -76,6 +76,8 @@ class AnalysisOptions:
             progress measures and norms are computed whatever the engine.
         htsr: options of both engines' HTSR pass (the paper's clip_xmax + randomize).
         progress: options of the progress measures.
+        k_shuffles: shuffles averaged in the native engine's mean-aware columns
+            (`htsr.extended_metrics`: traps_k_mean, traps_centred, alpha_centred, ...); 0: none.
         ww_stride: WW runs on every ww_stride-th checkpoint plus the first, the last and
             the phase steps (WW costs ~2.5-6 s per checkpoint, the native engine ~0.1 s).
         workers: worker processes (checkpoints are always read in workers, never here).
@@ -88,6 +90,7 @@ class AnalysisOptions:
     htsr: HTSROptions = dataclasses.field(default_factory=HTSROptions)
     progress: ProgressOptions = dataclasses.field(default_factory=ProgressOptions)
     ww_stride: int = 1
+    k_shuffles: int = 10
     workers: int = 2
     progress_bar: bool = True
     reuse: bool = True
@@ -206,6 +209,20 @@ def htsr_rows(weights: dict, *, engine: str, seed: int, options: HTSROptions) ->
     return [dict(r, engine=engine) for r in rows]
 
 
+def _with_extended(rows: list[dict], weights: dict, seed: int, options: AnalysisOptions) -> list[dict]:
+    """Adds `htsr.extended_weights` (mean-aware, K-shuffle columns) to the native rows.
+
+    Draw 0 walks the same RandomState(seed) stream as the native rows, so its `traps_raw`
+    equals their `traps`.
+    """
+    try:
+        ext = htsr.extended_weights(weights, seed=seed, k_shuffles=options.k_shuffles,
+                                    rng=np.random.RandomState(seed), options=options.htsr)
+    except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
+        return [dict(r, extended_error=f"{type(e).__name__}: {e}") for r in rows]
+    return [dict(r, **{k: v for k, v in ext.get(r["name"], {}).items() if k not in r}) for r in rows]
+
+
 def analyze_checkpoint(params: dict, *, step: int, run_seed: int, options: AnalysisOptions,
                        inputs: dict[str, np.ndarray], engines: tuple[str, ...] = ("native",),
                        with_progress: bool = True) -> tuple[list[dict], dict]:
@@ -227,7 +244,10 @@ def analyze_checkpoint(params: dict, *, step: int, run_seed: int, options: Analy
     layer_rows, step_row = [], {"step": int(step)}
     for engine in engines:
         t0 = time.perf_counter()
-        for r in htsr_rows(weights, engine=engine, seed=seed, options=options.htsr):
+        rows = htsr_rows(weights, engine=engine, seed=seed, options=options.htsr)
+        if engine == "native" and options.k_shuffles > 0:
+            rows = _with_extended(rows, weights, seed, options)
+        for r in rows:
             r["layer"] = r.pop("name")
             r["step"] = int(step)
             layer_rows.append(r)
@@ -338,6 +358,7 @@ def cache_key(run: Run, options: AnalysisOptions) -> dict:
         "analysis_version": ANALYSIS_VERSION,
         "htsr": dataclasses.asdict(options.htsr),
         "progress": dataclasses.asdict(options.progress),
+        "k_shuffles": options.k_shuffles,
         "code": _source_hash(htsr, progress),
         "ww_version": ww_version(),
         "ww_code": hashlib.sha256(Path(htsr.__file__).with_name("wwadapter.py").read_bytes()).hexdigest()[:16],

@@ -41,6 +41,7 @@ METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "events.jsonl"
 # keep_params=log keeps about this many params checkpoints a decade (plus the authors' steps).
 LOG_PARAMS_PER_DECADE = 5
+PERSISTENCE = 3  # the live warning's streak (grokjax.monitor.PERSISTENCE)
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "grokjax")
 
 
@@ -211,10 +212,13 @@ class _Replica:
     def __init__(self, cfg: TrainConfig, steps: np.ndarray):
         self.cfg = cfg
         self.dir = prepare_run_dir(cfg)
-        self.params = ckpt.params_manager(self.dir, kept_param_steps(cfg, steps))
+        self.kept_params = kept_param_steps(cfg, steps)
+        self.params = ckpt.params_manager(self.dir, self.kept_params)
         self.state = ckpt.state_manager(self.dir, cfg.steps, cfg.full_save_secs)
         self.metrics_path = self.dir / METRICS_FILE
         self.metrics = None
+        self.monitor = None
+        self.kept_records: list[dict] = []
 
     def open_metrics(self, start: int, offset: float) -> float:
         """Drops records at or after `start` (they are recomputed) and opens for append.
@@ -223,6 +227,7 @@ class _Replica:
             The wall-clock seconds already spent before `start` (from the kept records).
         """
         kept = _read_records(self.metrics_path, start)
+        self.kept_records = kept
         _rewrite_records(self.metrics_path, kept)
         self.metrics = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
         return kept[-1].get("time/wall", offset) if kept else offset
@@ -252,7 +257,27 @@ class _Replica:
                 last = rec
         return last if last and last.get("event") == "pause" else None
 
-    def close(self) -> None:
+    def start_monitor(self, start: int, inputs: dict) -> None:
+        from grokjax.monitor import Monitor  # noqa: PLC0415
+
+        self.monitor = Monitor(self.dir, run_seed=self.cfg.seed, inputs=inputs, start=start,
+                               metrics=self.kept_records, on_warning=self.warn)
+
+    def warn(self, w: dict) -> None:
+        """Prints and records one live early warning (called from the monitor's thread)."""
+        tqdm.write(f"WARNING: {self.dir.name}: step {w['step']}: {w['layer']} {w['signal']} "
+                   f"(value {w['value']:.4g}) at {PERSISTENCE} consecutive evaluations since step {w['onset']}, "
+                   "after the best test accuracy so far", file=sys.stderr)
+        self.event(event="warning", **w)
+
+    def drain_monitor(self) -> None:
+        if self.monitor is not None:
+            self.monitor.drain()
+
+    def close(self, *, finished: bool = False) -> None:
+        if self.monitor is not None:
+            self.monitor.close(finish_backfill=finished)
+            self.monitor = None
         if self.metrics:
             self.metrics.close()
         for m in (self.params, self.state):
@@ -378,6 +403,11 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
         for r in replicas:
             r.event(event="resume", step=int(start), reason=reason)
     walls = [r.open_metrics(start, w) for r, w in zip(replicas, walls)]
+    if cfg.monitor:
+        from grokjax.progress import load_inputs  # noqa: PLC0415
+
+        for r, c in zip(replicas, cfgs):
+            r.start_monitor(start, load_inputs(c.n_per_class, c.data_seed, c.seed, mnist=mnist))
 
     n = len(cfgs) if multi else None
     chunk = make_train_chunk(cfg, n)
@@ -427,6 +457,10 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
             params_host = jax.device_get(state.params)
             wall = time.perf_counter() - t0
             full = jax.device_get(state) if _wants_full_state(replicas[0], e) else None
+            if full is not None and cfg.keep_params != "all":
+                # steps whose params are not kept: their monitor records are on disk before the state
+                for r in replicas:
+                    r.drain_monitor()
             for i, r in enumerate(replicas):
                 pick = pick_fn(i)
                 rec = {"step": e, **{k: float(pick(v)) for k, v in metrics.items()},
@@ -438,19 +472,38 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
                 r.metrics.write(json.dumps(rec) + "\n")
                 r.metrics.flush()
                 ckpt.save_params(r.params, e, jax.tree.map(pick, params_host))
+                if r.monitor is not None:
+                    r.monitor.submit(e, jax.tree.map(lambda a: np.array(pick(a)), params_host), rec["test/acc"],
+                                     kept=e in r.kept_params)
                 if full is not None:
                     tree = _state_tree(jax.tree.map(pick, full), perms[i], wall)
                     if not ckpt.save_state(r.state, e, tree, force=True):
                         raise ckpt.CheckpointError(f"full-state save at step {e} was refused")
-            bar.set_postfix_str(f"test acc {np.mean(np.atleast_1d(metrics['test/acc'])):.4f}", refresh=False)
+            live = replicas[0].monitor.postfix() if replicas[0].monitor is not None else ""
+            bar.set_postfix_str(f"test acc {np.mean(np.atleast_1d(metrics['test/acc'])):.4f}"
+                                + (f" {live}" if live else ""), refresh=False)
     finally:
         bar.close()
+    for r in replicas:
+        if r.monitor is not None:
+            m = r.monitor
+            r.close()
+            left = m.backfill_left
+            print(f"monitor: {m.seconds:.1f} s of HTSR computed beside training "
+                  f"({100 * m.seconds / max(stop.elapsed, 1e-9):.1f}% of this segment's wall time)"
+                  + (f"; {len(m.errors)} failed, see above" if m.errors else "")
+                  + (f"; {left} steps still without a record (`python -m grokjax.monitor {r.dir}` computes them; "
+                     "the analysis computes them from the checkpoints otherwise)" if left else ""),
+                  file=sys.stderr)
     return [r.dir for r in replicas]
 
 
 def _pause(cfg, replicas, state, perms, t: int, wall: float, stop: _StopRequest, pick_fn) -> None:
     """Writes a full state at step t (also between evaluation steps), records the pause, raises Paused."""
     full = jax.device_get(state)
+    if cfg.keep_params != "all":
+        for r in replicas:
+            r.drain_monitor()
     for i, r in enumerate(replicas):
         if t not in r.state.all_steps():
             tree = _state_tree(jax.tree.map(pick_fn(i), full), perms[i], wall)

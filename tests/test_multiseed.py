@@ -11,7 +11,7 @@ from grokjax import ckpt
 from grokjax.config import TrainConfig
 from grokjax.runner import run
 
-SMALL = dict(steps=60, log_points_per_decade=4, authors_grid=False, chunk=16, progress=False)
+SMALL = dict(steps=60, log_points_per_decade=4, authors_grid=False, chunk=16, progress=False, monitor=False)
 
 
 def _assert_params_close(a, b):

@@ -14,7 +14,8 @@ from grokjax import ckpt
 from grokjax.config import ConfigError, TrainConfig
 from grokjax.runner import NonFiniteError, run
 
-SMALL = dict(steps=120, log_points_per_decade=6, authors_grid=False, chunk=16, progress=False, full_save_secs=0)
+SMALL = dict(steps=120, log_points_per_decade=6, authors_grid=False, chunk=16, progress=False, full_save_secs=0,
+             monitor=False)
 
 
 def _records(d):
@@ -116,7 +117,7 @@ def test_cli_unwritable_out(root, tmp_path):
 def test_cli_smoke_and_kill_9_resume(root, tmp_path):
     """A real CLI run killed with SIGKILL at a random moment resumes to the same result."""
     args = ["--steps", "400", "--log_points_per_decade", "12", "--authors_grid", "false", "--chunk", "8",
-            "--full_save_secs", "0", "--progress", "false"]
+            "--full_save_secs", "0", "--progress", "false", "--monitor", "false"]
     ref = tmp_path / "ref"
     r = _cli(root, *args, "--out", str(ref))
     assert r.returncode == 0, r.stderr

@@ -1,0 +1,378 @@
+"""The in-loop HTSR monitor: the analysis of every evaluation step, computed while the run trains.
+
+At each evaluation step the trainer hands the parameters (host numpy) to a `Monitor`, whose
+worker thread runs exactly what the analysis runs on a checkpoint
+(`grokjax.analyze.analyze_checkpoint` with the native engine: alpha with clip_xmax, raw
+alpha, fingers, xmin, D, the WeightWatcher-compatible trap count, rand_sigma_mp, the MP KS
+test, the mean-aware and K-shuffle columns of `htsr.extended_metrics`, the progress measures
+and the norms) and keeps the spectra the figures need. Files, under `<run>/monitor/`:
+
+  records.jsonl        one JSON object per evaluation step, ascending:
+                       {"step", "layers": [one row per layer, the analysis' columns],
+                        "measures": {progress measures, norms, timings}}
+  spectra/<step>.npz   per layer `<layer>/esd` (eigenvalues of W^T W, ascending) and
+                       `<layer>/rand` (eigenvalues of the element-shuffled W, pooled over the
+                       shuffles the trap count uses, from the same seeded stream)
+
+Durability: before every full (resume) state is written, the monitor is drained, so every
+record up to that step is on disk. After a crash the resumed run drops records at or after
+the resume step (they are recomputed as the run passes those steps again) and recomputes,
+from the kept params checkpoints, any earlier evaluation step that has none (a run that
+began without the monitor gets its record this way).
+
+The live early warning (`LiveWarning`) applies the documented rule of
+`grokjax.phases.PersistentSignal`: after the best test accuracy so far, alpha < 2 or
+traps > 0 in FC1 or FC2 at >= 3 consecutive evaluations. It fires once per layer and signal,
+prints one `WARNING` line and appends a `warning` event to events.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from grokjax import analyze, ckpt, htsr, progress
+from grokjax.phases import PersistentSignal
+
+MONITOR_DIR = "monitor"
+RECORDS_FILE = "records.jsonl"
+SPECTRA_DIR = "spectra"
+K_SHUFFLES = 10
+WARNING_LAYERS = ("fc1", "fc2")
+# (signal name, row column, test): the same signals as the post-hoc early-warning table.
+LIVE_SIGNALS = (("alpha<2", "alpha", lambda v: v < 2.0), ("traps>0", "traps", lambda v: v > 0))
+PERSISTENCE = 3
+# Submitted steps waiting beyond this many are deferred to the backfill (recomputed from their
+# params checkpoint when the worker is idle, or at the next start), so that training never waits
+# and host memory stays bounded.
+MAX_BACKLOG = 16
+
+
+def monitor_options() -> analyze.AnalysisOptions:
+    """The analysis options the monitor computes with (the analysis' defaults, native engine)."""
+    return analyze.AnalysisOptions(engine="native", k_shuffles=K_SHUFFLES, workers=1, progress_bar=False,
+                                   reuse=False, write=False)
+
+
+def records_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / MONITOR_DIR / RECORDS_FILE
+
+
+def spectra_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / MONITOR_DIR / SPECTRA_DIR / f"{int(step)}.npz"
+
+
+def read_records(run_dir: str | os.PathLike) -> list[dict]:
+    """The monitor's records, ascending by step (a torn last line, from a kill, is skipped)."""
+    path = records_path(run_dir)
+    if not path.exists():
+        return []
+    out = {}
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                continue
+            raise ValueError(f"{path} line {i + 1} is corrupt") from None
+        out[int(rec["step"])] = rec
+    return [out[s] for s in sorted(out)]
+
+
+def read_spectra(run_dir: str | os.PathLike, step: int) -> dict[str, dict[str, np.ndarray]]:
+    """{layer: {'esd': eigenvalues of W^T W, 'rand': eigenvalues of W^rand}} at one step."""
+    with np.load(spectra_path(run_dir, step)) as z:
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for key in z.files:
+            layer, kind = key.split("/")
+            out.setdefault(layer, {})[kind] = z[key]
+    return out
+
+
+def shuffle_spectra(weights: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """Per layer, the pooled W^rand eigenvalues the native trap count draws for this seed.
+
+    Walks RandomState(seed) through the layers as `htsr.analyze_weights(rng=...)` does: the
+    pooled shuffles of a layer, then the one extra (discarded) shuffle WeightWatcher draws.
+    """
+    rng = np.random.RandomState(seed)
+    out = {}
+    for name, W in weights.items():
+        W = np.asarray(W, dtype=np.float64)
+        out[name] = htsr.shuffle_esd(W, rng)
+        rng.shuffle(np.empty(W.size))
+    return out
+
+
+def _jsonable(v):
+    if isinstance(v, (np.floating, float)):
+        return float(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
+
+
+def compute_record(params: dict, *, step: int, run_seed: int, inputs: dict) -> tuple[dict, dict]:
+    """(record, spectra) of one parameter set: the analysis' rows and the eigenvalues."""
+    layers, measures = analyze.analyze_checkpoint(params, step=step, run_seed=run_seed, options=monitor_options(),
+                                                  inputs=inputs)
+    weights = analyze.weights_of(params)
+    rand = shuffle_spectra(weights, analyze.checkpoint_seed(run_seed, step))
+    spectra = {}
+    for name, W in weights.items():
+        spectra[f"{name}/esd"] = htsr.esd(W)
+        spectra[f"{name}/rand"] = rand[name]
+    rec = {"step": int(step), "layers": [{k: _jsonable(v) for k, v in r.items()} for r in layers],
+           "measures": {k: _jsonable(v) for k, v in measures.items()}}
+    return rec, spectra
+
+
+class LiveWarning:
+    """The run's live early warning over a stream of evaluations (see the module docstring).
+
+    `update(step, test_acc, rows)` returns the warnings that fire at this evaluation, each a
+    dict (step, onset, layer, signal, value). A new best test accuracy restarts the search
+    after it for every signal that has not fired yet.
+    """
+
+    def __init__(self, n: int = PERSISTENCE):
+        self.n = n
+        self.best = -math.inf
+        self.fired: set[tuple[str, str]] = set()
+        self._signals: dict[tuple[str, str], PersistentSignal] = {}
+
+    def update(self, step: int, test_acc: float, rows: list[dict]) -> list[dict]:
+        if test_acc is not None and math.isfinite(test_acc) and test_acc > self.best:
+            self.best = test_acc
+            self._signals = {k: PersistentSignal(self.n, start=step + 1) for k in self._keys() if k not in self.fired}
+        by_layer = {r.get("layer"): r for r in rows}
+        out = []
+        for key, sig in list(self._signals.items()):
+            layer, name = key
+            column, test = next((c, t) for s, c, t in LIVE_SIGNALS if s == name)
+            v = by_layer.get(layer, {}).get(column)
+            flag = v is not None and isinstance(v, (int, float)) and math.isfinite(v) and bool(test(v))
+            if sig.update(step, flag):
+                self.fired.add(key)
+                del self._signals[key]
+                out.append({"step": int(step), "onset": int(sig.onset), "layer": layer, "signal": name,
+                            "value": float(v)})
+        return out
+
+    @staticmethod
+    def _keys():
+        return [(layer, s) for layer in WARNING_LAYERS for s, _, _ in LIVE_SIGNALS]
+
+
+class Monitor:
+    """Computes records beside the training loop in one worker thread (see the module docstring).
+
+    Args:
+        run_dir: the run directory.
+        run_seed: the run's seed (keys the shuffles and the progress subset).
+        inputs: `progress.load_inputs(...)` images.
+        start: the step training resumes from; records at or after it are dropped.
+        metrics: the kept metrics records before `start` (their test accuracies drive the warning).
+        on_warning: called with each fired warning (in the worker thread).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, run_seed: int, inputs: dict, start: int,
+                 metrics: list[dict], on_warning: Callable[[dict], None] | None = None):
+        self.dir = Path(run_dir)
+        self.run_seed = run_seed
+        self.inputs = inputs
+        self.on_warning = on_warning
+        self.latest: dict[str, dict] = {}
+        self.errors: list[str] = []
+        self.seconds = 0.0
+        self.warning = LiveWarning()
+        self._test_acc = {int(r["step"]): r.get("test/acc") for r in metrics}
+        self.latest = {}
+        (self.dir / MONITOR_DIR / SPECTRA_DIR).mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_records(self.dir) if r["step"] < start]
+        self._rewrite(kept)
+        have = {r["step"] for r in kept}
+        for r in kept:  # the warning's state, replayed silently (its events are already written)
+            self.warning.update(r["step"], self._test_acc.get(r["step"]), r["layers"])
+        self._backfill = [s for s in sorted(self._test_acc) if s < start and s not in have]
+        if self._backfill:
+            kept_params = set(ckpt.list_param_steps(self.dir))
+            self._backfill = [s for s in self._backfill if s in kept_params]
+            if self._backfill:
+                print(f"monitor: computing the record of {len(self._backfill)} earlier evaluation steps from "
+                      "their params checkpoints, beside training", file=sys.stderr, flush=True)
+        self._stop_backfill = False
+        self.deferred = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="grokjax-monitor", daemon=True)
+        self._thread.start()
+
+    def _rewrite(self, records: list[dict]) -> None:
+        path = records_path(self.dir)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, path)
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def submit(self, step: int, params: dict, test_acc: float, *, kept: bool = False) -> None:
+        """Queues one evaluation step's params (host numpy; not modified afterwards).
+
+        With `kept` (its params checkpoint is kept) and more than MAX_BACKLOG steps waiting,
+        the step joins the backfill instead: computed from its checkpoint when the worker is
+        idle. Live warnings then see it later, in the replay after the backfill.
+        """
+        self._test_acc[int(step)] = float(test_acc)
+        if kept and self._queue.qsize() > MAX_BACKLOG:
+            self._backfill.append(int(step))
+            self.deferred += 1
+            return
+        self._queue.put((int(step), params, float(test_acc)))
+
+    def drain(self) -> None:
+        """Waits until every submitted step has its record on disk (not the backfill: it is
+        recomputed from the params checkpoints after any stop)."""
+        self._queue.join()
+
+    @property
+    def backfill_left(self) -> int:
+        return len(self._backfill)
+
+    def close(self, *, finish_backfill: bool = False) -> None:
+        """Writes the queued records and stops the worker; the backfill goes on only if asked."""
+        self._stop_backfill = not finish_backfill
+        self._queue.put(None)
+        self._thread.join()
+        self._file.close()
+
+    def _work(self) -> None:
+        """Submitted steps first; backfill steps one at a time whenever the queue is empty."""
+        closing = False
+        while True:
+            if self._backfill and not (closing and self._stop_backfill):
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    self._guard(self._backfill_one)
+                    continue
+            else:
+                if closing:
+                    return
+                item = self._queue.get()
+            if item is None:
+                closing = True
+                self._queue.task_done()
+                continue
+            step, params, acc = item
+            self._test_acc[step] = acc
+            self._guard(self._one, step, params)
+            self._queue.task_done()
+
+    def _guard(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001  (a monitor failure never stops training)
+            msg = f"monitor: {type(e).__name__}: {e}"
+            self.errors.append(msg)
+            print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+    def _backfill_one(self) -> None:
+        s = self._backfill.pop(0)
+        if not ckpt.list_param_steps(self.dir) or s not in set(ckpt.list_param_steps(self.dir)):
+            return
+        rec, spectra = compute_record(ckpt.load_params(self.dir, s), step=s, run_seed=self.run_seed,
+                                      inputs=self.inputs)
+        self._save_spectra(s, spectra)
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+        if not self._backfill:
+            self._replay_warning()
+
+    def _replay_warning(self) -> None:
+        """After a backfill: the warning over all records in step order; new firings are reported."""
+        fresh = LiveWarning()
+        for r in read_records(self.dir):
+            for w in fresh.update(r["step"], self._test_acc.get(r["step"]), r["layers"]):
+                if (w["layer"], w["signal"]) not in self.warning.fired and self.on_warning is not None:
+                    self.on_warning(w)
+        self.warning = fresh
+
+    def _save_spectra(self, step: int, spectra: dict) -> None:
+        path = spectra_path(self.dir, step)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, **spectra)
+        os.replace(tmp, path)
+
+    def _one(self, step: int, params: dict) -> None:
+        t0 = time.perf_counter()
+        rec, spectra = compute_record(params, step=step, run_seed=self.run_seed, inputs=self.inputs)
+        self._save_spectra(step, spectra)
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+        self.seconds += time.perf_counter() - t0
+        self.latest = {r["layer"]: r for r in rec["layers"]}
+        for w in self.warning.update(step, self._test_acc.get(step), rec["layers"]):
+            if self.on_warning is not None:
+                self.on_warning(w)
+
+    def postfix(self) -> str:
+        """`a1 3.41 a2 2.95 T 0/1` for the progress bar (alpha and traps of FC1/FC2), or ''."""
+        if not self.latest:
+            return ""
+        def fmt(layer, col, spec):
+            v = self.latest.get(layer, {}).get(col)
+            return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+        return (f"a1 {fmt('fc1', 'alpha', '.2f')} a2 {fmt('fc2', 'alpha', '.2f')} "
+                f"traps {fmt('fc1', 'traps', '.0f')}/{fmt('fc2', 'traps', '.0f')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m grokjax.monitor RUN [RUN ...]`: computes the missing monitor records of runs."""
+    import argparse  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(prog="python -m grokjax.monitor",
+                                description="Compute the monitor record of every kept params checkpoint "
+                                            "that has none (for runs trained without the monitor, or stopped).")
+    p.add_argument("runs", nargs="+", help="run directories")
+    args = p.parse_args(argv)
+    for r in args.runs:
+        if not (Path(r) / "config.json").is_file():
+            print(f"grokjax.monitor: error: {r} holds no run (no config.json)", file=sys.stderr)
+            return 2
+    for r in args.runs:
+        n = backfill(r)
+        print(f"{r}: {n} records computed", file=sys.stderr)
+    return 0
+
+
+
+def backfill(run_dir: str | os.PathLike) -> int:
+    """Computes the monitor record of every kept params checkpoint of a run that has none.
+
+    Returns:
+        The number of steps computed.
+    """
+    d = Path(run_dir)
+    cfg = json.loads((d / "config.json").read_text())["config"]
+    inputs = progress.load_inputs(n_per_class=cfg["n_per_class"], data_seed=cfg["data_seed"], seed=cfg["seed"])
+    metrics = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip().endswith("}")]
+    start = max([r["step"] for r in metrics], default=-1) + 1
+    have = {r["step"] for r in read_records(d)}
+    n = len([s for s in ckpt.list_param_steps(d) if s < start and s not in have])
+    m = Monitor(d, run_seed=cfg["seed"], inputs=inputs, start=start, metrics=metrics)
+    m.close(finish_backfill=True)
+    return n
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The in-loop HTSR monitor: its records equal the analysis of the checkpoints, backfill, live warning."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from grokjax import analyze, ckpt, monitor, progress
+from grokjax.config import TrainConfig
+from grokjax.monitor import LiveWarning
+from grokjax.runner import run
+
+SMALL = dict(steps=300, log_points_per_decade=3, authors_grid=False, chunk=64, progress=False, full_save_secs=0)
+
+
+def _rows(alpha1, traps2):
+    return [{"layer": "fc1", "alpha": alpha1, "traps": 0}, {"layer": "fc2", "alpha": 5.0, "traps": traps2}]
+
+
+def test_live_warning_fires_once_on_a_persistent_signal_after_the_peak():
+    w = LiveWarning()
+    fired = []
+    acc = [0.1, 0.5, 0.8, 0.79, 0.78, 0.77, 0.76, 0.75, 0.74, 0.73]
+    traps = [1, 1, 0, 1, 1, 1, 1, 1, 1, 1]  # a trap before the peak does not count
+    for i, (a, t) in enumerate(zip(acc, traps)):
+        fired += w.update(10 * i, a, _rows(3.0, t))
+    assert len(fired) == 1
+    f = fired[0]
+    assert (f["layer"], f["signal"], f["onset"], f["step"]) == ("fc2", "traps>0", 30, 50)
+
+
+def test_live_warning_ignores_blips_and_restarts_at_a_new_peak():
+    w = LiveWarning()
+    fired = []
+    # alpha < 2 twice, a blip, twice more, then a new best test accuracy, then twice: never 3 in a row
+    alphas = [3, 1.9, 1.8, 3, 1.9, 1.8, 1.7, 1.9, 1.8, 3]
+    acc = [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.9, 0.9, 0.9, 0.9]
+    for i, (a, t) in enumerate(zip(alphas, acc)):
+        fired += w.update(i, t, _rows(a, 0))
+    assert fired == []
+    w2 = LiveWarning()
+    out = [w2.update(i, 0.5, _rows(1.5 if i >= 2 else 3.0, 0)) for i in range(8)]
+    assert [len(o) for o in out] == [0, 0, 0, 0, 1, 0, 0, 0]  # fires once, at the third, never again
+    assert out[4][0]["signal"] == "alpha<2" and out[4][0]["layer"] == "fc1" and out[4][0]["onset"] == 2
+
+
+def test_live_warning_nan_is_no_signal():
+    w = LiveWarning()
+    fired = []
+    for i in range(6):
+        fired += w.update(i, 0.5, _rows(math.nan, 0))
+    assert fired == []
+
+
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory, mnist):
+    return run(TrainConfig(out=str(tmp_path_factory.mktemp("mon") / "r"), **SMALL), mnist=mnist)[0]
+
+
+def test_monitor_records_equal_the_analysis_of_each_checkpoint(monitored, mnist):
+    recs = monitor.read_records(monitored)
+    metrics = [json.loads(x)["step"] for x in (monitored / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == metrics
+    inputs = progress.load_inputs(100, 0, 0, mnist=mnist)
+    for r in recs[-3:]:
+        layers, measures = analyze.analyze_checkpoint(ckpt.load_params(monitored, r["step"]), step=r["step"],
+                                                      run_seed=0, options=monitor.monitor_options(), inputs=inputs)
+        assert len(layers) == 3 and {x["layer"] for x in layers} == {"fc1", "fc2", "fc3"}
+        for got, want in zip(r["layers"], layers):
+            for k, v in want.items():
+                if isinstance(v, float) and math.isnan(v):
+                    assert math.isnan(got[k]), k
+                else:
+                    assert got[k] == v, k
+        for k, v in measures.items():
+            if not k.startswith("time/"):
+                assert r["measures"][k] == v, k
+        assert "traps_k_mean" in r["layers"][1] and "alpha_centred" in r["layers"][1]
+        spec = monitor.read_spectra(monitored, r["step"])
+        W = ckpt.load_params(monitored, r["step"])["fc2"]["kernel"]
+        np.testing.assert_allclose(spec["fc2"]["esd"], np.linalg.svd(W, compute_uv=False)[::-1] ** 2, rtol=1e-10)
+        assert spec["fc1"]["rand"].shape == (200,) and spec["fc3"]["rand"].shape == (50,)
+
+
+def test_backfill_of_a_run_trained_without_the_monitor(tmp_path, mnist, monitored):
+    d = run(TrainConfig(out=str(tmp_path / "r"), monitor=False, **SMALL), mnist=mnist)[0]
+    assert not monitor.records_path(d).exists()
+    assert monitor.main([str(d)]) == 0
+    got, want = monitor.read_records(d), monitor.read_records(monitored)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    strip = lambda rec: json.dumps({**rec, "measures": {k: v for k, v in rec["measures"].items()  # noqa: E731
+                                                          if not k.startswith("time/")},
+                                    "layers": [{k: v for k, v in x.items() if not k.startswith("time")}
+                                               for x in rec["layers"]]}, sort_keys=True)
+    assert [strip(r) for r in got] == [strip(r) for r in want]
+
+
+def test_monitor_cli_bad_input(tmp_path):
+    assert monitor.main([str(tmp_path)]) == 2
