@@ -6,13 +6,17 @@
 
 Per run the results are cached in `<run>/analysis/` and reused while the inputs are unchanged;
 the combined tables, report.md, summary.txt and figures go to `--out` (default
-`<input>/analysis`). Bad inputs exit with code 2 and one line on stderr.
+`<input>/analysis`), all at once at the end. Inputs are checked first: a problem that leaves
+a part out (a torn metrics line, an unreadable checkpoint) is one warning line, an error
+with --strict; bad inputs exit with code 2 and one line per problem on stderr, and leave
+the previous outputs as they were.
 """
 
 import argparse
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,6 +57,11 @@ def _one_line(e: Exception, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each: 'spectra.py: warning: <file/step>: <problem>'."""
+    print(f"{PROG}: warning: {_one_line(message)}", file=file or sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="HTSR analysis of grokking runs (tables + figures).", allow_abbrev=False,
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -68,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--rerun", action="store_true", help="ignore cached results")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    p.add_argument("--strict", action="store_true",
+                   help="treat every input warning (dropped metrics line, skipped checkpoint, ...) as an error")
     p.add_argument("--ablate-traps", action="store_true",
                    help="remove the correlation traps from the weights and measure accuracy (ablation.csv)")
     p.add_argument("--ablate-draws", type=_draws, default=5,
@@ -84,12 +95,15 @@ def main(argv=None) -> int:
     from grokjax.analyze import AnalysisError, AnalysisOptions  # noqa: PLC0415  (heavy imports after the check)
     from grokjax.ckpt import CheckpointError  # noqa: PLC0415
     from grokjax.data import DataError  # noqa: PLC0415
+    from grokjax.preflight import AnalysisWarning  # noqa: PLC0415
     from grokjax.progress import ProgressOptions  # noqa: PLC0415
     from grokjax.report import make_report  # noqa: PLC0415
 
     options = AnalysisOptions(engine=args.engine, progress=ProgressOptions(paper_text=args.paper_text),
                               workers=args.workers, ww_stride=args.ww_stride, progress_bar=args.progress,
-                              reuse=not args.rerun)
+                              reuse=not args.rerun, strict=args.strict)
+    warnings.showwarning = _show_warning
+    warnings.simplefilter("always", AnalysisWarning)  # every problem, even one seen before
     try:
         result = make_report(root, options=options, out_dir=args.out, figures=not args.no_figures)
         ablation = None
@@ -100,7 +114,8 @@ def main(argv=None) -> int:
                                    options=AblationOptions(n_draws=args.ablate_draws, workers=args.workers,
                                                            progress_bar=args.progress))
     except (AnalysisError, CheckpointError, DataError) as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        for line in str(e).splitlines() or [""]:  # one line per problem
+            print(f"{PROG}: error: {_one_line(line)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; finished runs are cached", file=sys.stderr)

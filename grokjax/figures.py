@@ -319,12 +319,11 @@ def fig_traps(run_dir: Path, steps_by_phase: dict[str, float], run_seed: int, pa
     return _finish(fig, path)
 
 
-def nearest_checkpoint(run_dir: Path, step: float) -> float:
-    """The saved params step closest to `step` in log(1 + step) (NaN when step is NaN)."""
-    saved = np.asarray(ckpt.list_param_steps(run_dir))
-    if not np.isfinite(step) or saved.size == 0:
-        return float("nan")
-    return int(saved[np.argmin(np.abs(np.log1p(saved) - np.log1p(step)))])
+def _read_at_note(ph: dict, phases) -> str:
+    """'' or '; grok read at step 19,966 (no analysed checkpoint at 20,000)' for each such phase."""
+    notes = [f"{p} read at step {ph[f'{p}_ckpt']:,.0f} (no analysed checkpoint at {ph[f'{p}_step']:,.0f})"
+             for p in phases if np.isfinite(ph[f"{p}_ckpt"]) and ph[f"{p}_ckpt"] != ph[f"{p}_step"]]
+    return "".join(f"\n{n}" for n in notes)
 
 
 def _representative(phases_df: pd.DataFrame, zero_wd: bool) -> pd.Series | None:
@@ -339,7 +338,9 @@ def make_figures(steps: pd.DataFrame, phases_df: pd.DataFrame, run_dirs: dict[st
     """Writes the paper's figures for representative runs (see module docstring).
 
     Figs 1-5 use the lowest-seed WD = 0 run (or, without one, the first run); Figs 6-7 the
-    lowest-seed WD > 0 run. Returns the written paths.
+    lowest-seed WD > 0 run. Figs 2 and 3 read each phase at the checkpoint the tables use
+    (`<phase>_ckpt` of `report.run_phases`) and say so when it is not the phase step itself.
+    Returns the written paths.
     """
     out_dir = Path(out_dir)
     written = []
@@ -351,12 +352,14 @@ def make_figures(steps: pd.DataFrame, phases_df: pd.DataFrame, run_dirs: dict[st
         tag = f"run {main['run']}, WD = {main['wd']:g}, seed {main['seed']}"
         written.append(fig_accuracy(d, ph, out_dir / "fig1_accuracy.png", f"Train/test accuracy ({tag})"))
         rd = run_dirs[main["run"]]
-        # The phase steps come from metrics.jsonl; use the nearest saved checkpoint to each.
-        at = {p: nearest_checkpoint(rd, ph[f"{p}_step"]) for p in ("pre", "grok", "anti")}
-        written.append(fig_esd(rd, int(at["grok"]), int(main["seed"]), "fc2", out_dir / "fig2_esd_fc2.png",
-                               f"FC2 spectra at max test accuracy ({tag})"))
-        written.append(fig_traps(rd, at, int(main["seed"]), out_dir / "fig3_traps.png",
-                                 f"Correlation traps in $W^{{rand}}$ ({tag})"))
+        # The same checkpoints as the tables and summary.txt (report.run_phases).
+        at = {p: ph[f"{p}_ckpt"] for p in ("pre", "grok", "anti")}
+        if np.isfinite(at["grok"]):
+            written.append(fig_esd(rd, int(at["grok"]), int(main["seed"]), "fc2", out_dir / "fig2_esd_fc2.png",
+                                   f"FC2 spectra at max test accuracy ({tag}){_read_at_note(ph, ['grok'])}"))
+        if any(np.isfinite(s) for s in at.values()):
+            written.append(fig_traps(rd, at, int(main["seed"]), out_dir / "fig3_traps.png",
+                                     f"Correlation traps in $W^{{rand}}$ ({tag}){_read_at_note(ph, at)}"))
         written.append(fig_alpha(d, ph, out_dir / "fig4_alpha.png", f"HTSR α vs steps ({tag})"))
         written.append(fig_progress(d, ph, out_dir / "fig5_progress.png", f"Progress measures ({tag})"))
     wd_run = _representative(phases_df, False)

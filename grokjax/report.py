@@ -10,6 +10,7 @@ markdown rendering in the paper's layout, mean ± std over the runs of each weig
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pandas as pd
 from grokjax import phase_tables
 from grokjax.phases import (PHASE_TITLES, PHASES, PhaseOptions, detect_phases, early_warnings, phase_steps,
                             phase_title, warning_counts)
+from grokjax.preflight import nearest_step
 
 RUN_KEYS = ("run", "wd", "seed")
 # (layer, column, row label) of each table; Table 4 is FC1's MP fit of W^rand (paper App. D).
@@ -28,38 +30,54 @@ TABLE4_ROWS = (("fc1", "rand_sigma_mp", "σ_mp of W^rand"), ("fc1", "mp_ks", "KS
 
 
 def run_phases(steps: pd.DataFrame, options: PhaseOptions | None = None) -> pd.DataFrame:
-    """One row per run: run, wd, seed and the `detect_phases` columns."""
+    """One row per run: run, wd, seed, the `detect_phases` columns, and `<phase>_ckpt`.
+
+    `<phase>_ckpt` is the checkpoint every output reads that phase at: the phase step itself
+    when its checkpoint was analysed (status 'ok'), else the nearest analysed one in
+    log(1 + step) (`grokjax.preflight.nearest_step`), NaN when the run has none.
+    """
     rows = []
     for (run, wd, seed), df in steps.groupby(list(RUN_KEYS), sort=True):
+        analysed = df.loc[df["status"] == "ok", "step"] if "status" in df else df["step"]
         df = df[df["test/acc"].notna()] if "test/acc" in df else df.iloc[:0]
         if df.empty:
             continue
         ph = detect_phases(df["step"], df["train/acc"], df["test/acc"], options=options)
-        rows.append(dict(run=run, wd=wd, seed=seed, **ph))
+        at = {f"{p}_ckpt": nearest_step(analysed, s) for p, s in phase_steps(ph).items()}
+        rows.append(dict(run=run, wd=wd, seed=seed, **ph, **at))
     return pd.DataFrame(rows)
 
 
-def _nearest_analysed(steps: np.ndarray, target: float) -> float:
-    """The analysed step closest to target in log(1 + step) (the target itself when present)."""
-    if not np.isfinite(target) or steps.size == 0:
-        return math.nan
-    i = int(np.argmin(np.abs(np.log1p(steps) - np.log1p(target))))
-    return int(steps[i])
+def phase_checkpoints(ph: dict) -> dict[str, float]:
+    """{'pre', 'grok', 'anti'} -> the checkpoint step the phase is read at (a `run_phases` row)."""
+    return {p: ph[f"{p}_ckpt"] for p in PHASES}
+
+
+def _phase_label(ph: dict, phase: str) -> str:
+    """'20,000', or '20,000 (read at 19,966: no analysed checkpoint at 20,000)'."""
+    target, used = ph[f"{phase}_step"], ph[f"{phase}_ckpt"]
+    if not np.isfinite(target):
+        return "–"
+    if not np.isfinite(used):
+        return f"{target:,.0f} (no analysed checkpoint)"
+    if used != target:
+        return f"{target:,.0f} (read at {used:,.0f}: no analysed checkpoint at {target:,.0f})"
+    return f"{target:,.0f}"
 
 
 def values_at_phases(layers: pd.DataFrame, phases_df: pd.DataFrame, rows) -> pd.DataFrame:
     """Long table: one row per (run, engine, layer, metric, phase) with the value at that phase.
 
-    'mean' as a layer is the FC1+FC2 mean of the metric (NaN if either is NaN). If the phase
-    step itself has no analysed checkpoint, the nearest analysed one is used (`step_used`).
+    'mean' as a layer is the FC1+FC2 mean of the metric (NaN if either is NaN). Values are
+    read at the run's `<phase>_ckpt` (`step_used`; see `run_phases`), the same checkpoint for
+    every engine; an engine that did not analyse it gives NaN.
     """
     out = []
     for ph in phases_df.itertuples(index=False):
         mine = layers[layers["run"] == ph.run]
         for engine, eng_df in mine.groupby("engine", sort=False):
-            analysed = np.unique(eng_df["step"].to_numpy())
             for phase, target in phase_steps(ph._asdict()).items():
-                used = _nearest_analysed(analysed, target)
+                used = ph._asdict()[f"{phase}_ckpt"]
                 at = eng_df[eng_df["step"] == used].set_index("layer") if np.isfinite(used) else None
                 for layer, col, _ in rows:
                     if at is None:
@@ -79,9 +97,13 @@ def summarize(long: pd.DataFrame) -> pd.DataFrame:
     is the run's final step, so runs of different lengths are never pooled."""
     keys = ["wd", "steps", "engine", "layer", "metric", "phase"]
     if long.empty:
-        return pd.DataFrame(columns=[*keys, "mean", "std", "n"])
-    g = long.groupby(keys, sort=False)["value"]
-    return g.agg(mean="mean", std="std", n="count").reset_index()
+        return pd.DataFrame(columns=[*keys, "mean", "std", "n", "steps_used"])
+    g = long.groupby(keys, sort=False)
+    out = g["value"].agg(mean="mean", std="std", n="count")
+    # The checkpoints the values were read at, per run (see run_phases).
+    out["steps_used"] = g["step_used"].agg(
+        lambda v: " ".join("–" if not np.isfinite(x) else f"{x:.0f}" for x in v))
+    return out.reset_index()
 
 
 def _fmt(mean: float, std: float, n: int, metric: str) -> str:
@@ -117,15 +139,18 @@ def markdown_table(summary: pd.DataFrame, rows, title: str, collapsed=None) -> s
 
 
 def phases_markdown(phases_df: pd.DataFrame) -> str:
-    """Per-run phase steps and test accuracies."""
+    """Per-run phase steps and test accuracies; the tables read each phase at its step's
+    checkpoint, and a phase step without an analysed checkpoint says where it is read instead."""
     head = ["run", "WD", "seed", "pre step", "grok step (peak acc)", "anti step (acc)", "collapse", "drop (pp)"]
     lines = ["### Phases per run", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in phases_df.itertuples(index=False):
-        pre = "–" if not np.isfinite(r.pre_step) else f"{int(r.pre_step):,}"
+        d = r._asdict()
+        pre = _phase_label(d, "pre")
         if r.pre_status != "ok":
             pre += f" ({r.pre_status})"
-        lines.append(f"| {r.run} | {r.wd:g} | {r.seed} | {pre} | {r.grok_step:,} ({r.peak_test_acc:.4f}) | "
-                     f"{r.anti_step:,} ({r.anti_test_acc:.4f}) | {'yes' if r.collapsed else 'no'} | {r.drop_pp:.1f} |")
+        lines.append(f"| {r.run} | {r.wd:g} | {r.seed} | {pre} | {_phase_label(d, 'grok')} ({r.peak_test_acc:.4f}) | "
+                     f"{_phase_label(d, 'anti')} ({r.anti_test_acc:.4f}) | {'yes' if r.collapsed else 'no'} | "
+                     f"{r.drop_pp:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -249,10 +274,15 @@ def summary_text(layers: pd.DataFrame, steps: pd.DataFrame, phases_df: pd.DataFr
                      f"pre-grokking ends {pre} [{ph.pre_status}], peak test acc {ph.peak_test_acc:.4f} "
                      f"at {ph.grok_step:,}, {'collapse' if ph.collapsed else 'no collapse'}: "
                      f"{ph.anti_test_acc:.4f} at {ph.anti_step:,} (drop {ph.drop_pp:.1f} pp)")
+        lines.append("  phases read at checkpoints: "
+                     + ", ".join(f"{p} {_phase_label(ph._asdict(), p)}" for p in PHASES))
         mine = layers[layers["run"] == ph.run]
         for engine in [e for e in ("native", "ww") if e in set(mine["engine"])]:
             parts = []
-            for phase, step in phase_steps(ph._asdict()).items():
+            for phase, step in phase_checkpoints(ph._asdict()).items():
+                if not np.isfinite(step):
+                    parts.append(f"{phase}: no analysed checkpoint")
+                    continue
                 a1, a2 = _at(mine, engine, "fc1", "alpha", step), _at(mine, engine, "fc2", "alpha", step)
                 t1, t2 = _at(mine, engine, "fc1", "traps", step), _at(mine, engine, "fc2", "traps", step)
                 parts.append(f"{phase}: α {a1:.2f}/{a2:.2f} (mean {(a1 + a2) / 2:.2f}), traps {t1:.0f}/{t2:.0f}")
@@ -273,27 +303,61 @@ def make_report(root: str | Path, *, options=None, out_dir: str | Path | None = 
     table1_alpha.csv, table2_traps.csv, table4_mp_fc1.csv, early_warning.csv, report.md,
     summary.txt and figures/*.png.
 
-    Raises:
-        AnalysisError: missing or empty input, no run, a run without checkpoints.
-        CheckpointError: an unreadable checkpoint.
-    """
-    import time  # noqa: PLC0415
+    Every input is checked first (`grokjax.analyze.read_run`); everything is written to a
+    staging folder next to `out_dir` and moved into place at the end (`grokjax.outdir`), so
+    a failure leaves the previous outputs as they were.
 
-    from grokjax.analyze import AnalysisError, AnalysisOptions, analyze_run, find_runs, read_run, write_table  # noqa: PLC0415
+    Raises:
+        AnalysisError: missing or empty input, no run, a run that cannot be analysed (one
+            line per problem), any input problem with `options.strict`, an `out_dir` that is
+            not a writable folder, or outputs that cannot be written.
+    """
+    from grokjax import outdir  # noqa: PLC0415
+    from grokjax.analyze import AnalysisError, AnalysisOptions, find_runs  # noqa: PLC0415
+    from grokjax.ckpt import CheckpointError  # noqa: PLC0415
 
     options = options or AnalysisOptions()
     root = Path(root)
+    out_dir = Path(out_dir) if out_dir is not None else root / "analysis"
     run_dirs = find_runs(root)
     if not run_dirs:
         raise AnalysisError(f"no run directories (with config.json) under {root}")
+    try:
+        staging = outdir.stage(out_dir)
+    except OSError as e:
+        raise AnalysisError(e.strerror or str(e)) from None
+    try:
+        return _report_into(staging, out_dir, root, run_dirs, options, figures, phase_options)
+    except OSError as e:
+        raise AnalysisError(f"cannot write the outputs for {out_dir} ({e.strerror or e}); "
+                            "the previous outputs are unchanged") from None
+    except CheckpointError as e:
+        raise AnalysisError(f"{e}; the previous outputs are unchanged") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _report_into(staging: Path, out_dir: Path, root: Path, run_dirs: list[Path], options, figures: bool,
+                 phase_options: PhaseOptions | None) -> dict:
+    """make_report's work: every output goes to `staging`, then `outdir.publish`."""
+    import time  # noqa: PLC0415
+
+    from grokjax import outdir  # noqa: PLC0415
+    from grokjax.analyze import AnalysisError, analyze_run, read_run, write_table  # noqa: PLC0415
+
     names = _run_names(root, run_dirs)
-    for name, d in names.items():
-        read_run(d, name)  # fail early, before any long computation, on a run without checkpoints
-    out_dir = Path(out_dir) if out_dir is not None else root / "analysis"
+    runs, errors = {}, []
+    for name, d in names.items():  # every input checked before any long computation
+        try:
+            runs[name] = read_run(d, name, strict=options.strict)
+        except AnalysisError as e:
+            errors.append(str(e))
+    if errors:
+        raise AnalysisError("\n".join(errors))
     all_layers, all_steps, timings = [], [], {}
-    for name, d in names.items():
+    for name, run in runs.items():
         t0 = time.perf_counter()
-        layers, steps = analyze_run(d, options, name=name)
+        layers, steps = analyze_run(run, options, name=name)
         wall = time.perf_counter() - t0
         ok = steps[steps["status"] == "ok"]
         timings[name] = {"checkpoints": len(ok), "wall": wall, "computed": steps.attrs.get("computed_checkpoints"),
@@ -302,17 +366,19 @@ def make_report(root: str | Path, *, options=None, out_dir: str | Path | None = 
         all_layers.append(layers)
         all_steps.append(steps)
     layers, steps = pd.concat(all_layers, ignore_index=True), pd.concat(all_steps, ignore_index=True)
-    write_table(layers, out_dir / "all_layers")
-    write_table(steps, out_dir / "all_steps")
+    write_table(layers, staging / "all_layers")
+    write_table(steps, staging / "all_steps")
     tables = build_tables(layers, steps, phase_options)
-    md = write_tables(tables, out_dir)
+    write_tables(tables, staging)
     phases_df = tables["phases"][0]
     text = summary_text(layers, steps, phases_df, timings)
-    (out_dir / "summary.txt").write_text(text + "\n")
+    (staging / "summary.txt").write_text(text + "\n")
     written = []
     if figures and len(phases_df):
         from grokjax.figures import make_figures  # noqa: PLC0415
 
-        written = make_figures(steps, phases_df, {n: names[n] for n in phases_df["run"]}, out_dir / "figures")
-    return {"out_dir": out_dir, "report": md, "summary": text, "figures": written, "timings": timings,
-            "tables": tables}
+        written = make_figures(steps, phases_df, {n: names[n] for n in phases_df["run"]}, staging / "figures")
+    # Without --figures this time, the figures of the previous analysis stay as they were.
+    outdir.publish(staging, out_dir, keep=() if figures else ("figures/",))
+    return {"out_dir": out_dir, "report": out_dir / "report.md", "summary": text, "timings": timings,
+            "figures": [out_dir / p.relative_to(staging) for p in written], "tables": tables}

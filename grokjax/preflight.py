@@ -1,0 +1,251 @@
+"""Checks of a run directory before the analysis reads it: config.json, metrics.jsonl and
+the params checkpoints.
+
+`check_run(run_dir)` returns what can be analysed, plus one line per problem, each naming
+the file (and the line and step where there is one):
+
+* errors (the run cannot be analysed): config.json missing, not JSON, written in a newer
+  format, or without the fields the analysis uses; no params checkpoint; no metrics.jsonl
+  or no valid record in it.
+* warnings (the bad part is left out, the same way in every output): a metrics line that
+  is torn, not an object, without an integer step, or with an accuracy that is missing,
+  NaN or outside [0, 1] (the line is dropped, and a checkpoint of that step is not
+  analysed); a repeated step (the later line is used); config fields this code does not
+  know (a newer trainer; they are ignored); a checkpoint directory that is empty,
+  incomplete or unreadable (the step is skipped); checkpoints with no metrics record (not
+  analysed); evaluated steps without a checkpoint (one line per run; their rows have
+  status 'no_checkpoint').
+
+`report(lines, strict)` issues the warnings as `AnalysisWarning`, or with `strict` raises
+them as one error. Every params checkpoint gets a fingerprint (the SHA-256 of its files),
+so that cached results are reused only for checkpoints whose bytes are unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+PARAMS_DIR = "checkpoints/params"  # as grokjax.ckpt.PARAMS_DIR (not imported: it pulls in Orbax)
+# config.json carries no format marker today (format 1). A writer that changes its layout
+# sets "format" to a higher integer, which this analysis refuses rather than misreads.
+CONFIG_FORMAT = 1
+# The config fields the analysis reads (the shuffle and dropout seeds, the training subset,
+# the weight-decay grouping of the tables), with their checks.
+CONFIG_FIELDS = {
+    "seed": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "data_seed": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "n_per_class": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "wd": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+}
+ACCURACIES = ("train/acc", "test/acc")
+# Files every complete params checkpoint holds (Orbax StandardCheckpointer, OCDBT format).
+CHECKPOINT_FILES = ("default/_METADATA", "default/manifest.ocdbt")
+_STEP_IN_TEXT = re.compile(r'"step"\s*:\s*(\d+)')
+
+
+class AnalysisWarning(UserWarning):
+    """A problem with an analysis input that is left out (an error with --strict)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunCheck:
+    """The analysable parts of a run directory and the problems found."""
+
+    config: dict
+    created: str
+    metrics: pd.DataFrame  # valid records only, one per step, sorted
+    steps: tuple[int, ...]  # checkpoints to analyse: complete, and with a metrics record
+    skipped: dict[int, str]  # metrics steps whose checkpoint is present but unusable -> why
+    fingerprints: dict[int, str]  # step -> SHA-256 of the checkpoint's files
+    errors: list[str]
+    warnings: list[str]
+
+
+def report(lines: list[str], strict: bool) -> None:
+    """Issues each line as an AnalysisWarning; with `strict`, raises them as one AnalysisError."""
+    if not lines:
+        return
+    if strict:
+        from grokjax.analyze import AnalysisError  # noqa: PLC0415  (analyze imports this module)
+
+        raise AnalysisError("\n".join(lines))
+    for line in lines:
+        warnings.warn(line, AnalysisWarning, stacklevel=3)
+
+
+def known_config_fields() -> set[str]:
+    """The TrainConfig field names (the config module is plain dataclasses, no training code)."""
+    from grokjax.config import TrainConfig  # noqa: PLC0415
+
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def check_config(path: Path) -> tuple[dict, str, list[str], list[str]]:
+    """config.json -> (config fields, creation time, errors, warnings)."""
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}, "", [f"{path}: missing"], []
+    except (OSError, UnicodeDecodeError) as e:
+        return {}, "", [f"{path}: unreadable ({type(e).__name__}: {e})"], []
+    except ValueError as e:
+        return {}, "", [f"{path}: not valid JSON ({e})"], []
+    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
+        return {}, "", [f"{path}: no 'config' object (not a grokjax run configuration)"], []
+    fmt = payload.get("format", CONFIG_FORMAT)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt > CONFIG_FORMAT:
+        return {}, "", [f"{path}: format {fmt!r} is newer than this analysis reads ({CONFIG_FORMAT}); "
+                        "update grokjax"], []
+    config = payload["config"]
+    errors = [f"{path}: field {k!r} is {'missing' if k not in config else f'invalid ({config[k]!r})'}"
+              for k, ok in CONFIG_FIELDS.items() if k not in config or not ok(config[k])]
+    unknown = sorted(set(config) - known_config_fields())
+    warns = [f"{path}: unknown field(s) {', '.join(unknown)} (written by a newer grokjax?); ignored"] if unknown else []
+    return config, str(payload.get("created", "")), errors, warns
+
+
+def _accuracy_problem(rec: dict) -> str | None:
+    for k in ACCURACIES:
+        v = rec.get(k)
+        if k not in rec:
+            return f"{k} is missing"
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return f"{k} is not a number ({v!r})"
+        if not math.isfinite(v):
+            return f"{k} is {v}"
+        if not 0 <= v <= 1:
+            return f"{k} is {v}, outside [0, 1]"
+    return None
+
+
+def check_metrics(path: Path) -> tuple[pd.DataFrame, dict[int, str], list[str], list[str]]:
+    """metrics.jsonl -> (valid records, {step: why dropped}, errors, warnings).
+
+    A dropped line whose step is known (from the record, or read from the torn text) is
+    listed in the second value so that its checkpoint is left out too.
+    """
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return pd.DataFrame(), {}, [f"{path}: missing"], []
+    except (OSError, UnicodeDecodeError) as e:
+        return pd.DataFrame(), {}, [f"{path}: unreadable ({type(e).__name__}: {e})"], []
+    records: dict[int, tuple[int, dict]] = {}
+    dropped: dict[int, str] = {}
+    warns = []
+    for no, text in enumerate(lines, 1):
+        where = f"{path} line {no}"
+        try:
+            rec = json.loads(text)
+        except ValueError:
+            m = _STEP_IN_TEXT.search(text)
+            if m:
+                dropped[int(m.group(1))] = "torn metrics line"
+                where += f" (step {int(m.group(1))})"
+            warns.append(f"{where}: not valid JSON (a torn or corrupt line); dropped")
+            continue
+        step = rec.get("step") if isinstance(rec, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            warns.append(f"{where}: not a record with a non-negative integer 'step'; dropped")
+            continue
+        problem = _accuracy_problem(rec)
+        if problem:
+            dropped[step] = f"metrics line {no} dropped"
+            warns.append(f"{where} (step {step}): {problem}; dropped")
+            continue
+        if step in records:
+            warns.append(f"{where} (step {step}): repeats line {records[step][0]}; the later line is used")
+        records[step] = (no, rec)
+        dropped.pop(step, None)
+    if not records:
+        return pd.DataFrame(), dropped, [f"{path}: no valid records"], warns
+    df = pd.DataFrame.from_records([rec for _, rec in records.values()])
+    return df.sort_values("step").reset_index(drop=True), dropped, [], warns
+
+
+def fingerprint(step_dir: Path) -> str:
+    """SHA-256 over the relative paths and bytes of every file of a checkpoint (OSError if unreadable)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in step_dir.rglob("*") if p.is_file()):
+        h.update(f.relative_to(step_dir).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _checkpoint_problem(step_dir: Path) -> str | None:
+    if not any(p.is_file() for p in step_dir.rglob("*")):
+        return "empty checkpoint directory"
+    missing = [f for f in CHECKPOINT_FILES if not (step_dir / f).is_file()]
+    if missing:
+        return f"incomplete checkpoint (no {', '.join(missing)})"
+    return None
+
+
+def _steps_text(steps: list[int], limit: int = 6) -> str:
+    shown = ", ".join(str(s) for s in steps[:limit])
+    return shown + (f", ... ({len(steps)} in all)" if len(steps) > limit else "")
+
+
+def check_run(run_dir: str | Path) -> RunCheck:
+    """All checks of one run directory (see the module docstring)."""
+    d = Path(run_dir)
+    config, created, errors, warns = check_config(d / CONFIG_FILE)
+    if errors:
+        return RunCheck({}, "", pd.DataFrame(), (), {}, {}, errors, warns)
+    pdir = d / PARAMS_DIR
+    saved = sorted(int(p.name) for p in pdir.iterdir() if p.is_dir() and p.name.isdigit()) if pdir.is_dir() else []
+    if not saved:
+        return RunCheck(config, created, pd.DataFrame(), (), {}, {}, [f"{d}: no params checkpoints under {PARAMS_DIR}"],
+                        warns)
+    metrics, dropped, m_errors, m_warns = check_metrics(d / METRICS_FILE)
+    warns += m_warns
+    if m_errors:
+        return RunCheck(config, created, pd.DataFrame(), (), {}, {}, m_errors, warns)
+    logged = set(int(s) for s in metrics["step"])
+    steps, skipped, prints, unlogged = [], {}, {}, []
+    for s in saved:
+        step_dir = pdir / str(s)
+        if s not in logged:
+            if s not in dropped:  # a dropped line's own warning already names its step
+                unlogged.append(s)
+            continue
+        problem = _checkpoint_problem(step_dir)
+        if problem is None:
+            try:
+                prints[s] = fingerprint(step_dir)
+            except OSError as e:
+                problem = f"unreadable ({type(e).__name__}: {e.strerror or e})"
+        if problem:
+            skipped[s] = problem
+            warns.append(f"{step_dir}: {problem}; step {s} skipped")
+        else:
+            steps.append(s)
+    if unlogged:
+        warns.append(f"{pdir}: no metrics record for step(s) {_steps_text(unlogged)}; not analysed")
+    no_ckpt = sorted(logged - set(saved))
+    if no_ckpt:
+        warns.append(f"{pdir}: no checkpoint for {len(no_ckpt)} evaluated step(s) ({_steps_text(no_ckpt)}); "
+                     "their rows have status no_checkpoint")
+    return RunCheck(config, created, metrics, tuple(steps), skipped, prints, [], warns)
+
+
+def nearest_step(steps, target: float) -> float:
+    """The step of `steps` closest to `target` in log(1 + step) (the target itself when present);
+    NaN when target is NaN or there are no steps. Phases are read at this checkpoint."""
+    steps = np.asarray(sorted(steps), dtype=np.int64)
+    if not np.isfinite(target) or steps.size == 0:
+        return math.nan
+    return int(steps[int(np.argmin(np.abs(np.log1p(steps) - np.log1p(target))))])
