@@ -60,6 +60,7 @@ from grokjax import ckpt, htsr, phases, preflight, progress
 from grokjax.htsr import HTSROptions
 from grokjax.progress import ProgressOptions
 
+MONITOR_K_SHUFFLES = 10  # grokjax.monitor.K_SHUFFLES
 ANALYSIS_VERSION = 2  # 2: the native rows carry the mean-aware, K-shuffle columns
 ANALYSIS_DIR = "analysis"
 ENGINES = ("native", "ww", "both")
@@ -87,6 +88,8 @@ class AnalysisOptions:
             progress measures and norms are computed whatever the engine.
         htsr: options of both engines' HTSR pass (the paper's clip_xmax + randomize).
         progress: options of the progress measures.
+        use_monitor: read the native rows and progress measures of steps that the in-loop
+            monitor recorded (with these same options) from its record instead of the checkpoint.
         k_shuffles: shuffles averaged in the native engine's mean-aware columns
             (`htsr.extended_metrics`: traps_k_mean, traps_centred, alpha_centred, ...); 0: none.
         ww_stride: WW runs on every ww_stride-th checkpoint plus the first, the last and
@@ -104,6 +107,7 @@ class AnalysisOptions:
     progress: ProgressOptions = dataclasses.field(default_factory=ProgressOptions)
     ww_stride: int = 1
     k_shuffles: int = 10
+    use_monitor: bool = True
     workers: int = 2
     progress_bar: bool = True
     reuse: bool = True
@@ -136,6 +140,7 @@ class Run:
     steps: tuple[int, ...]  # checkpoints to analyse (complete, with a metrics record)
     skipped: dict = dataclasses.field(default_factory=dict)  # step -> why its checkpoint is unusable
     fingerprints: dict = dataclasses.field(default_factory=dict)  # step -> SHA-256 of its checkpoint
+    recorded: dict = dataclasses.field(default_factory=dict)  # step -> in-loop monitor record
 
     @property
     def seed(self) -> int:
@@ -174,7 +179,8 @@ def read_run(run_dir: str | os.PathLike, name: str | None = None, *, strict: boo
         raise AnalysisError("\n".join(check.errors))
     preflight.report(check.warnings, strict)
     return Run(path=d, name=name or d.name, config=check.config, created=check.created, metrics=check.metrics,
-               steps=check.steps, skipped=dict(check.skipped), fingerprints=dict(check.fingerprints))
+               steps=check.steps, skipped=dict(check.skipped), fingerprints=dict(check.fingerprints),
+               recorded=dict(check.recorded))
 
 
 def _one_line(text: str, limit: int = 400) -> str:
@@ -213,6 +219,12 @@ def htsr_rows(weights: dict, *, engine: str, seed: int, options: HTSROptions) ->
     except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
         rows = _error_rows(weights, f"{type(e).__name__}: {e}")
     return [dict(r, engine=engine) for r in rows]
+
+
+def monitor_compatible(options: AnalysisOptions) -> bool:
+    """Whether the in-loop monitor's records hold what these options would compute."""
+    return (options.htsr == HTSROptions() and options.progress == ProgressOptions()
+            and options.k_shuffles == MONITOR_K_SHUFFLES and options.use_monitor)
 
 
 def _with_extended(rows: list[dict], weights: dict, seed: int, options: AnalysisOptions) -> list[dict]:
@@ -582,10 +594,23 @@ def analyze_run(run_dir: str | os.PathLike | Run, options: AnalysisOptions | Non
     done = set(zip(have_layers["step"].astype(int), have_layers["engine"]))
     done_steps = set(have_computed["step"].astype(int))
 
+    # Steps the in-loop monitor recorded with these very options are read from its record;
+    # only what it lacks (WeightWatcher rows) needs the checkpoint.
+    from_monitor = []
+    use_monitor = monitor_compatible(options)
+    kept = {s for s in run.steps if not str(run.fingerprints.get(s, "")).startswith("monitor:")}
     tasks = []
     for s in run.steps:
         engines = tuple(e for e in options.engines if (e == "native" or s in want_ww) and (s, e) not in done)
         need_progress = s not in done_steps
+        if use_monitor and s in run.recorded and (need_progress or "native" in engines):
+            rec = run.recorded[s]
+            from_monitor.append(([dict(r, engine="native") for r in rec["layers"]] if "native" in engines else [],
+                                 {**rec["measures"], "step": s} if need_progress else {"step": s}))
+            engines = tuple(e for e in engines if e != "native")
+            need_progress = False
+        if s not in kept:  # no checkpoint: nothing more can be computed for this step
+            continue
         if engines or need_progress:
             tasks.append((s, engines, need_progress))
 
@@ -594,7 +619,7 @@ def analyze_run(run_dir: str | os.PathLike | Run, options: AnalysisOptions | Non
         cfg = run.config
         input_spec = dict(n_per_class=int(cfg.get("n_per_class", 100)), data_seed=int(cfg.get("data_seed", 0)),
                           seed=run.seed, n_fixed=options.progress.n_fixed)
-    results = _run_tasks(run, tasks, options, input_spec)
+    results = from_monitor + _run_tasks(run, tasks, options, input_spec)
     failed = {row["step"]: row["error"] for _, row in results if "error" in row}
     if failed:
         preflight.report([f"{_one_line(msg)}; step {s} skipped" for s, msg in sorted(failed.items())],

@@ -255,12 +255,33 @@ def _rand_panel(ax, spec: dict, title: str, legend: bool = True) -> None:
         ax.legend(fontsize=7, loc="lower left", framealpha=0.9)
 
 
+def spectra_at(run_dir: Path, step: int, run_seed: int) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """(ESD of W per layer, `rand_spectra` per layer) at one step: from the params checkpoint,
+    or, when it was not kept, from the in-loop monitor's stored eigenvalues (the same numbers:
+    the monitor walks the same shuffle stream)."""
+    if (Path(run_dir) / ckpt.PARAMS_DIR / str(int(step))).is_dir():
+        weights = weights_of(ckpt.load_params(run_dir, int(step)))
+        return ({k: htsr.esd(W) for k, W in weights.items()},
+                rand_spectra(weights, checkpoint_seed(run_seed, int(step))))
+    from grokjax import monitor  # noqa: PLC0415
+
+    stored = monitor.read_spectra(run_dir, int(step))
+    rows = {r["layer"]: r for r in next(r for r in monitor.read_records(run_dir) if r["step"] == int(step))["layers"]}
+    esd, rand = {}, {}
+    for layer, sp in stored.items():
+        N, M = int(rows[layer]["N"]), int(rows[layer]["M"])
+        ev = sp["rand"]
+        esd[layer] = sp["esd"]
+        rand[layer] = dict(rescaled=ev * ev.size / np.sum(ev), Q=N / M, M=M, mp=htsr.fit_mp(ev, N / M, M))
+    return esd, rand
+
+
 def fig_esd(run_dir: Path, step: int, run_seed: int, layer: str, path: Path, title: str,
             options: htsr.HTSROptions | None = None) -> Path:
     """Fig 2: left, the ESD of W with its PL fit (log-log); right, W^rand's ESD and MP fit."""
     options = options or htsr.HTSROptions()
-    weights = weights_of(ckpt.load_params(run_dir, step))
-    evals = htsr.esd(weights[layer])
+    esds, rands = spectra_at(run_dir, step, run_seed)
+    evals = esds[layer]
     fit = htsr.fit_power_law(evals, fix_fingers=options.fix_fingers, max_fingers=options.max_fingers,
                              finger_thresh=options.finger_thresh, evals_thresh=options.evals_thresh)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.3))
@@ -288,7 +309,7 @@ def fig_esd(run_dir: Path, step: int, run_seed: int, layer: str, path: Path, tit
     ax.set_title(f"{layer.upper()} ESD of W, step {step:,}: {detail}", fontsize=9)
     ax.grid(alpha=0.3, lw=0.5)
     ax.legend(fontsize=7)
-    spec = rand_spectra(weights, checkpoint_seed(run_seed, step), options)[layer]
+    spec = rands[layer]
     _rand_panel(ax2, spec, f"{layer.upper()} $W^{{rand}}$ ESD, step {step:,}")
     ax2.set_ylabel("density")
     fig.suptitle(title)
@@ -303,7 +324,7 @@ def fig_traps(run_dir: Path, steps_by_phase: dict[str, float], run_seed: int, pa
     fig, axes = plt.subplots(len(layers), len(phases), figsize=(4.2 * len(phases), 3.6 * len(layers)), squeeze=False)
     names = {"pre": "end of pre-grokking", "grok": "max test acc", "anti": "collapse / final"}
     for j, (phase, step) in enumerate(phases):
-        spectra = rand_spectra(weights_of(ckpt.load_params(run_dir, int(step))), checkpoint_seed(run_seed, int(step)))
+        spectra = spectra_at(run_dir, int(step), run_seed)[1]
         for i, layer in enumerate(layers):
             _rand_panel(axes[i, j], spectra[layer], f"{layer.upper()}, {names.get(phase, phase)}, step {int(step):,}",
                         legend=False)

@@ -46,7 +46,7 @@ from grokjax.phases import PersistentSignal
 MONITOR_DIR = "monitor"
 RECORDS_FILE = "records.jsonl"
 SPECTRA_DIR = "spectra"
-K_SHUFFLES = 10
+K_SHUFFLES = analyze.MONITOR_K_SHUFFLES
 WARNING_LAYERS = ("fc1", "fc2")
 # (signal name, row column, test): the same signals as the post-hoc early-warning table.
 LIVE_SIGNALS = (("alpha<2", "alpha", lambda v: v < 2.0), ("traps>0", "traps", lambda v: v > 0))

@@ -67,9 +67,10 @@ class RunCheck:
     metrics: pd.DataFrame  # valid records only, one per step, sorted
     steps: tuple[int, ...]  # checkpoints to analyse: complete, and with a metrics record
     skipped: dict[int, str]  # metrics steps whose checkpoint is present but unusable -> why
-    fingerprints: dict[int, str]  # step -> SHA-256 of the checkpoint's files
+    fingerprints: dict[int, str]  # step -> SHA-256 of the checkpoint's files (or of the monitor record)
     errors: list[str]
     warnings: list[str]
+    recorded: dict = dataclasses.field(default_factory=dict)  # step -> the monitor's record (grokjax.monitor)
 
 
 def report(lines: list[str], strict: bool) -> None:
@@ -207,9 +208,11 @@ def check_run(run_dir: str | Path) -> RunCheck:
         return RunCheck({}, "", pd.DataFrame(), (), {}, {}, errors, warns)
     pdir = d / PARAMS_DIR
     saved = sorted(int(p.name) for p in pdir.iterdir() if p.is_dir() and p.name.isdigit()) if pdir.is_dir() else []
-    if not saved:
-        return RunCheck(config, created, pd.DataFrame(), (), {}, {}, [f"{d}: no params checkpoints under {PARAMS_DIR}"],
-                        warns)
+    records, r_warns = _monitor_records(d)
+    warns += r_warns
+    if not saved and not records:
+        return RunCheck(config, created, pd.DataFrame(), (), {}, {},
+                        [f"{d}: no params checkpoints under {PARAMS_DIR} and no monitor record"], warns)
     metrics, dropped, m_errors, m_warns = check_metrics(d / METRICS_FILE)
     warns += m_warns
     if m_errors:
@@ -235,11 +238,26 @@ def check_run(run_dir: str | Path) -> RunCheck:
             steps.append(s)
     if unlogged:
         warns.append(f"{pdir}: no metrics record for step(s) {_steps_text(unlogged)}; not analysed")
-    no_ckpt = sorted(logged - set(saved))
+    recorded = {s: r for s, r in records.items() if s in logged}
+    for s, rec in recorded.items():
+        if s not in prints:
+            prints[s] = "monitor:" + hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()
+    steps = sorted(set(steps) | set(recorded))
+    no_ckpt = sorted(logged - set(saved) - set(recorded))
     if no_ckpt:
-        warns.append(f"{pdir}: no checkpoint for {len(no_ckpt)} evaluated step(s) ({_steps_text(no_ckpt)}); "
-                     "their rows have status no_checkpoint")
-    return RunCheck(config, created, metrics, tuple(steps), skipped, prints, [], warns)
+        warns.append(f"{pdir}: no checkpoint or monitor record for {len(no_ckpt)} evaluated step(s) "
+                     f"({_steps_text(no_ckpt)}); their rows have status no_checkpoint")
+    return RunCheck(config, created, metrics, tuple(steps), skipped, prints, [], warns, recorded)
+
+
+def _monitor_records(d: Path) -> tuple[dict[int, dict], list[str]]:
+    """The in-loop monitor's records of a run (grokjax.monitor), by step; a corrupt file is a warning."""
+    from grokjax import monitor  # noqa: PLC0415
+
+    try:
+        return {int(r["step"]): r for r in monitor.read_records(d)}, []
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        return {}, [f"{monitor.records_path(d)}: {e}; the monitor record is not used"]
 
 
 def nearest_step(steps, target: float) -> float:

@@ -98,3 +98,41 @@ def test_backfill_of_a_run_trained_without_the_monitor(tmp_path, mnist, monitore
 
 def test_monitor_cli_bad_input(tmp_path):
     assert monitor.main([str(tmp_path)]) == 2
+
+
+def _table(d, use_monitor):
+    from grokjax.analyze import AnalysisOptions, analyze_run
+
+    opts = AnalysisOptions(engine="native", workers=1, progress_bar=False, write=False, reuse=False,
+                           use_monitor=use_monitor)
+    layers, steps = analyze_run(d, opts)
+    drop = lambda df: df[[c for c in df.columns if "time" not in c]].sort_index(axis=1)  # noqa: E731
+    return drop(layers), drop(steps)
+
+
+def test_analysis_from_the_record_equals_the_analysis_of_the_checkpoints(monitored, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    from_record = _table(monitored, True)
+    from_ckpts = _table(monitored, False)
+    for a, b in zip(from_record, from_ckpts):
+        pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True), check_dtype=False)
+    # without any params checkpoint: the same tables, and the report with its figures
+    bare = tmp_path / "bare"
+    shutil.copytree(monitored, bare, ignore=shutil.ignore_patterns("analysis"))
+    shutil.rmtree(bare / "checkpoints" / "params")
+    for a, b in zip(_table(bare, True), from_ckpts):
+        a = a.drop(columns=[c for c in ("run",) if c in a.columns]).reset_index(drop=True)
+        b = b.drop(columns=[c for c in ("run",) if c in b.columns]).reset_index(drop=True)
+        pd.testing.assert_frame_equal(a, b, check_dtype=False)
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location("spectra_cli", pathlib.Path(__file__).parents[1] / "analysis" / "spectra.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main([str(bare), "--engine", "native", "--workers", "1"]) == 0
+    figs = sorted(p.name for p in (bare / "analysis" / "figures").glob("*.png"))
+    assert any(n.startswith("fig3") for n in figs) and any(n.startswith("fig2") for n in figs)
