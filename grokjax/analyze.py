@@ -499,18 +499,26 @@ def ww_steps(run: Run, stride: int) -> set[int]:
 
 
 def _wide_columns(layers: pd.DataFrame, engines: tuple[str, ...]) -> pd.DataFrame:
-    """Per-step `<engine>/alpha_<layer>`, `<engine>/alpha_mean`, `<engine>/traps_<layer>`."""
+    """Per-step `<engine>/alpha_<layer>`, `<engine>/alpha_mean`, `<engine>/traps_<layer>`, and where
+    the rows carry them the mean-aware columns (`<engine>/alpha_centred_<layer>`,
+    `<engine>/traps_centred_<layer>`, `<engine>/traps_k_mean_<layer>`, ...) and
+    `<engine>/alpha_centred_mean`."""
     out = pd.DataFrame({"step": pd.Series(sorted(layers["step"].unique()) if len(layers) else [], dtype=np.int64)})
     for engine in engines:
         sub = layers[layers["engine"] == engine]
         if sub.empty:
             continue
-        for col, name in (("alpha", "alpha"), ("traps", "traps")):
+        extra = [(c, c) for c in ("alpha_centred", "alpha_dcentred", "traps_k_mean", "traps_centred",
+                                  "traps_centred_k_mean", "mean_over_std") if c in sub.columns]
+        for col, name in (("alpha", "alpha"), ("traps", "traps"), *extra):
             wide = sub.pivot_table(index="step", columns="layer", values=col, aggfunc="first", dropna=False)
             wide = wide.reindex(columns=list(LAYERS))
             wide.columns = [f"{engine}/{name}_{c}" for c in wide.columns]
             out = out.merge(wide.reset_index(), on="step", how="left")
         out[f"{engine}/alpha_mean"] = out[[f"{engine}/alpha_fc1", f"{engine}/alpha_fc2"]].mean(axis=1, skipna=False)
+        if f"{engine}/alpha_centred_fc1" in out.columns:
+            out[f"{engine}/alpha_centred_mean"] = out[[f"{engine}/alpha_centred_fc1",
+                                                       f"{engine}/alpha_centred_fc2"]].mean(axis=1, skipna=False)
     return out
 
 

@@ -118,6 +118,11 @@ def _alpha_panels(axes, df: pd.DataFrame, ph: dict) -> None:
                 sub = d[d[col].notna()]
                 ax.plot(sub["step"], sub[col], color=LAYER_COLORS[layer], label=f"{engine} engine",
                         **ENGINE_STYLE[engine])
+        col = f"native/alpha_centred_{layer}"
+        if col in d and d[col].notna().any():
+            sub = d[d[col].notna()]
+            ax.plot(sub["step"], sub[col], color=LAYER_COLORS[layer], ls=":", lw=1.4,
+                    label="native, W − mean(W) (centred)")
         ax.axhline(2.0, color="tab:red", ls="--", lw=1.2, label="α = 2")
         ax.set_xscale("log")
         ax.set_ylabel(name)
@@ -128,7 +133,8 @@ def _alpha_panels(axes, df: pd.DataFrame, ph: dict) -> None:
 
 
 def fig_alpha(df: pd.DataFrame, ph: dict, path: Path, title: str) -> Path:
-    """Fig 4: HTSR alpha vs steps: mean (top), FC1, FC2; alpha = 2 dashed; phases shaded."""
+    """Fig 4: HTSR alpha vs steps: mean (top), FC1, FC2, raw and (dotted) centred; alpha = 2 dashed;
+    phases shaded."""
     fig, axes = plt.subplots(3, 1, figsize=(8, 7.5), sharex=True)
     _alpha_panels(axes, df, ph)
     fig.suptitle(title)
