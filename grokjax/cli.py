@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 
@@ -60,6 +61,19 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _wds(text: str) -> list[float]:
+    parts = [s.strip() for s in text.split(",")]
+    try:
+        wds = [float(s) for s in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated weight decays like 0,0.01, got {text!r}") from None
+    if not all(math.isfinite(w) and w >= 0 for w in wds):
+        raise argparse.ArgumentTypeError(f"weight decays must be finite numbers >= 0, got {text!r}")
+    if len(set(wds)) != len(wds):
+        raise argparse.ArgumentTypeError(f"weight decays must be distinct, got {text!r}")
+    return wds
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One flag per config field (same name, dashes allowed for underscores)."""
     p = _Parser(prog="run.py", description="Train the paper's MNIST MLP (grokking / anti-grokking).",
@@ -80,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(*flags, dest=f.name, type=str, default=f.default)
     p.add_argument("--seeds", type=_seeds, default=None,
                    help="train several seeds at once (vmapped) into <out>/seed<k>; overrides --seed")
+    p.add_argument("--wds", type=_wds, default=None,
+                   help="a sweep: every (weight decay, seed) pair of --wds and --seeds (default --seed) "
+                        "trained at once into <out>/wd<wd>_seed<k>; overrides --wd")
     p.add_argument("--export", nargs=2, metavar=("RUN", "FOLDER"), default=None,
                    help="write RUN's compact record (config, metrics, events, monitor record, latest "
                         "full state) into the new folder FOLDER and exit; train with --out FOLDER to continue")
@@ -91,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parses flags, trains, and maps failures to exit codes (2: bad input, 3: diverged)."""
     args = vars(build_parser().parse_args(argv))
-    seeds = args.pop("seeds")
+    seeds, wds = args.pop("seeds"), args.pop("wds")
     export, per_decade = args.pop("export"), args.pop("export_params")
     if export is not None:
         return _export(*export, per_decade)
@@ -105,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from grokjax.runner import NonFiniteError, Paused, run  # noqa: PLC0415
 
     try:
-        dirs = run(cfg, seeds=seeds)
+        dirs = run(cfg, seeds=seeds, wds=wds)
     except (ConfigError, DataError) as e:
         print(f"run.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -17,6 +17,10 @@ NON_SCIENCE_FIELDS = ("out", "overwrite", "chunk", "full_save_secs", "progress",
 # The most steps a run may ask for (10^7 takes hours; this bound only rejects absurd values).
 MAX_STEPS = 10**10
 KEEP_PARAMS = ("all", "log", "none")
+SKIP_ZERO_PIXELS = ("batch", "subset", "off")
+# Science fields added after runs were started: the value a run directory whose config.json
+# lacks the field ran with (and keeps when resumed).
+LEGACY_FIELDS = {"skip_zero_pixels": "off"}
 
 
 class ConfigError(ValueError):
@@ -144,6 +148,15 @@ class TrainConfig:
     # Which params checkpoints to keep: all (every evaluation step), log (about 5 a decade plus
     # the authors' schedule) or none (the monitor's record and the full states only).
     keep_params: str = "all"
+    # Skip FC1's input pixels that are zero in the batch, in its forward product and weight
+    # gradient. Exact mathematics: for such a pixel FC1's weight-gradient row is exactly zero, so
+    # AdamW leaves its m and v unchanged and the row moves by weight decay only; only the order
+    # of summation inside FC1's products changes. Parameters and optimizer state stay full size.
+    # batch: per fixed batch, the pixels nonzero in that batch (padded to the largest batch's
+    # count with a pixel zero in the batch); subset: the pixels nonzero anywhere in the training
+    # subset (also what --reshuffle uses); off: dense. A run directory started before this field
+    # existed resumes with off.
+    skip_zero_pixels: str = "batch"
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
@@ -183,6 +196,9 @@ class TrainConfig:
             raise ConfigError(f"time_limit must be a finite number of seconds >= 0, got {self.time_limit!r}")
         if self.keep_params not in KEEP_PARAMS:
             raise ConfigError(f"keep_params must be one of {', '.join(KEEP_PARAMS)}, got {self.keep_params!r}")
+        if self.skip_zero_pixels not in SKIP_ZERO_PIXELS:
+            raise ConfigError(f"skip_zero_pixels must be one of {', '.join(SKIP_ZERO_PIXELS)}, "
+                              f"got {self.skip_zero_pixels!r}")
 
     @property
     def n_train(self) -> int:

@@ -58,3 +58,16 @@ def forward(params: dict, x: jax.Array) -> jax.Array:
     return MLP(width=params["fc1"]["kernel"].shape[1], dtype=params["fc1"]["kernel"].dtype).apply(
         {"params": params}, x
     )
+
+
+def forward_columns(params: dict, x_cols: jax.Array, cols: jax.Array) -> jax.Array:
+    """`forward(params, x)` from the input columns `cols` only: x_cols = x[:, cols].
+
+    Equal to `forward` up to the order of summation in FC1's product when every column of x
+    outside `cols` is zero. `cols` may repeat a column whose inputs are zero (padding). The
+    gradient with respect to FC1's kernel is full size, exactly zero in the rows not in `cols`.
+    """
+    w1 = jnp.take(params["fc1"]["kernel"], cols, axis=0, mode="clip")
+    h = nn.relu(x_cols @ w1 + params["fc1"]["bias"])
+    h = nn.relu(h @ params["fc2"]["kernel"] + params["fc2"]["bias"])
+    return h @ params["fc3"]["kernel"] + params["fc3"]["bias"]

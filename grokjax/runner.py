@@ -2,7 +2,8 @@
 
 `run(cfg)` trains one seed; `run(cfg, seeds=[0, 1, 2, 3])` trains several seeds at once,
 vmapped inside the same scan (sharded over devices when there are several), each seed
-writing its own run directory `<out>/seed<k>` in the usual format.
+writing its own run directory `<out>/seed<k>` in the usual format; `run(cfg, seeds=[0, 1],
+wds=[0, 0.01])` trains every (weight decay, seed) pair the same way into `<out>/wd<wd>_seed<k>`.
 
 A run directory holds config.json (every resolved knob, package versions, device),
 metrics.jsonl (one JSON object per evaluated step) and checkpoints/ (see `grokjax.ckpt`).
@@ -31,10 +32,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from grokjax import ckpt
-from grokjax.config import ConfigError, TrainConfig, format_duration
+from grokjax.config import LEGACY_FIELDS, ConfigError, TrainConfig, format_duration
 from grokjax.data import load_mnist
 from grokjax.schedule import authors_log_steps, chunk_lengths, eval_steps, log_grid_steps
-from grokjax.train import TrainState, batch_perm, init_state, make_data, make_evaluate, make_train_chunk
+from grokjax.train import (TrainState, batch_perm, init_state, make_data, make_evaluate, make_train_chunk,
+                           pixel_columns)
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -137,6 +139,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"{cfg_file} is unreadable ({e}); pass --overwrite to start over") from None
         new = cfg.science()
+        old = {**LEGACY_FIELDS, **old}  # a run started before a field existed ran with its old value
         diff = sorted(k for k in set(old) | set(new) if k in new and old.get(k) != new.get(k))
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
@@ -159,6 +162,36 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     except OSError as e:
         raise ConfigError(f"cannot write to --out {d}: {e.strerror or e}") from None
     return d
+
+
+def _as_started(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the old value of each science field its run directory was started without.
+
+    A run directory whose config.json predates `skip_zero_pixels` ran dense and resumes dense,
+    so that its trajectory does not change mid-run (said in one line).
+    """
+    f = Path(cfg.out) / CONFIG_FILE
+    if cfg.overwrite or not f.is_file():
+        return cfg
+    try:
+        old = json.loads(f.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return cfg  # prepare_run_dir reports it
+    if not isinstance(old, dict):
+        return cfg
+    changes = {k: v for k, v in LEGACY_FIELDS.items() if k not in old and getattr(cfg, k) != v}
+    if changes:
+        shown = ", ".join(f"{k}={v}" for k, v in changes.items())
+        print(f"NOTE: {cfg.out} was started before {', '.join(changes)} existed: it resumes with {shown}, "
+              "as it started", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, **changes)
+    return cfg
+
+
+def wd_name(wd: float) -> str:
+    """The weight decay as it appears in a sweep's directory names: 0, 0.01, 1e-05."""
+    text = repr(float(wd))
+    return text[:-2] if text.endswith(".0") else text
 
 
 def _science_notes(cfg: TrainConfig) -> list[str]:
@@ -335,13 +368,15 @@ def _mesh_sharding(n_seeds: int):
     return NamedSharding(mesh, P("seed")), NamedSharding(mesh, P())
 
 
-def run(cfg: TrainConfig, *, seeds: list[int] | None = None, mnist: dict | None = None,
-        crash_after_chunks: int | None = None) -> list[Path]:
+def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | None = None,
+        mnist: dict | None = None, crash_after_chunks: int | None = None) -> list[Path]:
     """Trains (or resumes) a run and returns its run directories.
 
     Args:
-        cfg: the configuration. With `seeds`, `cfg.out` is the parent directory.
+        cfg: the configuration. With `seeds` or `wds`, `cfg.out` is the parent directory.
         seeds: several seeds trained together (vmapped); each gets `<out>/seed<k>`.
+        wds: a sweep: every (weight decay, seed) pair, seeds from `seeds` (default `cfg.seed`),
+            trained together with one weight decay per replica; each gets `<out>/wd<wd>_seed<k>`.
         mnist: preloaded MNIST arrays (default: `load_mnist`).
         crash_after_chunks: testing aid: raise after dispatching this many chunks, without
             flushing anything, to simulate a crash in the middle of a segment.
@@ -351,13 +386,24 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, mnist: dict | None 
         Paused: the time limit was reached or a SIGTERM/SIGINT arrived; a full state at the
             current step is on disk and rerunning continues bitwise as if never stopped.
     """
-    multi = seeds is not None
-    if multi:
-        if len(seeds) < 1 or len(set(seeds)) != len(seeds):
-            raise ConfigError(f"seeds must be distinct, got {seeds}")
+    multi = seeds is not None or wds is not None
+    if seeds is not None and (len(seeds) < 1 or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"seeds must be distinct, got {seeds}")
+    if wds is not None:
+        if len(wds) < 1 or len(set(wds)) != len(wds) or not all(w >= 0 and math.isfinite(w) for w in wds):
+            raise ConfigError(f"wds must be distinct finite numbers >= 0, got {wds}")
+        cfgs = [dataclasses.replace(cfg, wd=float(w), seed=s, out=str(Path(cfg.out) / f"wd{wd_name(w)}_seed{s}"))
+                for w in wds for s in (seeds if seeds is not None else [cfg.seed])]
+    elif multi:
         cfgs = [dataclasses.replace(cfg, seed=s, out=str(Path(cfg.out) / f"seed{s}")) for s in seeds]
     else:
         cfgs = [cfg]
+    cfgs = [_as_started(c) for c in cfgs]
+    if len({c.skip_zero_pixels for c in cfgs}) > 1:
+        raise ConfigError("these run directories differ in skip_zero_pixels (some were started before the "
+                          "field existed); train them separately")
+    # The compiled chunk's shared settings; a sweep's weight decays go to it per replica.
+    cfg = dataclasses.replace(cfg, skip_zero_pixels=cfgs[0].skip_zero_pixels, wd=cfgs[0].wd)
     for note in _science_notes(cfg):
         print(f"WARNING: {note}; recorded in config.json", file=sys.stderr)
     steps = eval_steps(cfg.steps, cfg.log_points_per_decade, cfg.authors_grid)
@@ -410,8 +456,11 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
             r.start_monitor(start, load_inputs(c.n_per_class, c.data_seed, c.seed, mnist=mnist))
 
     n = len(cfgs) if multi else None
-    chunk = make_train_chunk(cfg, n)
+    wds = [c.wd for c in cfgs]
+    chunk = make_train_chunk(cfg, n, wds=wds if len(set(wds)) > 1 else None)
     evaluate = make_evaluate(n)
+    cols = pixel_columns(cfg, np.stack(perms) if multi else perms[0], np.asarray(data.x_train))
+    cols = None if cols is None else jnp.asarray(cols)
     if multi:
         state = jax.tree.map(lambda *xs: jnp.stack(xs), *fresh)
         perm = jnp.asarray(np.stack(perms))
@@ -419,6 +468,8 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
         if sharded is not None:
             state, perm = jax.device_put((state, perm), sharded)
             data = jax.device_put(data, replicated)
+            if cols is not None:
+                cols = jax.device_put(cols, sharded if cols.ndim == 3 else replicated)
             n_dev = sharded.mesh.devices.size
             print(f"sharding {len(cfgs)} seeds over {n_dev} devices ({len(cfgs) // n_dev} per device)",
                   file=sys.stderr)
@@ -441,7 +492,7 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
                         _check_probe(*pending, replicas[0])
                         bar.update(pending[2])
                     _pause(cfg, replicas, state, perms, t, time.perf_counter() - t0, stop, pick_fn)
-                state, last_loss = chunk(state, perm, data, length)
+                state, last_loss = chunk(state, perm, data, length, cols)
                 dispatched += 1
                 if crash_after_chunks is not None and dispatched >= crash_after_chunks:
                     raise RuntimeError("simulated crash")

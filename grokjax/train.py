@@ -4,6 +4,11 @@ The step is the authors' (PyTorch) step: MSE over batch x 10 against one-hot tar
 AdamW. Steps run in a `lax.scan` over chunks whose lengths come from a small fixed set
 (`schedule.chunk_lengths`), with the state donated; the host touches the device once per
 chunk. Evaluations happen exactly at scheduled steps and read the parameters only.
+
+With `skip_zero_pixels` the step multiplies only FC1's input columns that are nonzero
+(`pixel_columns`, computed on the host and passed to the step as `cols`); parameters and
+optimizer state keep their full size. A sweep (`make_train_chunk(..., wds=...)`) gives each
+replica its own weight decay.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import optax
 
 from grokjax.config import TrainConfig
 from grokjax.data import select_subset, to_inputs
-from grokjax.model import forward, init_params
+from grokjax.model import N_IN, forward, forward_columns, init_params
 
 
 class TrainState(NamedTuple):
@@ -39,15 +44,24 @@ class Data(NamedTuple):
     y_test: jax.Array  # (10000,)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW as torch.optim.AdamW: eps outside the sqrt, decay on all params, explicit wd."""
+def make_optimizer(cfg: TrainConfig, wd=None) -> optax.GradientTransformation:
+    """AdamW as torch.optim.AdamW: eps outside the sqrt, decay on all params, explicit wd.
+
+    `wd` (a traced per-replica scalar in a sweep) replaces `cfg.wd`. The state's structure does
+    not depend on it. With the default, the weight decay is the Python float `cfg.wd`, as always.
+    """
     return optax.adamw(learning_rate=cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, eps_root=0.0,
-                       weight_decay=cfg.wd, mask=None)
+                       weight_decay=cfg.wd if wd is None else wd, mask=None)
 
 
 def mse_loss(params, x, y_onehot):
     """Mean over batch x 10 of (output - one_hot)^2: torch's MSELoss(reduction='mean')."""
     return jnp.mean((forward(params, x) - y_onehot) ** 2)
+
+
+def mse_loss_columns(params, x_cols, cols, y_onehot):
+    """`mse_loss` from FC1's input columns `cols` only (`model.forward_columns`)."""
+    return jnp.mean((forward_columns(params, x_cols, cols) - y_onehot) ** 2)
 
 
 def batch_perm(cfg: TrainConfig, seed: int | None = None) -> np.ndarray:
@@ -79,9 +93,59 @@ def init_state(cfg: TrainConfig, seed: int | None = None) -> TrainState:
                       step=jnp.zeros((), jnp.int64), key=jax.random.fold_in(root, 1))
 
 
-def _apply_update(opt: optax.GradientTransformation, state: TrainState, x, y):
-    """One AdamW update of `state` on the batch (x, one-hot y); returns (state, loss)."""
-    loss, grads = jax.value_and_grad(mse_loss)(state.params, x, y)
+def pixel_columns(cfg: TrainConfig, perm, x_train) -> np.ndarray | None:
+    """FC1's input columns the step multiplies, by `cfg.skip_zero_pixels` (host numpy, int32).
+
+    off: None. subset, and every mode with `cfg.reshuffle` (no fixed batches): the pixels
+    nonzero in any training image, shape (K,). batch: per fixed batch b (block b of `perm`),
+    the pixels nonzero in that batch in ascending order, padded to the largest count K with a
+    pixel that is zero in batch b: shape (nb, K), or (S, nb, K) for a stack of S orders (S, n),
+    K the largest count over all of them so that the replicas vmap.
+    """
+    mode = cfg.skip_zero_pixels
+    if mode == "off":
+        return None
+    x = np.asarray(x_train)
+    if mode == "subset" or cfg.reshuffle:
+        return np.flatnonzero(np.any(x != 0, axis=0)).astype(np.int32)
+    perm = np.asarray(perm)
+    blocks = perm.reshape(-1, cfg.batches_per_epoch, cfg.batch)
+    nonzero = np.stack([np.any(x[b] != 0, axis=1) for b in blocks])  # (S, nb, 784)
+    k = int(nonzero.sum(-1).max())
+    out = np.empty(nonzero.shape[:-1] + (k,), np.int32)
+    for i in np.ndindex(*nonzero.shape[:-1]):
+        on = np.flatnonzero(nonzero[i])
+        pad = np.flatnonzero(~nonzero[i])[:1]  # exists whenever this batch's count is below k
+        out[i] = np.concatenate([on, np.repeat(pad, k - on.size)])
+    return out if perm.ndim == 2 else out[0]
+
+
+def _per_batch_columns(cfg: TrainConfig) -> bool:
+    return cfg.skip_zero_pixels == "batch" and not cfg.reshuffle
+
+
+def _check_columns(cfg: TrainConfig, cols, replica_axis: bool) -> None:
+    """Refuses `cols` that do not fit `cfg.skip_zero_pixels` (at trace time, so never silently)."""
+    if cfg.skip_zero_pixels == "off":
+        if cols is not None:
+            raise ValueError("skip_zero_pixels=off takes no pixel columns (cols must be None)")
+        return
+    want = (3 if replica_axis else 2) if _per_batch_columns(cfg) else 1
+    if cols is None or cols.ndim != want or cols.shape[-1] > N_IN:
+        raise ValueError(f"skip_zero_pixels={cfg.skip_zero_pixels} needs the pixel columns of "
+                         f"train.pixel_columns ({want}-d), got {None if cols is None else cols.shape}")
+
+
+def _apply_update(opt: optax.GradientTransformation, state: TrainState, x, y, cols=None):
+    """One AdamW update of `state` on the batch (x, one-hot y); returns (state, loss).
+
+    With `cols`, x holds only those input columns (x[:, cols] of the batch) and FC1's products
+    skip the others; the gradient and the update stay full size.
+    """
+    if cols is None:
+        loss, grads = jax.value_and_grad(mse_loss)(state.params, x, y)
+    else:
+        loss, grads = jax.value_and_grad(mse_loss_columns)(state.params, x, cols, y)
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, opt_state, state.step + 1, state.key), loss
@@ -97,65 +161,95 @@ def fixed_batches(cfg: TrainConfig, perm: jax.Array, data: Data) -> tuple[jax.Ar
     return data.x_train[idx], eye[data.y_train[idx]]
 
 
-def make_step(cfg: TrainConfig) -> Callable[[TrainState, jax.Array, Data], tuple[TrainState, jax.Array]]:
+def make_step(cfg: TrainConfig) -> Callable[..., tuple[TrainState, jax.Array]]:
     """One update: picks the batch for step t, takes the MSE gradient, applies AdamW.
 
-    The returned function takes (state, perm, data); `perm` is the fixed batch order
-    (`batch_perm`), unused when `cfg.reshuffle` draws a fresh order each epoch on device.
+    The returned function takes (state, perm, data, cols=None, wd=None); `perm` is the fixed
+    batch order (`batch_perm`), unused when `cfg.reshuffle` draws a fresh order each epoch on
+    device; `cols` is `pixel_columns(cfg, perm, x_train)` (None when skip_zero_pixels=off);
+    `wd` a per-replica weight decay (None: `cfg.wd`).
     """
-    opt = make_optimizer(cfg)
     nb, bs, n = cfg.batches_per_epoch, cfg.batch, cfg.n_train
     eye = jnp.eye(10, dtype=jnp.dtype(cfg.dtype))
+    per_batch = _per_batch_columns(cfg)
 
-    def step(state: TrainState, perm: jax.Array, data: Data):
+    def step(state: TrainState, perm: jax.Array, data: Data, cols=None, wd=None):
+        _check_columns(cfg, cols, replica_axis=False)  # per replica when vmapped
         t = state.step
         if cfg.reshuffle:
             perm = jax.random.permutation(jax.random.fold_in(state.key, t // nb), n)
         idx = jax.lax.dynamic_slice(perm, ((t % nb) * bs,), (bs,))
-        return _apply_update(opt, state, data.x_train[idx], eye[data.y_train[idx]])
+        x = data.x_train[idx]
+        if cols is not None:
+            if per_batch:
+                cols = jax.lax.dynamic_index_in_dim(cols, t % nb, keepdims=False)
+            x = jnp.take(x, cols, axis=1)
+        return _apply_update(make_optimizer(cfg, wd), state, x, eye[data.y_train[idx]], cols)
 
     return step
 
 
-def make_train_chunk(cfg: TrainConfig, n_seeds: int | None = None):
-    """A jitted `chunk(state, perm, data, length)` running `length` steps in one `lax.scan`.
+def make_train_chunk(cfg: TrainConfig, n_seeds: int | None = None, *, wds=None, unroll: int = 1,
+                     compiler_options: dict | None = None):
+    """A jitted `chunk(state, perm, data, length, cols=None)` running `length` steps in one `lax.scan`.
 
-    The state is donated. With `n_seeds`, state and perm carry a leading seed axis and the
-    step is vmapped over it (data is shared). Returns the new state and the loss of the
-    chunk's last step (a cheap finiteness probe).
+    The state is donated. With `n_seeds`, state and perm carry a leading replica axis and the
+    step is vmapped over it (data is shared). `cols` is `pixel_columns(cfg, perm, x_train)`
+    (per replica with the batch set, shared with the subset set; None when skip_zero_pixels=off).
+    Returns the new state and the loss of the chunk's last step (a cheap finiteness probe).
+
+    wds: one weight decay per replica (a sweep; `n_seeds` replicas), in place of `cfg.wd`. The
+    learning rate and everything else stay shared. unroll, compiler_options: passed to
+    `lax.scan` and `jax.jit` (benchmark knobs; they never change the mathematics).
 
     With the fixed batch cycle the chunk gathers its batches once (`fixed_batches`) and each
     step indexes them by t mod nb: the same numbers as `make_step`, bit for bit, without a
     per-step row gather of the images (2-5% faster on CPU; see BENCHMARKS.md).
     """
-    opt = make_optimizer(cfg)
     nb = cfg.batches_per_epoch
     step = make_step(cfg)
+    per_batch = _per_batch_columns(cfg)
+    if wds is not None:
+        wds = np.asarray(wds, np.float64)
+        if n_seeds is None or wds.shape != (n_seeds,):
+            raise ValueError(f"wds needs one weight decay per replica ({n_seeds}), got {wds.tolist()}")
 
-    def fixed_step(state: TrainState, xb: jax.Array, yb: jax.Array):
+    def fixed_step(state: TrainState, xb: jax.Array, yb: jax.Array, cols, wd):
         b = state.step % nb
         x = jax.lax.dynamic_index_in_dim(xb, b, keepdims=False)
         y = jax.lax.dynamic_index_in_dim(yb, b, keepdims=False)
-        return _apply_update(opt, state, x, y)
+        if per_batch:
+            cols = jax.lax.dynamic_index_in_dim(cols, b, keepdims=False)
+        return _apply_update(make_optimizer(cfg, wd), state, x, y, cols)
 
-    batches = functools.partial(fixed_batches, cfg)
+    def batches(perm, data, cols):
+        xb, yb = fixed_batches(cfg, perm, data)
+        if per_batch:  # each batch's own columns, gathered once per chunk
+            xb = jnp.take_along_axis(xb, cols[:, None, :], axis=2)
+        elif cols is not None:
+            xb = jnp.take(xb, cols, axis=2)
+        return xb, yb
+
     if n_seeds is not None:
-        step = jax.vmap(step, in_axes=(0, 0, None))
-        fixed_step = jax.vmap(fixed_step)
-        batches = jax.vmap(batches, in_axes=(0, None))
+        c_ax, w_ax = (0 if per_batch else None), (None if wds is None else 0)
+        step = jax.vmap(step, in_axes=(0, 0, None, c_ax, w_ax))
+        fixed_step = jax.vmap(fixed_step, in_axes=(0, 0, 0, c_ax, w_ax))
+        batches = jax.vmap(batches, in_axes=(0, None, c_ax))
 
-    @functools.partial(jax.jit, static_argnames="length", donate_argnums=0)
-    def chunk(state, perm, data, length: int):
+    @functools.partial(jax.jit, static_argnames="length", donate_argnums=0, compiler_options=compiler_options)
+    def chunk(state, perm, data, length: int, cols=None):
+        _check_columns(cfg, cols, n_seeds is not None)
+        wd = None if wds is None else jnp.asarray(wds)
         if cfg.reshuffle:
             def body(s, _):
-                return step(s, perm, data)
+                return step(s, perm, data, cols, wd)
         else:
-            xb, yb = batches(perm, data)
+            xb, yb = batches(perm, data, cols)
 
             def body(s, _):
-                return fixed_step(s, xb, yb)
+                return fixed_step(s, xb, yb, cols, wd)
 
-        state, losses = jax.lax.scan(body, state, None, length=length)
+        state, losses = jax.lax.scan(body, state, None, length=length, unroll=unroll)
         return state, losses[-1]
 
     return chunk
@@ -194,6 +288,7 @@ def run_steps(cfg: TrainConfig, state: TrainState, perm, data: Data, n: int, chu
     from grokjax.schedule import chunk_lengths  # noqa: PLC0415
 
     chunk_fn = chunk_fn or make_train_chunk(cfg)
+    cols = pixel_columns(cfg, perm, data.x_train)
     for length in chunk_lengths(n, cfg.chunk):
-        state, _ = chunk_fn(state, perm, data, length)
+        state, _ = chunk_fn(state, perm, data, length, cols)
     return state

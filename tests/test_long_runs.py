@@ -222,3 +222,29 @@ def test_cli_time_limit_pauses_with_code_75(root, tmp_path):
     assert len(line) == 1 and "of 200000 after" in line[0] and "time limit" in line[0]
     step = int(line[0].split()[3])
     assert ckpt.list_state_steps(d)[-1] == step
+
+
+def test_sweep_pauses_and_resumes_identically(tmp_path, mnist, monkeypatch):
+    kw = dict(SMALL, keep_params="log")
+    ref = run(TrainConfig(out=str(tmp_path / "ref"), **kw), seeds=[0], wds=[0.0, 0.01], mnist=mnist)
+    cfg = TrainConfig(out=str(tmp_path / "r"), **kw)
+    for n in (3, 7):
+        _stop_after(monkeypatch, n, reason="SIGTERM")
+        with pytest.raises(Paused):
+            run(cfg, seeds=[0], wds=[0.0, 0.01], mnist=mnist)
+        monkeypatch.undo()
+    got = run(cfg, seeds=[0], wds=[0.0, 0.01], mnist=mnist)
+    assert [d.name for d in got] == ["wd0_seed0", "wd0.01_seed0"]
+    for a, b in zip(got, ref):
+        assert _records(a) == _records(b)
+        assert ckpt.list_param_steps(a) == ckpt.list_param_steps(b)
+        _same_params(ckpt.load_params(a, 120), ckpt.load_params(b, 120))
+        assert [e["event"] for e in _events(a)] == ["pause", "resume"] * 2
+
+
+@pytest.mark.parametrize("value, msg", [("-0.1,0", "finite numbers >= 0"), ("0,x", "comma-separated weight decays"),
+                                        ("0.01,0.01", "distinct")])
+def test_cli_bad_wds(root, tmp_path, value, msg):
+    r = _cli(root, f"--wds={value}", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

@@ -113,9 +113,10 @@ def test_scan_chunks_equal_plain_step_loop(setup):
     data, perm_np = setup
     perm = jnp.asarray(perm_np)
     step = jax.jit(train.make_step(CFG))
+    cols = jnp.asarray(train.pixel_columns(CFG, perm_np, data.x_train))
     s1 = train.init_state(CFG)
     for _ in range(23):
-        s1, _ = step(s1, perm, data)
+        s1, _ = step(s1, perm, data, cols)
     s2 = train.run_steps(TrainConfig(out="unused", chunk=8), train.init_state(CFG), perm, data, 23)
     assert int(s2.step) == 23
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):

@@ -1,0 +1,151 @@
+"""Skipping FC1's zero input pixels: torch parity, untouched rows exact, reshuffle, old run directories."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grokjax import ckpt, train
+from grokjax.config import TrainConfig
+from grokjax.runner import run
+
+N_STEPS = 300
+
+
+@pytest.fixture(scope="module")
+def setup(mnist):
+    cfg = TrainConfig(out="unused")
+    data = train.make_data(cfg, mnist)
+    perm = train.batch_perm(cfg)
+    x = np.asarray(data.x_train)
+    never = np.flatnonzero(~np.any(x != 0, axis=0))  # zero in all 1,000 training images
+    return data, perm, never
+
+
+@pytest.fixture(scope="module")
+def torch_runs(setup):
+    """The torch reference after N_STEPS at each weight decay (shared by both column sets)."""
+    from torch_reference import train_reference
+
+    data, perm, _ = setup
+    p0 = jax.tree.map(np.asarray, train.init_state(TrainConfig(out="unused")).params)
+    return {wd: train_reference(p0, np.asarray(data.x_train), np.asarray(data.y_train), perm, N_STEPS, wd=wd)[0]
+            for wd in (0.0, 0.01)}
+
+
+def _train(setup, n, **kw):
+    data, perm, _ = setup
+    cfg = TrainConfig(out="unused", chunk=64, **kw)
+    return train.run_steps(cfg, train.init_state(cfg), jnp.asarray(perm), data, n)
+
+
+def test_column_sets(setup):
+    data, perm, never = setup
+    x = np.asarray(data.x_train)
+    sub = train.pixel_columns(TrainConfig(out="u", skip_zero_pixels="subset"), perm, x)
+    assert sub.ndim == 1 and len(sub) + len(never) == 784 and not set(sub) & set(never)
+    per = train.pixel_columns(TrainConfig(out="u", skip_zero_pixels="batch"), perm, x)
+    assert per.shape[0] == 5 and per.shape[1] < len(sub)
+    for b in range(5):
+        xb = x[perm[200 * b:200 * (b + 1)]]
+        nonzero = np.flatnonzero(np.any(xb != 0, axis=0))
+        assert set(per[b]) - set(nonzero) == (set() if len(nonzero) == per.shape[1] else {per[b][-1]})
+        assert set(nonzero) <= set(per[b]) and not xb[:, per[b][len(nonzero):]].any()  # padding: zero columns
+    stacked = train.pixel_columns(TrainConfig(out="u"), np.stack([perm, train.batch_perm(TrainConfig(out="u"), 5)]), x)
+    assert stacked.ndim == 3 and stacked.shape[:2] == (2, 5) and stacked.shape[2] >= per.shape[1]
+    assert train.pixel_columns(TrainConfig(out="u", skip_zero_pixels="off"), perm, x) is None
+    assert train.pixel_columns(TrainConfig(out="u", reshuffle=True), perm, x).tolist() == sub.tolist()
+
+
+@pytest.mark.parametrize("mode", ["batch", "subset"])
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_parity_with_torch_reference(setup, torch_runs, mode, wd):
+    state = _train(setup, N_STEPS, wd=wd, skip_zero_pixels=mode)
+    got, ref = jax.tree.map(np.asarray, state.params), torch_runs[wd]
+    scale = max(np.abs(a).max() for a in jax.tree.leaves(ref))
+    diff = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
+    assert 0 < diff / scale <= 1e-10, f"JAX ({mode}) vs torch relative difference {diff / scale:.3e}"
+
+
+@pytest.mark.parametrize("mode", ["batch", "subset"])
+def test_never_touched_rows_are_exact(setup, mode):
+    _, _, never = setup
+    p0 = np.asarray(train.init_state(TrainConfig(out="unused")).params["fc1"]["kernel"])
+    s0 = _train(setup, 100, skip_zero_pixels=mode)
+    w0 = np.asarray(s0.params["fc1"]["kernel"])
+    np.testing.assert_array_equal(w0[never], p0[never])  # WD 0: bitwise unchanged
+    assert not np.array_equal(w0, p0)
+    mu, nu = s0.opt_state[0].mu["fc1"]["kernel"], s0.opt_state[0].nu["fc1"]["kernel"]
+    assert not np.asarray(mu)[never].any() and not np.asarray(nu)[never].any()
+    dense = np.asarray(_train(setup, 100, wd=0.01, skip_zero_pixels="off").params["fc1"]["kernel"])
+    sparse = np.asarray(_train(setup, 100, wd=0.01, skip_zero_pixels=mode).params["fc1"]["kernel"])
+    np.testing.assert_array_equal(sparse[never], dense[never])  # WD > 0: decay only, bitwise as dense
+    assert not np.array_equal(sparse[never], p0[never])
+    assert not np.array_equal(sparse, dense)  # the other rows differ by summation order
+
+
+def test_chunk_equals_plain_step_loop_with_batch_columns(setup):
+    data, perm_np, _ = setup
+    cfg = TrainConfig(out="unused", chunk=8)
+    perm = jnp.asarray(perm_np)
+    cols = jnp.asarray(train.pixel_columns(cfg, perm_np, data.x_train))
+    step = jax.jit(train.make_step(cfg))
+    s1 = train.init_state(cfg)
+    for _ in range(23):
+        s1, _ = step(s1, perm, data, cols)
+    s2 = train.run_steps(cfg, train.init_state(cfg), perm, data, 23)
+    assert int(s2.step) == 23
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=1e-15)
+
+
+def test_reshuffle_uses_the_subset_columns(setup):
+    _, _, never = setup
+    dense = _train(setup, 30, reshuffle=True, skip_zero_pixels="off")
+    for mode in ("batch", "subset"):
+        got = _train(setup, 30, reshuffle=True, skip_zero_pixels=mode)
+        for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(dense.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-13)
+        p0 = np.asarray(train.init_state(TrainConfig(out="unused")).params["fc1"]["kernel"])
+        np.testing.assert_array_equal(np.asarray(got.params["fc1"]["kernel"])[never], p0[never])
+
+
+def test_wrong_columns_are_refused(setup):
+    data, perm, _ = setup
+    cfg = TrainConfig(out="unused", chunk=8)
+    chunk = train.make_train_chunk(cfg)
+    with pytest.raises(ValueError, match="needs the pixel columns"):
+        chunk(train.init_state(cfg), jnp.asarray(perm), data, 2)
+    off = TrainConfig(out="unused", skip_zero_pixels="off")
+    cols = jnp.asarray(train.pixel_columns(cfg, perm, data.x_train))
+    with pytest.raises(ValueError, match="takes no pixel columns"):
+        train.make_train_chunk(off)(train.init_state(off), jnp.asarray(perm), data, 2, cols)
+
+
+SMALL = dict(steps=120, log_points_per_decade=6, authors_grid=False, chunk=16, progress=False, full_save_secs=0,
+             monitor=False)
+
+
+def test_old_run_directory_resumes_dense(tmp_path, mnist, capsys):
+    ref = run(TrainConfig(out=str(tmp_path / "ref"), skip_zero_pixels="off", **SMALL), mnist=mnist)[0]
+    d = tmp_path / "old"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(TrainConfig(out=str(d), skip_zero_pixels="off", **SMALL), mnist=mnist, crash_after_chunks=6)
+    f = d / "config.json"
+    payload = json.loads(f.read_text())
+    del payload["config"]["skip_zero_pixels"]  # as written before the field existed
+    f.write_text(json.dumps(payload))
+    capsys.readouterr()
+    run(TrainConfig(out=str(d), **SMALL), mnist=mnist)  # the default (batch) on an old directory
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "started before skip_zero_pixels existed" in line]
+    assert len(notes) == 1 and "skip_zero_pixels=off" in notes[0]
+    assert "skip_zero_pixels" not in json.loads(f.read_text())["config"]
+    for layer, leaves in ckpt.load_params(d, 120).items():
+        for k, a in leaves.items():
+            np.testing.assert_array_equal(a, ckpt.load_params(ref, 120)[layer][k])  # dense, bitwise
+    new = run(TrainConfig(out=str(tmp_path / "new"), **SMALL), mnist=mnist)[0]
+    assert json.loads((new / "config.json").read_text())["config"]["skip_zero_pixels"] == "batch"
+    assert not np.array_equal(ckpt.load_params(new, 120)["fc1"]["kernel"], ckpt.load_params(ref, 120)["fc1"]["kernel"])
