@@ -35,6 +35,46 @@ def _seeds(text: str) -> tuple[int, ...]:
     return out
 
 
+def _modes(text: str) -> tuple[str, ...]:
+    out = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in out if m not in ("batch", "subset", "off")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"modes are batch, subset and off, got {text!r}")
+    return out
+
+
+def _sweep(text: str) -> tuple[int, tuple[float, ...]]:
+    """`3x0,0.01`: 3 seeds times the weight decays 0 and 0.01."""
+    try:
+        k, wds = text.split("x", 1)
+        out = int(k), tuple(float(w) for w in wds.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SEEDSxWD,WD like 3x0,0.01, got {text!r}") from None
+    if out[0] < 1 or not out[1] or any(not (w >= 0) for w in out[1]) or len(set(out[1])) != len(out[1]):
+        raise argparse.ArgumentTypeError(f"expected >= 1 seeds and distinct weight decays >= 0, got {text!r}")
+    return out
+
+
+def _variant(text: str) -> tuple[str, int, tuple[tuple[str, str], ...]]:
+    """`NAME:unroll=4` or `NAME:xla_gpu_enable_command_buffer=;xla_gpu_graph_min_graph_size=1`."""
+    name, _, rest = text.partition(":")
+    if not name or not rest:
+        raise argparse.ArgumentTypeError(f"expected NAME:KEY=VALUE;KEY=VALUE, got {text!r}")
+    unroll, options = 1, []
+    for item in rest.split(";"):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE in {text!r}, got {item!r}")
+        if key.strip() == "unroll":
+            try:
+                unroll = int(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"unroll must be an integer, got {value!r}") from None
+        else:
+            options.append((key.strip(), value.strip()))
+    return name, unroll, tuple(options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -48,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="device of the torch reference")
     p.add_argument("--gemm-n", type=int, default=2048, help="side of the square GEMM that measures the floor")
     p.add_argument("--wd", type=float, default=0.0, help="weight decay of both contenders")
+    p.add_argument("--skip-zero-pixels", choices=("batch", "subset", "off"), default="batch",
+                   help="FC1's pixel skipping for the JAX contenders (the main row, seeds, sweep, variants)")
+    p.add_argument("--modes", type=_modes, default=None,
+                   help="other skip-zero-pixels modes timed as 1-seed contenders (default: the other two)")
+    p.add_argument("--sweep", type=_sweep, default=None, metavar="SEEDSxWDS",
+                   help="a vmapped sweep contender, e.g. 3x0,0.01 (3 seeds x 2 weight decays)")
+    p.add_argument("--variant", type=_variant, action="append", default=[], metavar="NAME:KEY=VALUE;...",
+                   help="a 1-seed contender with scan unroll=K and/or XLA options set for its executable, "
+                        "e.g. nocmdbuf:xla_gpu_enable_command_buffer= (repeatable)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     return p
@@ -117,13 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     from grokjax.data import load_mnist  # noqa: PLC0415
     from grokjax.train import batch_perm, init_state, make_data  # noqa: PLC0415
 
-    cfg = TrainConfig(out="unused", wd=args.wd, progress=False)
+    cfg = TrainConfig(out="unused", wd=args.wd, progress=False, skip_zero_pixels=args.skip_zero_pixels)
+    modes = args.modes if args.modes is not None else tuple(
+        m for m in ("batch", "subset", "off") if m != args.skip_zero_pixels)
+    extra = dict(modes=modes, sweep=args.sweep, variants=tuple(args.variant))
     if args.quick:
         opts = bench.BenchOptions(windows=2, window_steps=10, seeds=args.seeds or (1, 2), gemm_n=256,
-                                  gemm_reps=2, eval_reps=2)
+                                  gemm_reps=2, eval_reps=2, **extra)
     else:
         opts = bench.BenchOptions(windows=args.windows, window_steps=args.window_steps,
-                                  seeds=args.seeds or (1, 2, 4, 8), gemm_n=args.gemm_n)
+                                  seeds=args.seeds or (1, 2, 4, 8), gemm_n=args.gemm_n, **extra)
     mnist = load_mnist(verbose=False)
     reference = None
     if not args.skip_torch:
