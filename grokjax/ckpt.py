@@ -10,6 +10,7 @@ neither JAX models nor the training code.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import warnings
@@ -20,6 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 from orbax.checkpoint._src.checkpoint_managers.preservation_policy import PreserveAll
+from orbax.checkpoint._src.serialization import ocdbt_utils, type_handler_registry, type_handlers
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 PARAMS_DIR = "checkpoints/params"
 STATE_DIR = "checkpoints/state"
@@ -27,6 +30,9 @@ FULL_STATES_KEPT = 2
 
 # Orbax logs every save at INFO and warns about its own internals; keep the terminal quiet.
 logging.getLogger("absl").setLevel(logging.WARNING)
+# A process-local save (a sweep over several processes) writes no OCDBT files, which Orbax
+# then reports at every save.
+logging.getLogger("absl").addFilter(lambda rec: "Skipping merge of OCDBT" not in rec.getMessage())
 
 
 class CheckpointError(RuntimeError):
@@ -40,28 +46,84 @@ def _to_numpy(tree: Any) -> Any:
 
 
 def params_manager(run_dir: str | os.PathLike, steps: Iterable[int] | None = None, *,
-                   read_only: bool = False) -> ocp.CheckpointManager:
-    """The params manager: saves exactly at `steps` (evaluation steps, 0 and N), keeps all."""
+                   read_only: bool = False, process_local: bool = False) -> ocp.CheckpointManager:
+    """The params manager: saves exactly at `steps` (evaluation steps, 0 and N), keeps all.
+
+    `process_local`: in a sweep over several processes, only this process writes the directory.
+    """
+    directory = Path(run_dir).absolute() / PARAMS_DIR
+    extra, handlers = _process_local(directory) if process_local else ({"create": not read_only}, {})
     policy = cm.SpecificStepsPolicy(steps=frozenset(int(s) for s in steps)) if steps is not None else None
     opts = ocp.CheckpointManagerOptions(
         save_decision_policy=policy, preservation_policy=PreserveAll(), read_only=read_only,
-        create=not read_only, enable_async_checkpointing=not read_only,
         cleanup_tmp_directories=not read_only,  # drop half-written saves left by a killed run
+        **{"enable_async_checkpointing": not read_only, **extra},
     )
-    return ocp.CheckpointManager(Path(run_dir).absolute() / PARAMS_DIR, options=opts)
+    return ocp.CheckpointManager(directory, options=opts, **handlers)
 
 
-def state_manager(run_dir: str | os.PathLike, final_step: int, min_interval_secs: float) -> ocp.CheckpointManager:
+def _process_local(directory: Path) -> tuple[dict, dict]:
+    """Manager options and handlers for a run directory that only this process of a
+    multi-process sweep writes.
+
+    Orbax otherwise synchronises every save with all the processes, which here write other
+    directories, and lets process 0 alone finish each save.
+    """
+    import jax  # noqa: PLC0415
+
+    directory.mkdir(parents=True, exist_ok=True)  # Orbax cannot create it for one process
+    me = jax.process_index()
+    mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ({"create": False, "multiprocessing_options": mp, "enable_async_checkpointing": False},
+            {"item_handlers": _process_local_handler(mp)})
+
+
+class _ProcessLocalNumpyHandler(type_handlers.NumpyHandler):
+    """Orbax's numpy handler, writing in whichever process saves (Orbax's writes only in process 0).
+
+    `_background_serialize` is Orbax 0.12's, without its `process_index() == 0` condition.
+    """
+
+    async def _background_serialize(self, values, infos, args=None):
+        writes = []
+        for value, info, arg in zip(values, infos, args):
+            await info.await_path_creation()
+            spec = ts_utils.build_array_write_spec(
+                info=info, arg=arg, global_shape=value.shape, local_shape=value.shape, dtype=value.dtype,
+                use_ocdbt=info.is_ocdbt_checkpoint,
+                process_index=ocdbt_utils.get_process_index_for_subdir(
+                    use_ocdbt=info.is_ocdbt_checkpoint, override_ocdbt_process_id=self._override_ocdbt_process_id),
+                metadata_key=self._metadata_key)
+            writes.append(self._open_and_write(value, spec.json, info.ts_context))
+        await asyncio.gather(*writes)
+
+
+def _process_local_handler(mp) -> ocp.StandardCheckpointHandler:
+    """A StandardCheckpointHandler whose numpy arrays this process writes itself, without OCDBT
+    (whose per-process files only process 0 would merge)."""
+    handler = ocp.StandardCheckpointHandler(multiprocessing_options=mp, use_ocdbt=False)
+    registry = type_handler_registry.create_type_handler_registry(*[
+        (ty, _ProcessLocalNumpyHandler() if ty is np.ndarray else h)
+        for ty, h in type_handler_registry._DEFAULT_TYPE_HANDLERS])  # noqa: SLF001
+    handler._impl = ocp.PyTreeCheckpointHandler(multiprocessing_options=mp, use_ocdbt=False,  # noqa: SLF001
+                                                type_handler_registry=registry)
+    return handler
+
+
+def state_manager(run_dir: str | os.PathLike, final_step: int, min_interval_secs: float, *,
+                  process_local: bool = False) -> ocp.CheckpointManager:
     """The resume manager: at most one full state per `min_interval_secs`, always the final
-    step, and only the latest FULL_STATES_KEPT kept."""
+    step, and only the latest FULL_STATES_KEPT kept. `process_local`: see `params_manager`."""
     policy = cm.AnySavePolicy(policies=[
         cm.ContinuousCheckpointingPolicy(minimum_interval_secs=int(min_interval_secs)),
         cm.SpecificStepsPolicy(steps=frozenset([int(final_step)])),
     ])
+    directory = Path(run_dir).absolute() / STATE_DIR
+    extra, handlers = _process_local(directory) if process_local else ({}, {})
     opts = ocp.CheckpointManagerOptions(save_decision_policy=policy,
                                         preservation_policy=cm.LatestN(n=FULL_STATES_KEPT),
-                                        cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(Path(run_dir).absolute() / STATE_DIR, options=opts)
+                                        cleanup_tmp_directories=True, **extra)
+    return ocp.CheckpointManager(directory, options=opts, **handlers)
 
 
 def save_params(mngr: ocp.CheckpointManager, step: int, params: Any) -> bool:

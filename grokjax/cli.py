@@ -10,6 +10,8 @@ import typing
 
 from grokjax.config import ConfigError, TrainConfig, parse_duration, parse_steps
 
+DEFAULT_INIT_TIMEOUT = 300  # seconds (grokjax.distributed.DEFAULT_INIT_TIMEOUT, jax.distributed's default)
+
 # Exit codes of run.py (documented in the README).
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PAUSED = 0, 1, 2, 3, 75
 
@@ -97,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wds", type=_wds, default=None,
                    help="a sweep: every (weight decay, seed) pair of --wds and --seeds (default --seed) "
                         "trained at once into <out>/wd<wd>_seed<k>; overrides --wd")
+    g = p.add_argument_group("a sweep over several processes and hosts (jax.distributed; see the README)")
+    g.add_argument("--coordinator_address", "--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="address of process 0's coordinator; with --num_processes and --process_id")
+    g.add_argument("--num_processes", "--num-processes", type=_int, default=None, metavar="N")
+    g.add_argument("--process_id", "--process-id", type=_int, default=None, metavar="I")
+    g.add_argument("--distributed", choices=("auto",), default=None,
+                   help="auto: JAX detects the processes (SLURM, Open MPI)")
+    g.add_argument("--initialization_timeout", "--initialization-timeout", type=_duration,
+                   default=DEFAULT_INIT_TIMEOUT, metavar="SECONDS",
+                   help="give up (one line, exit 1) when the processes have not all joined within this time")
     p.add_argument("--export", nargs=2, metavar=("RUN", "FOLDER"), default=None,
                    help="write RUN's compact record (config, metrics, events, monitor record, latest "
                         "full state) into the new folder FOLDER and exit; train with --out FOLDER to continue")
@@ -110,19 +122,29 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     seeds, wds = args.pop("seeds"), args.pop("wds")
     export, per_decade = args.pop("export"), args.pop("export_params")
+    join = {k: args.pop(k) for k in ("coordinator_address", "num_processes", "process_id", "distributed",
+                                      "initialization_timeout")}
     if export is not None:
         return _export(*export, per_decade)
     try:
         cfg = TrainConfig(**args)
+        distributed = _check_join(join)
     except ConfigError as e:
         print(f"run.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    group = None
+    if distributed:
+        from grokjax.distributed import initialize  # noqa: PLC0415  (before any other JAX use)
+
+        group = initialize(coordinator_address=join["coordinator_address"], num_processes=join["num_processes"],
+                           process_id=join["process_id"], timeout=join["initialization_timeout"])
     from grokjax.ckpt import CheckpointError  # noqa: PLC0415  (heavy imports after validation)
     from grokjax.data import DataError  # noqa: PLC0415
+    from grokjax.distributed import PeerError  # noqa: PLC0415
     from grokjax.runner import NonFiniteError, Paused, run  # noqa: PLC0415
 
     try:
-        dirs = run(cfg, seeds=seeds, wds=wds)
+        dirs = run(cfg, seeds=seeds, wds=wds, group=group)
     except (ConfigError, DataError) as e:
         print(f"run.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -135,12 +157,34 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"run.py: checkpoint error: {e}", file=sys.stderr)
         return 1
+    except PeerError as e:
+        print(f"run.py: error: {e}; rerun the same command in every process to resume", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("run.py: interrupted; rerun the same command to resume from the last full state", file=sys.stderr)
         return 130
     for d in dirs:
         print(f"run written to {d}", file=sys.stderr)
     return EXIT_OK
+
+
+def _check_join(join: dict) -> bool:
+    """Whether to join a sweep over several processes; refuses incomplete flags (ConfigError)."""
+    explicit = [k for k in ("coordinator_address", "num_processes", "process_id") if join[k] is not None]
+    if join["distributed"] is None and not explicit:
+        return False
+    if join["distributed"] is None and len(explicit) < 3:
+        raise ConfigError("--coordinator_address, --num_processes and --process_id go together "
+                          "(or pass --distributed auto on a cluster JAX detects)")
+    n, i = join["num_processes"], join["process_id"]
+    if n is not None and n < 1:
+        raise ConfigError(f"--num_processes must be >= 1, got {n}")
+    if n is not None and i is not None and not 0 <= i < n:
+        raise ConfigError(f"--process_id must be in 0..{n - 1}, got {i}")
+    address = join["coordinator_address"]
+    if address is not None and (":" not in address or not address.rsplit(":", 1)[1].isdigit()):
+        raise ConfigError(f"--coordinator_address must look like HOST:PORT, got {address!r}")
+    return True
 
 
 def _export(run_dir: str, folder: str, per_decade: int) -> int:

@@ -242,12 +242,12 @@ def _rewrite_records(path: Path, records: list[dict]) -> None:
 class _Replica:
     """One seed's run directory, checkpoint managers and metrics file."""
 
-    def __init__(self, cfg: TrainConfig, steps: np.ndarray):
+    def __init__(self, cfg: TrainConfig, steps: np.ndarray, *, process_local: bool = False):
         self.cfg = cfg
         self.dir = prepare_run_dir(cfg)
         self.kept_params = kept_param_steps(cfg, steps)
-        self.params = ckpt.params_manager(self.dir, self.kept_params)
-        self.state = ckpt.state_manager(self.dir, cfg.steps, cfg.full_save_secs)
+        self.params = ckpt.params_manager(self.dir, self.kept_params, process_local=process_local)
+        self.state = ckpt.state_manager(self.dir, cfg.steps, cfg.full_save_secs, process_local=process_local)
         self.metrics_path = self.dir / METRICS_FILE
         self.metrics = None
         self.monitor = None
@@ -341,8 +341,13 @@ def _state_tree(state: TrainState, perm: np.ndarray, wall: float) -> dict:
             "batch_perm": perm, "wall": np.float64(wall)}
 
 
-def _restore(replicas: list[_Replica], templates: list[dict]) -> tuple[int, list[dict]] | None:
-    """Newest step at which every replica has a readable full state (None: start fresh)."""
+def _restore(replicas: list[_Replica], templates: list[dict], group=None) -> tuple[int, list[dict]] | None:
+    """Newest step at which every replica has a readable full state (None: start fresh).
+
+    With `group`, every replica of every process: the processes agree on the step.
+    """
+    if group is not None:
+        return _restore_agreed(replicas, templates, group)
     common = set.intersection(*(set(r.state.all_steps()) for r in replicas))
     for step in sorted(common, reverse=True):
         states = []
@@ -354,6 +359,32 @@ def _restore(replicas: list[_Replica], templates: list[dict]) -> tuple[int, list
         else:
             return step, states
     return None
+
+
+def _restore_agreed(replicas: list[_Replica], templates: list[dict], group) -> tuple[int, list[dict]] | None:
+    """`_restore` over several processes: the newest step at which all of them read every replica.
+
+    After a process was killed, some replicas may hold newer states than others: those are
+    deleted. An unreadable state is deleted where it was found (ckpt.restore_latest_state), and
+    the processes agree again on what is left.
+    """
+    while True:
+        common = group.common_steps(set.intersection(*(set(r.state.all_steps()) for r in replicas)))
+        newest = max(common, default=-1)
+        for r in replicas:  # states past the common step are recomputed (bitwise) and saved again
+            for s in r.state.all_steps():
+                if s > newest:
+                    r.state.delete(s)
+        if not common:
+            return None
+        step, states = newest, []
+        for r, tmpl in zip(replicas, templates):
+            got = ckpt.restore_latest_state(r.state, tmpl, steps=[step])
+            if got is None:
+                break
+            states.append(got[1])
+        if not group.any(len(states) < len(replicas)):
+            return step, states
 
 
 def _mesh_sharding(n_seeds: int):
@@ -369,7 +400,7 @@ def _mesh_sharding(n_seeds: int):
 
 
 def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | None = None,
-        mnist: dict | None = None, crash_after_chunks: int | None = None) -> list[Path]:
+        mnist: dict | None = None, crash_after_chunks: int | None = None, group=None) -> list[Path]:
     """Trains (or resumes) a run and returns its run directories.
 
     Args:
@@ -380,6 +411,10 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
         mnist: preloaded MNIST arrays (default: `load_mnist`).
         crash_after_chunks: testing aid: raise after dispatching this many chunks, without
             flushing anything, to simulate a crash in the middle of a segment.
+        group: the processes of a sweep over several processes (`grokjax.distributed.Group`):
+            the replicas are sharded over the global mesh, this process writes the run
+            directories of its own replicas (process 0 also `<out>/sweep.json`), and every
+            stop, save and resume decision is taken together.
 
     Raises:
         ConfigError: bad run directory. NonFiniteError: the run diverged (checkpoints kept).
@@ -387,6 +422,11 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
             current step is on disk and rerunning continues bitwise as if never stopped.
     """
     multi = seeds is not None or wds is not None
+    if group is not None:
+        from grokjax import distributed  # noqa: PLC0415
+
+        digest = distributed.config_digest(cfg.to_dict(), seeds, wds)
+        group.check_same(digest)
     if seeds is not None and (len(seeds) < 1 or len(set(seeds)) != len(seeds)):
         raise ConfigError(f"seeds must be distinct, got {seeds}")
     if wds is not None:
@@ -408,13 +448,70 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
         print(f"WARNING: {note}; recorded in config.json", file=sys.stderr)
     steps = eval_steps(cfg.steps, cfg.log_points_per_decade, cfg.authors_grid)
     authors = set(int(s) for s in authors_log_steps(cfg.steps))
-    with _StopRequest(cfg.time_limit) as stop:
-        replicas = [_Replica(c, steps) for c in cfgs]
-        try:
-            return _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks, stop)
-        finally:
-            for r in replicas:
-                r.close()
+    if group is None:
+        with _StopRequest(cfg.time_limit) as stop:
+            replicas = [_Replica(c, steps) for c in cfgs]
+            try:
+                return _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks, stop)
+            finally:
+                for r in replicas:
+                    r.close()
+    return _run_distributed(cfg, cfgs, steps, authors, mnist, group, digest)
+
+
+def _run_distributed(cfg, cfgs, steps, authors, mnist, group, digest: str) -> list[Path]:
+    """`run` for a sweep over several processes: this process's replicas, decisions taken together."""
+    from grokjax import distributed  # noqa: PLC0415
+
+    replicas = []
+    try:
+        lo, hi, sharded, replicated = distributed.layout(len(cfgs), group)
+        if group.index == 0:
+            _write_manifest(cfg, cfgs, group, sharded, digest)
+        layout = _Layout(group, lo, sharded, replicated)
+        with _StopRequest(cfg.time_limit) as stop:
+            replicas = [_Replica(c, steps, process_local=True) for c in cfgs[lo:hi]]
+            _train(cfg, cfgs, replicas, steps, authors, True, mnist, None, stop, layout)
+            return [r.dir for r in replicas]
+    except Paused:
+        raise  # every process pauses at the same step
+    except BaseException as e:
+        group.abort(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        for r in replicas:
+            r.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """A sweep over several processes: the group, this process's first replica, the shardings."""
+
+    group: object
+    lo: int
+    sharded: object
+    replicated: object
+
+
+SWEEP_FILE = "sweep.json"
+
+
+def _write_manifest(cfg: TrainConfig, cfgs: list[TrainConfig], group, sharded, digest: str) -> None:
+    """`<out>/sweep.json`: the replicas, which process writes each, and the configuration hash."""
+    per = len(cfgs) // group.count
+    payload = {"processes": group.count, "devices": int(sharded.mesh.devices.size),
+               "config_hash": digest, "config": cfg.to_dict(),
+               "replicas": [{"dir": Path(c.out).name, "wd": c.wd, "seed": c.seed, "process": i // per}
+                            for i, c in enumerate(cfgs)],
+               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    d = Path(cfg.out)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / (SWEEP_FILE + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(tmp, d / SWEEP_FILE)
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out {d}: {e.strerror or e}") from None
 
 
 def _resume_reason(replicas: list[_Replica], start: int) -> str:
@@ -425,23 +522,30 @@ def _resume_reason(replicas: list[_Replica], start: int) -> str:
             "so the steps after it are recomputed")
 
 
-def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks, stop):
+def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks, stop, layout=None):
+    # layout: a sweep over several processes; `replicas` are then this process's (cfgs[lo:lo+len]),
+    # and every host-side array below (metrics, params, states) holds only their rows.
+    lo = 0 if layout is None else layout.lo
+    mine = slice(lo, lo + len(replicas))
     mnist = mnist if mnist is not None else load_mnist(cfg.cache_dir, cfg.idx_dir)
     data = make_data(cfg, mnist)
     perms = [batch_perm(c) for c in cfgs]
     fresh = [init_state(c) for c in cfgs]
     templates = [_state_tree(s, p, 0.0) for s, p in zip(fresh, perms)]
-    restored = _restore(replicas, templates)
-    start, walls = 0, [0.0] * len(cfgs)
+    restored = _restore(replicas, templates[mine], None if layout is None else layout.group)
+    start, walls = 0, [0.0] * len(replicas)
     if restored is not None:
         start, trees = restored
-        for tree, p in zip(trees, perms):
+        for tree, p in zip(trees, perms[mine]):
             if not np.array_equal(np.asarray(tree["batch_perm"]), p):
                 raise ConfigError("the saved batch order differs from this config's; use --overwrite")
-        fresh = [TrainState(t["params"], t["opt_state"], jnp.asarray(t["step"]), jnp.asarray(t["key"]))
-                 for t in trees]
+        fresh[mine] = [TrainState(t["params"], t["opt_state"], jnp.asarray(t["step"]), jnp.asarray(t["key"]))
+                       for t in trees]
         walls = [float(t["wall"]) for t in trees]
-        if start == cfg.steps and all(r.has_final_record() for r in replicas):
+        complete = start == cfg.steps and all(r.has_final_record() for r in replicas)
+        if layout is not None:
+            complete = not layout.group.any(not complete)
+        if complete:
             print(f"already complete: {cfg.out} ({cfg.steps} steps)", file=sys.stderr)
             return [r.dir for r in replicas]
         reason = _resume_reason(replicas, start)
@@ -461,7 +565,21 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
     evaluate = make_evaluate(n)
     cols = pixel_columns(cfg, np.stack(perms) if multi else perms[0], np.asarray(data.x_train))
     cols = None if cols is None else jnp.asarray(cols)
-    if multi:
+    fetch = jax.device_get
+    if layout is not None:
+        from grokjax import distributed  # noqa: PLC0415
+
+        fetch = distributed.fetch_local
+        sharded, replicated = layout.sharded, layout.replicated
+        state = distributed.to_global(jax.tree.map(lambda *xs: np.stack(xs), *fresh), sharded)
+        perm = distributed.to_global(np.stack(perms), sharded)
+        data = distributed.to_global(data, replicated)
+        if cols is not None:
+            cols = distributed.to_global(cols, sharded if cols.ndim == 3 else replicated)
+        n_dev, n_proc = sharded.mesh.devices.size, layout.group.count
+        print(f"sharding {len(cfgs)} replicas over {n_dev} devices in {n_proc} processes ({len(cfgs) // n_dev} "
+              f"per device); this process writes {', '.join(r.dir.name for r in replicas)}", file=sys.stderr)
+    elif multi:
         state = jax.tree.map(lambda *xs: jnp.stack(xs), *fresh)
         perm = jnp.asarray(np.stack(perms))
         sharded, replicated = _mesh_sharding(len(cfgs))
@@ -487,11 +605,11 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
         for e in (int(s) for s in steps if s >= start):
             pending = None
             for length in chunk_lengths(e - t, cfg.chunk):
-                if stop.should_stop():
+                if _agreed_stop(stop, layout):
                     if pending is not None:
                         _check_probe(*pending, replicas[0])
                         bar.update(pending[2])
-                    _pause(cfg, replicas, state, perms, t, time.perf_counter() - t0, stop, pick_fn)
+                    _pause(cfg, replicas, state, perms[mine], t, time.perf_counter() - t0, stop, pick_fn, fetch)
                 state, last_loss = chunk(state, perm, data, length, cols)
                 dispatched += 1
                 if crash_after_chunks is not None and dispatched >= crash_after_chunks:
@@ -504,10 +622,13 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
             if pending is not None:
                 _check_probe(*pending, replicas[0])
                 bar.update(pending[2])
-            metrics = jax.device_get(evaluate(state.params, data))
-            params_host = jax.device_get(state.params)
+            metrics = fetch(evaluate(state.params, data))
+            params_host = fetch(state.params)
             wall = time.perf_counter() - t0
-            full = jax.device_get(state) if _wants_full_state(replicas[0], e) else None
+            wants = _wants_full_state(replicas[0], e)
+            if layout is not None:  # one decision in every process, so that resume finds a common step
+                wants = layout.group.any(wants)
+            full = fetch(state) if wants else None
             if full is not None and cfg.keep_params != "all":
                 # steps whose params are not kept: their monitor records are on disk before the state
                 for r in replicas:
@@ -527,7 +648,7 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
                     r.monitor.submit(e, jax.tree.map(lambda a: np.array(pick(a)), params_host), rec["test/acc"],
                                      kept=e in r.kept_params)
                 if full is not None:
-                    tree = _state_tree(jax.tree.map(pick, full), perms[i], wall)
+                    tree = _state_tree(jax.tree.map(pick, full), perms[lo + i], wall)
                     if not ckpt.save_state(r.state, e, tree, force=True):
                         raise ckpt.CheckpointError(f"full-state save at step {e} was refused")
             live = replicas[0].monitor.postfix() if replicas[0].monitor is not None else ""
@@ -549,9 +670,17 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
     return [r.dir for r in replicas]
 
 
-def _pause(cfg, replicas, state, perms, t: int, wall: float, stop: _StopRequest, pick_fn) -> None:
+def _agreed_stop(stop: _StopRequest, layout) -> str | None:
+    """The stop decision at a chunk boundary; over several processes, the same in all of them."""
+    if layout is None:
+        return stop.should_stop()
+    stop.reason = layout.group.stop_reason(stop.should_stop())
+    return stop.reason
+
+
+def _pause(cfg, replicas, state, perms, t: int, wall: float, stop: _StopRequest, pick_fn, fetch=jax.device_get) -> None:
     """Writes a full state at step t (also between evaluation steps), records the pause, raises Paused."""
-    full = jax.device_get(state)
+    full = fetch(state)
     if cfg.keep_params != "all":
         for r in replicas:
             r.drain_monitor()
@@ -573,6 +702,10 @@ def _wants_full_state(replica: _Replica, step: int) -> bool:
 
 
 def _check_probe(last_loss, step: int, length: int, replica: _Replica) -> None:
+    if getattr(last_loss, "is_fully_addressable", True) is False:  # a sweep over several processes
+        from grokjax.distributed import local_rows  # noqa: PLC0415
+
+        last_loss = local_rows(last_loss)
     if not np.all(np.isfinite(np.asarray(last_loss))):
         raise NonFiniteError(_nonfinite_message(f"within steps {step - length}..{step}", replica))
 

@@ -1,0 +1,192 @@
+"""A sweep over two local processes joined by jax.distributed (two forced CPU devices each).
+
+Reference: on CPU a process's device count changes the last bits of each device's arithmetic,
+so each process's half of the grid is compared bitwise with the same half trained by one
+process over the same two devices.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from grokjax import ckpt
+from grokjax.cli import build_parser
+
+ARGS = ["--steps", "300", "--width", "64", "--log_points_per_decade", "4", "--authors_grid", "false",
+        "--chunk", "16", "--full_save_secs", "0", "--progress", "false", "--monitor", "false", "--seeds", "0,1"]
+WDS = "0,0.01"
+RUNS = ["wd0_seed0", "wd0_seed1", "wd0.01_seed0", "wd0.01_seed1"]
+TIMEOUT = 300
+
+
+def _env():
+    return {**os.environ, "GROKJAX_OFFLINE": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(root, out, pid, port, extra=(), log=None):
+    cmd = [sys.executable, str(root / "experiments" / "run.py"), *ARGS, "--wds", WDS, "--out", str(out),
+           "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(pid), *extra]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=open(log, "w"))  # noqa: SIM115
+
+
+def _two(root, out, tmp, extra=(None, None), wait=True, tag="run"):
+    """Starts both processes; returns (procs, logs), or (returncodes, stderr texts) with wait."""
+    port = _free_port()
+    logs = [tmp / f"{tag}{i}.log" for i in range(2)]
+    procs = []
+    try:
+        for i in range(2):
+            procs.append(_start(root, out, i, port, extra[i] or (), logs[i]))
+        if not wait:
+            return procs, logs
+        for p in procs:
+            p.wait(timeout=TIMEOUT)
+        return [p.returncode for p in procs], [f.read_text() for f in logs]
+    finally:
+        if wait:
+            _kill(procs)
+
+
+def _kill(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _records(d):
+    return [{k: v for k, v in json.loads(line).items() if k != "time/wall"}
+            for line in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(a, b):
+    assert _records(a) == _records(b), (a, b)
+    steps = ckpt.list_param_steps(a)
+    assert steps == ckpt.list_param_steps(b) and steps[-1] == 300
+    for s in steps:
+        pa, pb = ckpt.load_params(a, s), ckpt.load_params(b, s)
+        for layer in pa:
+            for k in pa[layer]:
+                assert np.array_equal(pa[layer][k], pb[layer][k]), (a, s, layer, k)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, root):
+    """Each process's half of the grid, trained by one process over two devices."""
+    d = tmp_path_factory.mktemp("reference")
+    for wd in ("0", "0.01"):
+        r = subprocess.run([sys.executable, str(root / "experiments" / "run.py"), *ARGS, "--wds", wd,
+                            "--out", str(d)], env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr[-2000:]
+    return d
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, root):
+    d = tmp_path_factory.mktemp("sweep")
+    codes, errs = _two(root, d / "out", d)
+    assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    return d / "out", errs
+
+
+def test_two_processes_equal_one_process(sweep, reference):
+    out, errs = sweep
+    for name in RUNS:
+        _assert_same_run(out / name, reference / name)
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert manifest["processes"] == 2 and manifest["devices"] == 4
+    assert [(r["dir"], r["process"]) for r in manifest["replicas"]] == list(zip(RUNS, (0, 0, 1, 1)))
+    assert "this process writes wd0_seed0, wd0_seed1" in errs[0]
+    assert "this process writes wd0.01_seed0, wd0.01_seed1" in errs[1]
+
+
+def test_config_mismatch_is_refused_before_training(root, tmp_path):
+    codes, errs = _two(root, tmp_path / "out", tmp_path, extra=(None, ["--lr", "0.001"]))
+    assert codes == [2, 2], errs
+    for e in errs:
+        lines = [x for x in e.splitlines() if x.startswith("run.py:")]
+        assert len(lines) == 1 and "process 1 was given a different configuration than process 0" in lines[0], e
+    assert not any((tmp_path / "out" / name).exists() for name in RUNS)
+
+
+def test_sigterm_pauses_every_replica_at_one_step_and_resumes(root, tmp_path, sweep):
+    out = tmp_path / "out"
+    procs, logs = _two(root, out, tmp_path, wait=False, tag="first")
+    try:
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            if len(ckpt.list_param_steps(out / RUNS[0])) >= 3:
+                break
+            time.sleep(0.02)
+        assert all(p.poll() is None for p in procs), "the sweep ended before the SIGTERM"
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=TIMEOUT)
+    finally:
+        _kill(procs)
+    errs = [f.read_text() for f in logs]
+    assert [p.returncode for p in procs] == [75, 75], errs
+    pauses = {json.loads(line)["step"] for name in RUNS
+              for line in (out / name / "events.jsonl").read_text().splitlines()}
+    assert len(pauses) == 1 and 0 < pauses.pop() < 300
+    codes, errs = _two(root, out, tmp_path, tag="second")
+    assert codes == [0, 0], errs
+    assert all("resuming" in e and "paused by SIGTERM" in e and "unreadable" not in e for e in errs), errs
+    for name in RUNS:
+        _assert_same_run(out / name, sweep[0] / name)
+
+
+def test_unreachable_coordinator_gives_up_with_one_line(root, tmp_path):
+    cmd = [sys.executable, str(root / "experiments" / "run.py"), *ARGS, "--wds", WDS, "--out", str(tmp_path / "o"),
+           "--coordinator_address", f"127.0.0.1:{_free_port()}", "--num_processes", "2", "--process_id", "1",
+           "--initialization_timeout", "3"]
+    t0 = time.time()
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not join the other processes" in lines[0], r.stderr
+    assert time.time() - t0 < 60
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--coordinator_address", "127.0.0.1:1234"], "go together"),
+    (["--coordinator_address", "nohost", "--num_processes", "2", "--process_id", "0"], "HOST:PORT"),
+    (["--coordinator_address", "h:1", "--num_processes", "2", "--process_id", "2"], "process_id must be in 0..1"),
+])
+def test_cli_bad_join_flags(root, tmp_path, args, msg):
+    r = subprocess.run([sys.executable, str(root / "experiments" / "run.py"), *args, "--out", str(tmp_path / "x")],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("script, task", [("sweep.sbatch", None), ("sweep_array.sbatch", "1")])
+def test_slurm_templates_render_and_parse(root, script, task):
+    path = root / "experiments" / "slurm" / script
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    text = path.read_text()
+    assert "#SBATCH --signal=B:TERM@" in text and "scontrol requeue" in text and "== 75" in text
+    env = {**os.environ, "GROKJAX_DRY_RUN": "1", "OUT": "sweeps/x", "EXTRA": "--lr 1e-3"}
+    if task is not None:
+        env["SLURM_ARRAY_TASK_ID"] = task
+    r = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    args = build_parser().parse_args(r.stdout.split("\n")[:-1])
+    assert args.distributed == "auto" and args.lr == 1e-3 and args.progress is False
+    assert args.out == ("sweeps/x" if task is None else "sweeps/x/shard1")
+    assert args.seeds == [0, 1, 2, 3] and (args.wds == [0.001] if task else len(args.wds) == 4)
