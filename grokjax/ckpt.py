@@ -30,9 +30,6 @@ FULL_STATES_KEPT = 2
 
 # Orbax logs every save at INFO and warns about its own internals; keep the terminal quiet.
 logging.getLogger("absl").setLevel(logging.WARNING)
-# A process-local save (a sweep over several processes) writes no OCDBT files, which Orbax
-# then reports at every save.
-logging.getLogger("absl").addFilter(lambda rec: "Skipping merge of OCDBT" not in rec.getMessage())
 
 
 class CheckpointError(RuntimeError):
@@ -99,13 +96,13 @@ class _ProcessLocalNumpyHandler(type_handlers.NumpyHandler):
 
 
 def _process_local_handler(mp) -> ocp.StandardCheckpointHandler:
-    """A StandardCheckpointHandler whose numpy arrays this process writes itself, without OCDBT
-    (whose per-process files only process 0 would merge)."""
-    handler = ocp.StandardCheckpointHandler(multiprocessing_options=mp, use_ocdbt=False)
+    """A StandardCheckpointHandler whose numpy arrays this process writes itself (into its
+    OCDBT subfolder, which the handler, primary in this process, merges as usual)."""
+    handler = ocp.StandardCheckpointHandler(multiprocessing_options=mp)
     registry = type_handler_registry.create_type_handler_registry(*[
         (ty, _ProcessLocalNumpyHandler() if ty is np.ndarray else h)
         for ty, h in type_handler_registry._DEFAULT_TYPE_HANDLERS])  # noqa: SLF001
-    handler._impl = ocp.PyTreeCheckpointHandler(multiprocessing_options=mp, use_ocdbt=False,  # noqa: SLF001
+    handler._impl = ocp.PyTreeCheckpointHandler(multiprocessing_options=mp,  # noqa: SLF001
                                                 type_handler_registry=registry)
     return handler
 

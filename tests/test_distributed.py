@@ -18,6 +18,7 @@ import pytest
 
 from grokjax import ckpt
 from grokjax.cli import build_parser
+from grokjax.preflight import check_run
 
 ARGS = ["--steps", "300", "--width", "64", "--log_points_per_decade", "4", "--authors_grid", "false",
         "--chunk", "16", "--full_save_secs", "0", "--progress", "false", "--monitor", "false", "--seeds", "0,1"]
@@ -106,6 +107,8 @@ def test_two_processes_equal_one_process(sweep, reference):
     out, errs = sweep
     for name in RUNS:
         _assert_same_run(out / name, reference / name)
+        check = check_run(out / name)  # the analysis takes every checkpoint, whichever process wrote it
+        assert not check.errors and not check.skipped and check.steps[-1] == 300, (check.errors, check.skipped)
     manifest = json.loads((out / "sweep.json").read_text())
     assert manifest["processes"] == 2 and manifest["devices"] == 4
     assert [(r["dir"], r["process"]) for r in manifest["replicas"]] == list(zip(RUNS, (0, 0, 1, 1)))
