@@ -630,7 +630,7 @@ def analyze_run(run_dir: str | os.PathLike | Run, options: AnalysisOptions | Non
     results = from_monitor + _run_tasks(run, tasks, options, input_spec)
     failed = {row["step"]: row["error"] for _, row in results if "error" in row}
     if failed:
-        preflight.report([f"{_one_line(msg)}; step {s} skipped" for s, msg in sorted(failed.items())],
+        preflight.report([f"step {s} skipped: {_one_line(msg, 300)}" for s, msg in sorted(failed.items())],
                          options.strict)
         run = dataclasses.replace(run, skipped={**run.skipped, **failed},
                                   steps=tuple(s for s in run.steps if s not in failed))
