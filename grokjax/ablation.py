@@ -74,8 +74,8 @@ import scipy.linalg
 from tqdm.auto import tqdm
 
 from grokjax import ckpt, htsr, phases
-from grokjax.analyze import (AnalysisError, AnalysisOptions, analyze_run, checkpoint_seed, find_runs, read_run,
-                              weights_of)
+from grokjax.analyze import (AnalysisError, AnalysisOptions, analyze_run, checkpoint_seed, find_runs, gather,
+                              read_run, weights_of)
 
 LAYERS = ("fc1", "fc2", "fc3")
 VARIANTS = ("noise", "subtract", "mean", "noise_centred", "subtract_centred")
@@ -576,15 +576,7 @@ def _run_tasks(run, steps: list[int], options: AblationOptions) -> list[dict]:
         with cf.ProcessPoolExecutor(max_workers=min(options.workers, len(steps)), mp_context=ctx,
                                     initializer=_init_worker,
                                     initargs=(str(run.path), run.seed, run.config, options.n_draws)) as pool:
-            futures = [pool.submit(_task, s) for s in steps]
-            try:
-                for fut in cf.as_completed(futures):
-                    results.append(fut.result())
-                    bar.update()
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+            results = gather(pool, _task, [(s,) for s in steps], bar)
     finally:
         bar.close()
     return results

@@ -387,17 +387,25 @@ def _run_tasks(run: Run, tasks: list[tuple[int, tuple[str, ...], bool]], options
         with _single_threaded_blas(), cf.ProcessPoolExecutor(
                 max_workers=min(options.workers, len(tasks)), mp_context=ctx, initializer=_init_worker,
                 initargs=(str(run.path), run.seed, options, input_spec)) as pool:
-            futures = [pool.submit(_task, *t) for t in tasks]
-            try:
-                for fut in cf.as_completed(futures):
-                    results.append(fut.result())
-                    bar.update()
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+            results = gather(pool, _task, tasks, bar)
     finally:
         bar.close()
+    return results
+
+
+def gather(pool: cf.Executor, fn, tasks, bar) -> list:
+    """`fn(*task)` for each task in the pool, results in completion order, the bar advanced per
+    result; on any failure the tasks not yet started are cancelled and the error is raised."""
+    futures = [pool.submit(fn, *t) for t in tasks]
+    results = []
+    try:
+        for fut in cf.as_completed(futures):
+            results.append(fut.result())
+            bar.update()
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
     return results
 
 
