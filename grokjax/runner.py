@@ -734,8 +734,23 @@ def _nearest_per_decade(available: list[int], per_decade: int, final: int) -> li
     return sorted(keep)
 
 
+def _portable(tmp: Path, dst: Path) -> None:
+    """Makes an exported record name no path of the machine it came from: config.json's `out`
+    becomes the export folder as given, and Orbax's commit markers (whose text names the
+    directory they were written in; only their presence matters) say only that the commit
+    succeeded."""
+    cfg_file = tmp / CONFIG_FILE
+    payload = json.loads(cfg_file.read_text())
+    payload["config"]["out"] = str(dst)
+    cfg_file.write_text(json.dumps(payload, indent=2) + "\n")
+    for marker in (tmp / "checkpoints").rglob("commit_success.txt"):
+        marker.write_text("Checkpoint commit was successful.")
+
+
 def export_run(run_dir: str | os.PathLike, folder: str | os.PathLike, *, params_per_decade: int = 0) -> Path:
     """Writes a run's compact record into the new folder `folder`, itself a run directory.
+
+    The record names no path of the source machine: config.json's `out` is set to `folder`.
 
     It holds config.json, metrics.jsonl, events.jsonl, the monitor's record (monitor/), the
     latest full state (checkpoints/state/<step>/) and, with `params_per_decade` > 0, about that
@@ -779,6 +794,7 @@ def export_run(run_dir: str | os.PathLike, folder: str | os.PathLike, *, params_
         cfg_steps = int(json.loads((src / CONFIG_FILE).read_text())["config"].get("steps", 1))
         for step in _nearest_per_decade(ckpt.list_param_steps(src), params_per_decade, cfg_steps):
             shutil.copytree(src / ckpt.PARAMS_DIR / str(step), tmp / ckpt.PARAMS_DIR / str(step))
+        _portable(tmp, dst)
         if dst.exists():
             dst.rmdir()
         os.replace(tmp, dst)

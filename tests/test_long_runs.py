@@ -145,6 +145,10 @@ def test_export_mid_run_and_continue_elsewhere(tmp_path, mnist, monkeypatch, ref
     monkeypatch.undo()
     out = export_run(tmp_path / "r", tmp_path / "exported", params_per_decade=2)
     assert ckpt.list_state_steps(out) == [info.value.step]
+    assert json.loads((out / "config.json").read_text())["config"]["out"] == str(tmp_path / "exported")
+    for f in out.rglob("*"):  # nothing names the source run's directory
+        if f.is_file() and f.suffix in ("", ".txt", ".json", ".jsonl"):
+            assert str(tmp_path / "r") + "/" not in f.read_text(errors="ignore") + "/", f
     kept = ckpt.list_param_steps(out)
     assert 0 < len(kept) < len(ckpt.list_param_steps(tmp_path / "r")) and kept[0] == 0
     run(TrainConfig(out=str(out), **SMALL), mnist=mnist)
