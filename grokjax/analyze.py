@@ -106,7 +106,7 @@ class AnalysisOptions:
     htsr: HTSROptions = dataclasses.field(default_factory=HTSROptions)
     progress: ProgressOptions = dataclasses.field(default_factory=ProgressOptions)
     ww_stride: int = 1
-    k_shuffles: int = 10
+    k_shuffles: int = MONITOR_K_SHUFFLES
     use_monitor: bool = True
     workers: int = 2
     progress_bar: bool = True

@@ -205,24 +205,21 @@ def fig_overlay(steps: pd.DataFrame, path: Path) -> Path:
 
 
 def rand_spectra(weights: dict, seed: int, options: htsr.HTSROptions | None = None) -> dict[str, dict]:
-    """W^rand ESDs and MP fits of each layer, from the analysis' shuffle stream.
-
-    Walks `RandomState(seed)` through fc1, fc2, fc3 like `htsr.analyze_weights(rng=...)`:
-    per layer the pooled shuffles, then the one extra (discarded) shuffle WW draws.
+    """W^rand ESDs and MP fits of each layer, from the analysis' shuffle stream
+    (`monitor.shuffle_spectra`), so the traps drawn are the ones counted.
 
     Returns:
         {layer: {'rescaled': eigenvalues scaled to mean 1, 'Q', 'M', 'mp': fit_mp result}}.
     """
-    rng = np.random.RandomState(seed)
-    out = {}
-    for name, W in weights.items():
-        W = np.asarray(W, dtype=np.float64)
-        N, M = max(W.shape), min(W.shape)
-        evals = htsr.shuffle_esd(W, rng)
-        rng.shuffle(np.empty(W.size))
-        mp = htsr.fit_mp(evals, N / M, M)
-        out[name] = dict(rescaled=evals * evals.size / np.sum(evals), Q=N / M, M=M, mp=mp)
-    return out
+    from grokjax.monitor import shuffle_spectra  # noqa: PLC0415
+
+    return {name: _rand_spectrum(ev, *np.shape(weights[name])) for name, ev in shuffle_spectra(weights, seed).items()}
+
+
+def _rand_spectrum(evals: np.ndarray, rows: int, cols: int) -> dict:
+    """One layer's entry of `rand_spectra` from its pooled W^rand eigenvalues."""
+    N, M = max(rows, cols), min(rows, cols)
+    return dict(rescaled=evals * evals.size / np.sum(evals), Q=N / M, M=M, mp=htsr.fit_mp(evals, N / M, M))
 
 
 def mp_density(x: np.ndarray, sigma: float, Q: float) -> np.ndarray:
@@ -273,12 +270,9 @@ def spectra_at(run_dir: Path, step: int, run_seed: int) -> tuple[dict[str, np.nd
 
     stored = monitor.read_spectra(run_dir, int(step))
     rows = {r["layer"]: r for r in next(r for r in monitor.read_records(run_dir) if r["step"] == int(step))["layers"]}
-    esd, rand = {}, {}
-    for layer, sp in stored.items():
-        N, M = int(rows[layer]["N"]), int(rows[layer]["M"])
-        ev = sp["rand"]
-        esd[layer] = sp["esd"]
-        rand[layer] = dict(rescaled=ev * ev.size / np.sum(ev), Q=N / M, M=M, mp=htsr.fit_mp(ev, N / M, M))
+    esd = {layer: sp["esd"] for layer, sp in stored.items()}
+    rand = {layer: _rand_spectrum(sp["rand"], int(rows[layer]["N"]), int(rows[layer]["M"]))
+            for layer, sp in stored.items()}
     return esd, rand
 
 

@@ -199,7 +199,6 @@ class Monitor:
         self.seconds = 0.0
         self.warning = LiveWarning()
         self._test_acc = {int(r["step"]): r.get("test/acc") for r in metrics}
-        self.latest = {}
         (self.dir / MONITOR_DIR / SPECTRA_DIR).mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_records(self.dir) if r["step"] < start]
         self._rewrite(kept)
@@ -289,7 +288,7 @@ class Monitor:
 
     def _backfill_one(self) -> None:
         s = self._backfill.pop(0)
-        if not ckpt.list_param_steps(self.dir) or s not in set(ckpt.list_param_steps(self.dir)):
+        if s not in ckpt.list_param_steps(self.dir):  # removed since the start
             return
         rec, spectra = compute_record(ckpt.load_params(self.dir, s), step=s, run_seed=self.run_seed,
                                       inputs=self.inputs)

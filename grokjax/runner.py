@@ -43,7 +43,6 @@ METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "events.jsonl"
 # keep_params=log keeps about this many params checkpoints a decade (plus the authors' steps).
 LOG_PARAMS_PER_DECADE = 5
-PERSISTENCE = 3  # the live warning's streak (grokjax.monitor.PERSISTENCE)
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "grokjax")
 
 
@@ -298,6 +297,8 @@ class _Replica:
 
     def warn(self, w: dict) -> None:
         """Prints and records one live early warning (called from the monitor's thread)."""
+        from grokjax.monitor import PERSISTENCE  # noqa: PLC0415
+
         tqdm.write(f"WARNING: {self.dir.name}: step {w['step']}: {w['layer']} {w['signal']} "
                    f"(value {w['value']:.4g}) at {PERSISTENCE} consecutive evaluations since step {w['onset']}, "
                    "after the best test accuracy so far", file=sys.stderr)
@@ -329,10 +330,8 @@ def kept_param_steps(cfg: TrainConfig, steps: np.ndarray) -> set[int]:
         return all_steps
     if cfg.keep_params == "none":
         return set()
-    ev = np.array(sorted(all_steps))
     keep = {0, int(cfg.steps)} | set(int(s) for s in authors_log_steps(cfg.steps))
-    for target in log_grid_steps(cfg.steps, LOG_PARAMS_PER_DECADE):
-        keep.add(int(ev[np.argmin(np.abs(np.log(np.maximum(ev, 1)) - np.log(max(target, 1))))]))
+    keep |= set(_nearest_per_decade(sorted(all_steps), LOG_PARAMS_PER_DECADE, cfg.steps))
     return keep & all_steps
 
 
@@ -720,9 +719,6 @@ def _nonfinite_message(where: str, r: _Replica) -> str:
 # --------------------------------------------------------------------------------------
 # Export: a run's compact, portable record
 
-MONITOR_DIR = "monitor"
-
-
 def _nearest_per_decade(available: list[int], per_decade: int, final: int) -> list[int]:
     """About `per_decade` of the available steps a decade (nearest on a log grid), plus 0 and the last."""
     if per_decade <= 0 or not available:
@@ -781,6 +777,8 @@ def export_run(run_dir: str | os.PathLike, folder: str | os.PathLike, *, params_
         for name in (CONFIG_FILE, METRICS_FILE, EVENTS_FILE):
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
+        from grokjax.monitor import MONITOR_DIR  # noqa: PLC0415
+
         if (src / MONITOR_DIR).is_dir():
             shutil.copytree(src / MONITOR_DIR, tmp / MONITOR_DIR)
         for step in sorted(states, reverse=True):  # the newest state that copies completely
