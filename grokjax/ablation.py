@@ -75,7 +75,7 @@ from tqdm.auto import tqdm
 
 from grokjax import ckpt, htsr, phases
 from grokjax.analyze import (AnalysisError, AnalysisOptions, analyze_run, checkpoint_seed, find_runs, gather,
-                              read_run, weights_of)
+                              quiet_worker_stderr, read_run, weights_of)
 
 LAYERS = ("fc1", "fc2", "fc3")
 VARIANTS = ("noise", "subtract", "mean", "noise_centred", "subtract_centred")
@@ -550,6 +550,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(run_dir: str, run_seed: int, config: dict, n_draws: int) -> None:
+    quiet_worker_stderr()
     _WORKER.update(run_dir=run_dir, run_seed=run_seed, n_draws=n_draws, data=load_eval_data(config))
     warnings.filterwarnings("ignore", category=RuntimeWarning)
 

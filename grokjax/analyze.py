@@ -41,6 +41,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -326,11 +327,25 @@ def _exit_without_finalizing() -> None:
     os._exit(0)
 
 
+def quiet_worker_stderr() -> None:
+    """In a worker process that restores checkpoints: Orbax's late "Event loop is closed"
+    tracebacks never reach the user (failures are returned as results), whether they are
+    printed or logged, and the process ends without interpreter finalization."""
+    original = sys.stderr
+    sys.stderr = _QuietLoopErrors(original)
+    # Handlers made at import (absl's, through Orbax) hold the original stream: asyncio's
+    # "Exception in callback ... Event loop is closed" reaches them through logging.
+    for logger in (logging.getLogger(), logging.getLogger("absl")):
+        for h in logger.handlers:
+            if isinstance(h, logging.StreamHandler) and h.stream in (original, sys.__stderr__):
+                h.setStream(sys.stderr)
+    atexit.register(_exit_without_finalizing)
+
+
 def _init_worker(run_dir: str, run_seed: int, options: AnalysisOptions, input_spec: dict | None) -> None:
     """Per-process state. Workers load the images themselves (from the offline MNIST cache),
     so that nothing large travels through the spawn pipe."""
-    sys.stderr = _QuietLoopErrors(sys.stderr)
-    atexit.register(_exit_without_finalizing)
+    quiet_worker_stderr()
     inputs = progress.load_inputs(**input_spec) if input_spec is not None else {}
     _WORKER.update(run_dir=run_dir, run_seed=run_seed, options=options, inputs=inputs)
     warnings.filterwarnings("ignore", category=RuntimeWarning)
