@@ -294,22 +294,26 @@ class _QuietLoopErrors(io.TextIOBase):
 
     def __init__(self, stream) -> None:
         super().__init__()
-        self._stream, self._partial, self._held = stream, "", []
+        self._stream = stream
+        self._partial: dict[int, str] = {}  # per writing thread: tracebacks of two threads interleave
+        self._held: dict[int, list[str]] = {}
         self._lock = threading.Lock()
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
+        me = threading.get_ident()
         with self._lock:
-            *lines, self._partial = (self._partial + text).split("\n")
+            *lines, self._partial[me] = (self._partial.get(me, "") + text).split("\n")
+            held = self._held.setdefault(me, [])
             for line in lines:
-                if self._held or line.startswith("Traceback (most recent call last):"):
-                    self._held.append(line)
+                if held or line.startswith("Traceback (most recent call last):"):
+                    held.append(line)
                     if not line.startswith((" ", "Traceback")):  # the exception line ends the block
                         if line.strip() != self._END:
-                            self._stream.write("\n".join(self._held) + "\n")
-                        self._held = []
+                            self._stream.write("\n".join(held) + "\n")
+                        held.clear()
                 else:
                     self._stream.write(line + "\n")
             self._stream.flush()
