@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from grokjax import htsr, wwadapter
+from grokjax.analysis import htsr, wwadapter
 
 SHAPES = {"fc1": (200, 784), "fc2": (200, 200), "fc3": (10, 200)}
 

@@ -1,14 +1,12 @@
 """Shared fixtures: offline MNIST (from the verified cache), small configs, the repo root."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("GROKJAX_OFFLINE", "1")  # tests never touch the download mirrors
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 import grokjax  # noqa: E402,F401  (enables x64 before JAX creates arrays)
 

@@ -1,4 +1,4 @@
-"""Correlation-trap ablation (grokjax.ablation): planted traps found and removed, the shuffle
+"""Correlation-trap ablation (grokjax.analysis.ablation): planted traps found and removed, the shuffle
 replayed exactly, the counts equal to the analysis', and the experiment on a short real run.
 
 Planted traps are a few large entries in Gaussian noise: each survives any shuffle as a
@@ -14,8 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from grokjax import ablation, ckpt, htsr, progress
-from grokjax.analyze import checkpoint_seed, weights_of
+from grokjax.analysis import ablation, htsr, progress
+
+from grokjax import ckpt
+from grokjax.analysis.pipeline import checkpoint_seed, weights_of
 
 ROOT = Path(__file__).resolve().parents[1]
 Q_FC1 = 784 / 200
@@ -177,8 +179,8 @@ def test_bad_inputs():
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory, mnist):
     """300 training steps, evaluated and checkpointed at 10 log-spaced steps."""
-    from grokjax.config import TrainConfig
-    from grokjax.runner import run
+    from grokjax.train.config import TrainConfig
+    from grokjax.train.runner import run
 
     cfg = TrainConfig(out=str(tmp_path_factory.mktemp("abl") / "wd0"), steps=300, log_points_per_decade=3,
                       authors_grid=False, chunk=64, progress=False, full_save_secs=0)

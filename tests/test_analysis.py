@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from grokjax import htsr, phases, report
-from grokjax.analyze import AnalysisOptions, analyze_run, checkpoint_seed, find_runs, weights_of
+from grokjax.analysis import htsr, phases, report
+from grokjax.analysis.pipeline import AnalysisOptions, analyze_run, checkpoint_seed, find_runs, weights_of
 from helpers import torch_init as _torch_init
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,7 +245,7 @@ def test_analyze_run_synthetic(synthetic_run):
     np.testing.assert_array_equal(layers2["alpha"].to_numpy(), layers["alpha"].to_numpy())
     np.testing.assert_array_equal(steps2["progress/circuit"].to_numpy(), steps["progress/circuit"].to_numpy())
     # Other options -> a different key -> recomputed.
-    from grokjax.progress import ProgressOptions
+    from grokjax.analysis.progress import ProgressOptions
 
     _, steps3 = analyze_run(synthetic_run, AnalysisOptions(engine="native", workers=1, progress_bar=False,
                                                            progress=ProgressOptions(paper_text=True)))

@@ -37,8 +37,8 @@ SPECTRA_MAIN = _spectra_main()
 @pytest.fixture(scope="session")
 def golden(tmp_path_factory, mnist):
     """A 300-step run, analysed once (outputs, figures and cache in <run>/analysis)."""
-    from grokjax.config import TrainConfig
-    from grokjax.runner import run
+    from grokjax.train.config import TrainConfig
+    from grokjax.train.runner import run
 
     d = tmp_path_factory.mktemp("golden") / "wd0"
     # monitor=False: these cases are about params checkpoints (with a monitor record a missing or
@@ -317,7 +317,7 @@ def test_full_disk_leaves_the_previous_outputs(run_dir, capfd, monkeypatch):
 
 def test_publish_failure_rolls_back(run_dir, monkeypatch):
     """A rename that fails half-way through publishing puts every previous file back."""
-    from grokjax import outdir
+    from grokjax.analysis import outdir
 
     out = run_dir / "analysis"
     before = _snapshot(out)

@@ -6,12 +6,12 @@ import os
 import subprocess
 import sys
 
-from grokjax import bench
-from grokjax.config import TrainConfig
+from grokjax.bench import core
+from grokjax.train.config import TrainConfig
 
 
 def test_flops_per_step_counts_the_nine_gemms():
-    f = bench.flops_per_step(TrainConfig(out="unused"))
+    f = core.flops_per_step(TrainConfig(out="unused"))
     fwd = 2 * 200 * (784 * 200 + 200 * 200 + 200 * 10)
     assert f == {"forward": fwd, "weight_grads": fwd, "input_grads": 2 * 200 * (200 * 200 + 200 * 10),
                  "total": 2 * fwd + 2 * 200 * (200 * 200 + 200 * 10)}

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from grokjax import ckpt
-from grokjax.cli import build_parser
-from grokjax.preflight import check_run
+from grokjax.train.cli import build_parser
+from grokjax.analysis.preflight import check_run
 
 ARGS = ["--steps", "300", "--width", "64", "--log_points_per_decade", "4", "--authors_grid", "false",
         "--chunk", "16", "--full_save_secs", "0", "--progress", "false", "--monitor", "false", "--seeds", "0,1"]

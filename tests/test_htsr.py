@@ -1,10 +1,10 @@
-"""Tests of the native HTSR engine (grokjax.htsr) and the WeightWatcher adapter.
+"""Tests of the native HTSR engine (grokjax.analysis.htsr) and the WeightWatcher adapter.
 
 Ground truth comes from three places: distributions with known answers (Pareto tails,
 Gaussian matrices inside the Marchenko-Pastur bulk, planted large entries), numerical
 integration (the MP CDF), and WeightWatcher 0.7.5.5 itself run on the same matrices and
 the same shuffle stream (weightwatcher is a test dependency; it is reached only through
-grokjax.wwadapter).
+grokjax.analysis.wwadapter).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import scipy.integrate
 
-from grokjax import htsr, wwadapter
+from grokjax.analysis import htsr, wwadapter
 
 REL = 1e-8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -367,7 +367,7 @@ def test_adapter_without_torch_imports_cleanly_in_a_fresh_process():
                       if isinstance(lg, logging.Logger)}
             return list(warnings.filters), root.level, list(root.handlers), levels, logging.root.manager.disable
 
-        from grokjax import wwadapter  # imports numpy/scipy (which add their own filters), not WW
+        from grokjax.analysis import wwadapter  # imports numpy/scipy (which add their own filters), not WW
 
         before = state()
         rows = wwadapter.analyze_weights_ww({"fc1": np.random.RandomState(0).standard_normal((30, 60))},

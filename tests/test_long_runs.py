@@ -10,9 +10,11 @@ import time
 import numpy as np
 import pytest
 
-from grokjax import ckpt, runner
-from grokjax.config import ConfigError, TrainConfig, parse_duration
-from grokjax.runner import Paused, export_run, run
+from grokjax import ckpt
+
+from grokjax.train import runner
+from grokjax.train.config import ConfigError, TrainConfig, parse_duration
+from grokjax.train.runner import Paused, export_run, run
 
 SMALL = dict(steps=120, log_points_per_decade=6, authors_grid=False, chunk=16, progress=False, full_save_secs=0,
              monitor=False)
@@ -40,7 +42,7 @@ def reference(tmp_path_factory, mnist):
 
 def _mid_segment_checks(cfg, skip=0):
     """(check number, step) of stop checks that fall strictly between two evaluation steps."""
-    from grokjax.schedule import chunk_lengths, eval_steps
+    from grokjax.train.schedule import chunk_lengths, eval_steps
 
     out, n, t = [], 0, 0
     evals = [int(e) for e in eval_steps(cfg.steps, cfg.log_points_per_decade, cfg.authors_grid)]

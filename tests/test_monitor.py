@@ -6,10 +6,12 @@ import math
 import numpy as np
 import pytest
 
-from grokjax import analyze, ckpt, monitor, progress
-from grokjax.config import TrainConfig
-from grokjax.monitor import LiveWarning
-from grokjax.runner import run
+from grokjax.analysis import pipeline, monitor, progress
+
+from grokjax import ckpt
+from grokjax.train.config import TrainConfig
+from grokjax.analysis.monitor import LiveWarning
+from grokjax.train.runner import run
 
 SMALL = dict(steps=300, log_points_per_decade=3, authors_grid=False, chunk=64, progress=False, full_save_secs=0)
 
@@ -64,7 +66,7 @@ def test_monitor_records_equal_the_analysis_of_each_checkpoint(monitored, mnist)
     assert [r["step"] for r in recs] == metrics
     inputs = progress.load_inputs(100, 0, 0, mnist=mnist)
     for r in recs[-3:]:
-        layers, measures = analyze.analyze_checkpoint(ckpt.load_params(monitored, r["step"]), step=r["step"],
+        layers, measures = pipeline.analyze_checkpoint(ckpt.load_params(monitored, r["step"]), step=r["step"],
                                                       run_seed=0, options=monitor.monitor_options(), inputs=inputs)
         assert len(layers) == 3 and {x["layer"] for x in layers} == {"fc1", "fc2", "fc3"}
         for got, want in zip(r["layers"], layers):
@@ -101,7 +103,7 @@ def test_monitor_cli_bad_input(tmp_path):
 
 
 def _table(d, use_monitor):
-    from grokjax.analyze import AnalysisOptions, analyze_run
+    from grokjax.analysis.pipeline import AnalysisOptions, analyze_run
 
     opts = AnalysisOptions(engine="native", workers=1, progress_bar=False, write=False, reuse=False,
                            use_monitor=use_monitor)

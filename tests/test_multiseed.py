@@ -8,8 +8,8 @@ import sys
 import numpy as np
 
 from grokjax import ckpt
-from grokjax.config import TrainConfig
-from grokjax.runner import run
+from grokjax.train.config import TrainConfig
+from grokjax.train.runner import run
 
 SMALL = dict(steps=60, log_points_per_decade=4, authors_grid=False, chunk=16, progress=False, monitor=False)
 
@@ -45,8 +45,8 @@ def test_seed_axis_sharded_over_two_cpu_devices(tmp_path, root, mnist):
     ref = run(TrainConfig(out=str(tmp_path / "ref"), **SMALL), seeds=[1, 2], mnist=mnist)
     code = (
         "import grokjax, jax, sys\n"
-        "from grokjax.config import TrainConfig\n"
-        "from grokjax.runner import run\n"
+        "from grokjax.train.config import TrainConfig\n"
+        "from grokjax.train.runner import run\n"
         "assert len(jax.devices()) == 2, jax.devices()\n"
         f"run(TrainConfig(out=sys.argv[1], **{SMALL!r}), seeds=[1, 2])\n"
     )
@@ -80,8 +80,8 @@ def test_sweep_sharded_over_two_cpu_devices(tmp_path, root, mnist):
     ref = run(TrainConfig(out=str(tmp_path / "ref"), **SMALL), seeds=[1], wds=[0.0, 0.01], mnist=mnist)
     code = (
         "import grokjax, jax, sys\n"
-        "from grokjax.config import TrainConfig\n"
-        "from grokjax.runner import run\n"
+        "from grokjax.train.config import TrainConfig\n"
+        "from grokjax.train.runner import run\n"
         "assert len(jax.devices()) == 2, jax.devices()\n"
         f"run(TrainConfig(out=sys.argv[1], **{SMALL!r}), seeds=[1], wds=[0.0, 0.01])\n"
     )

@@ -1,6 +1,6 @@
 """Definitions that must stay right on a collapsing run: mean-aware traps and alpha
-(grokjax.htsr.extended_metrics, rand_spectrum), the persistent early-warning rule, the
-length-independent pre-grokking edge and the phase windows (grokjax.phases).
+(grokjax.analysis.htsr.extended_metrics, rand_spectrum), the persistent early-warning rule, the
+length-independent pre-grokking edge and the phase windows (grokjax.analysis.phases).
 
 Ground truth: Gaussian noise with a planted mean (a rank-1 spike that a shuffle keeps but
 centring removes), a planted block of large entries (localised: a trap either way), and
@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from grokjax import htsr
+from grokjax.analysis import htsr
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -157,7 +157,7 @@ from pathlib import Path  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from grokjax import phases  # noqa: E402
+from grokjax.analysis import phases  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -341,9 +341,9 @@ def test_early_warning_is_persistent_from_the_peak_and_counts_false_alarms():
 
 
 # --------------------------------------------------------------------------------------
-# Tables over phase windows (grokjax.phase_tables via grokjax.report.build_tables)
+# Tables over phase windows (grokjax.analysis.phase_tables via grokjax.analysis.report.build_tables)
 
-from grokjax import phase_tables, report  # noqa: E402
+from grokjax.analysis import phase_tables, report  # noqa: E402
 
 
 def _run_tables(run, seed, n_steps, collapse, centred):
@@ -446,8 +446,8 @@ def test_ks_of_a_square_noise_matrix_depends_on_sigma():
 
 
 def test_paper_text_sparsity_uses_all_training_images():
-    from grokjax import progress
-    from grokjax.progress import ProgressOptions
+    from grokjax.analysis import progress
+    from grokjax.analysis.progress import ProgressOptions
     from helpers import torch_init
 
     params = torch_init(np.random.default_rng(0))

@@ -1,4 +1,4 @@
-"""Progress measures (grokjax.progress): hand-computed values on tiny matrices and the
+"""Progress measures (grokjax.analysis.progress): hand-computed values on tiny matrices and the
 init-scale sanity values of protocol.md §11."""
 
 import math
@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from grokjax import progress
-from grokjax.progress import ProgressOptions
+from grokjax.analysis import progress
+from grokjax.analysis.progress import ProgressOptions
 from helpers import torch_init as _torch_init
 
 

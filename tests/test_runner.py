@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from grokjax import ckpt
-from grokjax.config import ConfigError, TrainConfig
-from grokjax.runner import NonFiniteError, run
+from grokjax.train.config import ConfigError, TrainConfig
+from grokjax.train.runner import NonFiniteError, run
 
 SMALL = dict(steps=120, log_points_per_decade=6, authors_grid=False, chunk=16, progress=False, full_save_secs=0,
              monitor=False)

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grokjax import ckpt, train
-from grokjax.config import TrainConfig
-from grokjax.runner import run
+from grokjax import ckpt
+
+from grokjax.train import engine
+from grokjax.train.config import TrainConfig
+from grokjax.train.runner import run
 
 N_STEPS = 300
 
@@ -17,8 +19,8 @@ N_STEPS = 300
 @pytest.fixture(scope="module")
 def setup(mnist):
     cfg = TrainConfig(out="unused")
-    data = train.make_data(cfg, mnist)
-    perm = train.batch_perm(cfg)
+    data = engine.make_data(cfg, mnist)
+    perm = engine.batch_perm(cfg)
     x = np.asarray(data.x_train)
     never = np.flatnonzero(~np.any(x != 0, axis=0))  # zero in all 1,000 training images
     return data, perm, never
@@ -27,10 +29,10 @@ def setup(mnist):
 @pytest.fixture(scope="module")
 def torch_runs(setup):
     """The torch reference after N_STEPS at a weight decay, computed once (shared by both column sets)."""
-    from torch_reference import train_reference
+    from grokjax.bench.torch_reference import train_reference
 
     data, perm, _ = setup
-    p0 = jax.tree.map(np.asarray, train.init_state(TrainConfig(out="unused")).params)
+    p0 = jax.tree.map(np.asarray, engine.init_state(TrainConfig(out="unused")).params)
     done = {}
 
     def get(wd):
@@ -44,25 +46,25 @@ def torch_runs(setup):
 def _train(setup, n, **kw):
     data, perm, _ = setup
     cfg = TrainConfig(out="unused", chunk=64, **kw)
-    return train.run_steps(cfg, train.init_state(cfg), jnp.asarray(perm), data, n)
+    return engine.run_steps(cfg, engine.init_state(cfg), jnp.asarray(perm), data, n)
 
 
 def test_column_sets(setup):
     data, perm, never = setup
     x = np.asarray(data.x_train)
-    sub = train.pixel_columns(TrainConfig(out="u", skip_zero_pixels="subset"), perm, x)
+    sub = engine.pixel_columns(TrainConfig(out="u", skip_zero_pixels="subset"), perm, x)
     assert sub.ndim == 1 and len(sub) + len(never) == 784 and not set(sub) & set(never)
-    per = train.pixel_columns(TrainConfig(out="u", skip_zero_pixels="batch"), perm, x)
+    per = engine.pixel_columns(TrainConfig(out="u", skip_zero_pixels="batch"), perm, x)
     assert per.shape[0] == 5 and per.shape[1] < len(sub)
     for b in range(5):
         xb = x[perm[200 * b:200 * (b + 1)]]
         nonzero = np.flatnonzero(np.any(xb != 0, axis=0))
         assert set(per[b]) - set(nonzero) == (set() if len(nonzero) == per.shape[1] else {per[b][-1]})
         assert set(nonzero) <= set(per[b]) and not xb[:, per[b][len(nonzero):]].any()  # padding: zero columns
-    stacked = train.pixel_columns(TrainConfig(out="u"), np.stack([perm, train.batch_perm(TrainConfig(out="u"), 5)]), x)
+    stacked = engine.pixel_columns(TrainConfig(out="u"), np.stack([perm, engine.batch_perm(TrainConfig(out="u"), 5)]), x)
     assert stacked.ndim == 3 and stacked.shape[:2] == (2, 5) and stacked.shape[2] >= per.shape[1]
-    assert train.pixel_columns(TrainConfig(out="u", skip_zero_pixels="off"), perm, x) is None
-    assert train.pixel_columns(TrainConfig(out="u", reshuffle=True), perm, x).tolist() == sub.tolist()
+    assert engine.pixel_columns(TrainConfig(out="u", skip_zero_pixels="off"), perm, x) is None
+    assert engine.pixel_columns(TrainConfig(out="u", reshuffle=True), perm, x).tolist() == sub.tolist()
 
 
 @pytest.mark.parametrize("mode", ["batch", "subset"])
@@ -78,7 +80,7 @@ def test_parity_with_torch_reference(setup, torch_runs, mode, wd):
 @pytest.mark.parametrize("mode", ["batch", "subset"])
 def test_never_touched_rows_are_exact(setup, mode):
     _, _, never = setup
-    p0 = np.asarray(train.init_state(TrainConfig(out="unused")).params["fc1"]["kernel"])
+    p0 = np.asarray(engine.init_state(TrainConfig(out="unused")).params["fc1"]["kernel"])
     s0 = _train(setup, 100, skip_zero_pixels=mode)
     w0 = np.asarray(s0.params["fc1"]["kernel"])
     np.testing.assert_array_equal(w0[never], p0[never])  # WD 0: bitwise unchanged
@@ -96,12 +98,12 @@ def test_chunk_equals_plain_step_loop_with_batch_columns(setup):
     data, perm_np, _ = setup
     cfg = TrainConfig(out="unused", chunk=8)
     perm = jnp.asarray(perm_np)
-    cols = jnp.asarray(train.pixel_columns(cfg, perm_np, data.x_train))
-    step = jax.jit(train.make_step(cfg))
-    s1 = train.init_state(cfg)
+    cols = jnp.asarray(engine.pixel_columns(cfg, perm_np, data.x_train))
+    step = jax.jit(engine.make_step(cfg))
+    s1 = engine.init_state(cfg)
     for _ in range(23):
         s1, _ = step(s1, perm, data, cols)
-    s2 = train.run_steps(cfg, train.init_state(cfg), perm, data, 23)
+    s2 = engine.run_steps(cfg, engine.init_state(cfg), perm, data, 23)
     assert int(s2.step) == 23
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=1e-15)
@@ -114,20 +116,20 @@ def test_reshuffle_uses_the_subset_columns(setup):
         got = _train(setup, 30, reshuffle=True, skip_zero_pixels=mode)
         for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(dense.params)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-13)
-        p0 = np.asarray(train.init_state(TrainConfig(out="unused")).params["fc1"]["kernel"])
+        p0 = np.asarray(engine.init_state(TrainConfig(out="unused")).params["fc1"]["kernel"])
         np.testing.assert_array_equal(np.asarray(got.params["fc1"]["kernel"])[never], p0[never])
 
 
 def test_wrong_columns_are_refused(setup):
     data, perm, _ = setup
     cfg = TrainConfig(out="unused", chunk=8)
-    chunk = train.make_train_chunk(cfg)
+    chunk = engine.make_train_chunk(cfg)
     with pytest.raises(ValueError, match="needs the pixel columns"):
-        chunk(train.init_state(cfg), jnp.asarray(perm), data, 2)
+        chunk(engine.init_state(cfg), jnp.asarray(perm), data, 2)
     off = TrainConfig(out="unused", skip_zero_pixels="off")
-    cols = jnp.asarray(train.pixel_columns(cfg, perm, data.x_train))
+    cols = jnp.asarray(engine.pixel_columns(cfg, perm, data.x_train))
     with pytest.raises(ValueError, match="takes no pixel columns"):
-        train.make_train_chunk(off)(train.init_state(off), jnp.asarray(perm), data, 2, cols)
+        engine.make_train_chunk(off)(engine.init_state(off), jnp.asarray(perm), data, 2, cols)
 
 
 SMALL = dict(steps=120, log_points_per_decade=6, authors_grid=False, chunk=16, progress=False, full_save_secs=0,

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grokjax import schedule, train
-from grokjax.config import ConfigError, TrainConfig, parse_steps
+from grokjax.train import schedule, engine
+from grokjax.train.config import ConfigError, TrainConfig, parse_steps
 from grokjax.data import SUBSET_SHA256, select_subset, to_inputs, verify
 
 CFG = TrainConfig(out="unused")
@@ -32,7 +32,7 @@ def test_inputs_are_pixel_over_255_row_major(mnist):
 
 
 def test_init_bounds_and_scale():
-    params = train.init_state(CFG).params
+    params = engine.init_state(CFG).params
     for name, fan_in in (("fc1", 784), ("fc2", 200), ("fc3", 200)):
         bound = 8.0 / np.sqrt(fan_in)
         for leaf in params[name].values():
@@ -47,7 +47,7 @@ def test_init_bounds_and_scale():
 
 
 def test_every_param_and_optimizer_leaf_is_float64():
-    state = train.init_state(CFG)
+    state = engine.init_state(CFG)
     leaves = jax.tree.leaves((state.params, state.opt_state))
     floats = [a for a in leaves if jnp.issubdtype(a.dtype, jnp.floating)]
     others = [a for a in leaves if not jnp.issubdtype(a.dtype, jnp.floating)]
@@ -57,14 +57,14 @@ def test_every_param_and_optimizer_leaf_is_float64():
 
 
 def test_loss_is_mean_over_batch_and_classes():
-    params = train.init_state(CFG).params
+    params = engine.init_state(CFG).params
     rng = np.random.default_rng(0)
     x = rng.random((7, 784))
     y = np.eye(10)[rng.integers(0, 10, 7)]
-    from grokjax.model import forward
+    from grokjax.train.model import forward
 
     out = np.asarray(forward(params, jnp.asarray(x)))
-    assert float(train.mse_loss(params, x, y)) == pytest.approx(((out - y) ** 2).sum() / 70, rel=1e-14)
+    assert float(engine.mse_loss(params, x, y)) == pytest.approx(((out - y) ** 2).sum() / 70, rel=1e-14)
 
 
 def test_authors_schedule_has_191_points():
@@ -98,8 +98,8 @@ def test_parse_steps():
 
 @pytest.fixture(scope="module")
 def setup(mnist):
-    data = train.make_data(CFG, mnist)
-    perm = train.batch_perm(CFG)
+    data = engine.make_data(CFG, mnist)
+    perm = engine.batch_perm(CFG)
     return data, perm
 
 
@@ -112,12 +112,12 @@ def test_batch_order_is_fixed_cycle(setup, mnist):
 def test_scan_chunks_equal_plain_step_loop(setup):
     data, perm_np = setup
     perm = jnp.asarray(perm_np)
-    step = jax.jit(train.make_step(CFG))
-    cols = jnp.asarray(train.pixel_columns(CFG, perm_np, data.x_train))
-    s1 = train.init_state(CFG)
+    step = jax.jit(engine.make_step(CFG))
+    cols = jnp.asarray(engine.pixel_columns(CFG, perm_np, data.x_train))
+    s1 = engine.init_state(CFG)
     for _ in range(23):
         s1, _ = step(s1, perm, data, cols)
-    s2 = train.run_steps(TrainConfig(out="unused", chunk=8), train.init_state(CFG), perm, data, 23)
+    s2 = engine.run_steps(TrainConfig(out="unused", chunk=8), engine.init_state(CFG), perm, data, 23)
     assert int(s2.step) == 23
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=1e-15)
@@ -125,14 +125,14 @@ def test_scan_chunks_equal_plain_step_loop(setup):
 
 @pytest.mark.parametrize("wd", [0.0, 0.01])
 def test_parity_with_torch_reference(setup, wd):
-    from torch_reference import train_reference
+    from grokjax.bench.torch_reference import train_reference
 
     data, perm = setup
     cfg = TrainConfig(out="unused", wd=wd, chunk=64)
-    state = train.init_state(cfg)
+    state = engine.init_state(cfg)
     p0 = jax.tree.map(np.asarray, state.params)
     n = 250
-    state = train.run_steps(cfg, state, jnp.asarray(perm), data, n)
+    state = engine.run_steps(cfg, state, jnp.asarray(perm), data, n)
     ref, recs = train_reference(p0, np.asarray(data.x_train), np.asarray(data.y_train), perm, n, wd=wd,
                                 eval_at=[n], x_test=np.asarray(data.x_test), y_test=np.asarray(data.y_test))
     got = jax.tree.map(np.asarray, state.params)
@@ -140,7 +140,7 @@ def test_parity_with_torch_reference(setup, wd):
     diff = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
     assert diff / scale <= 1e-10, f"JAX vs torch relative difference {diff / scale:.3e}"
     assert diff > 0 or n == 0  # independent implementations: round-off differs, so this is no self-comparison
-    m = {k: float(v) for k, v in train.make_evaluate()(state.params, data).items()}
+    m = {k: float(v) for k, v in engine.make_evaluate()(state.params, data).items()}
     assert m["train/acc"] == recs[0]["train/acc"] and m["test/acc"] == recs[0]["test/acc"]
     assert m["train/loss"] == pytest.approx(recs[0]["train/loss"], rel=1e-9)
     assert m["test/loss"] == pytest.approx(recs[0]["test/loss"], rel=1e-9)
@@ -149,7 +149,7 @@ def test_parity_with_torch_reference(setup, wd):
 def test_reshuffle_changes_batches_but_keeps_float64(setup):
     data, perm = setup
     cfg = TrainConfig(out="unused", reshuffle=True, chunk=16)
-    a = train.run_steps(cfg, train.init_state(cfg), jnp.asarray(perm), data, 10)
-    b = train.run_steps(CFG, train.init_state(CFG), jnp.asarray(perm), data, 10)
+    a = engine.run_steps(cfg, engine.init_state(cfg), jnp.asarray(perm), data, 10)
+    b = engine.run_steps(CFG, engine.init_state(CFG), jnp.asarray(perm), data, 10)
     assert a.params["fc1"]["kernel"].dtype == jnp.float64
     assert not np.allclose(np.asarray(a.params["fc1"]["kernel"]), np.asarray(b.params["fc1"]["kernel"]))

@@ -4,14 +4,14 @@ With `clip_xmax`, alpha jumps between neighbouring checkpoints, so a table that 
 checkpoint per phase can mislead. Each cell here has two numbers per run: the value at the
 phase's checkpoint (the paper's reading, kept as its own column) and the median with the
 interquartile range over the phase's window of analysed evaluations
-(`grokjax.phases.phase_windows`: the last quarter decade of the pre-grokking plateau; every
+(`grokjax.analysis.phases.phase_windows`: the last quarter decade of the pre-grokking plateau; every
 evaluation within 0.5 points of the peak test accuracy; the collapse's minimum within 0.5
 points, or the last quarter decade when nothing collapsed). A fourth column reads every run
 at 10^5 steps, the paper's nominal pre-grokking point, with the quarter decade before it as
 its window.
 
 Rows are the raw WeightWatcher-compatible metrics plus, when the layer table has them, the
-mean-aware ones of `grokjax.htsr.extended_metrics` (`alpha_centred`, `traps_k_mean`,
+mean-aware ones of `grokjax.analysis.htsr.extended_metrics` (`alpha_centred`, `traps_k_mean`,
 `traps_centred`); rows whose column is absent or all NaN are left out. Runs are grouped by
 (weight decay, run length): runs of different lengths are never pooled into one ±.
 """
@@ -23,7 +23,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from grokjax.phases import PHASE_TITLES, PhaseOptions, phase_title, phase_windows
+from grokjax.analysis.phases import PHASE_TITLES, PhaseOptions, phase_title, phase_windows
 
 # The paper reads pre-grokking at ~1e5 steps (its Tables 1, 2, 4).
 NOMINAL_STEP = 100_000

@@ -1,7 +1,7 @@
 """The paper's tables from analysed runs: phases, Tables 1, 2 and 4, and early warnings.
 
-Every table is computed from the tidy outputs of `grokjax.analyze` (layer and step tables of
-one or more runs) and the phases of each run (`grokjax.phases.detect_phases`), and is written
+Every table is computed from the tidy outputs of `grokjax.analysis.pipeline` (layer and step tables of
+one or more runs) and the phases of each run (`grokjax.analysis.phases.detect_phases`), and is written
 as a tidy CSV (one number per row: wd, engine, layer, metric, phase, mean, std, n) plus a
 markdown rendering in the paper's layout, mean ± std over the runs of each weight decay
 (sample std, ddof = 1; a single run shows its value alone).
@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from grokjax import phase_tables
-from grokjax.phases import (PHASE_TITLES, PHASES, PhaseOptions, detect_phases, early_warnings, phase_steps,
+from grokjax.analysis import phase_tables
+from grokjax.analysis.phases import (PHASE_TITLES, PHASES, PhaseOptions, detect_phases, early_warnings, phase_steps,
                             phase_title, warning_counts)
-from grokjax.preflight import nearest_step
+from grokjax.analysis.preflight import nearest_step
 
 RUN_KEYS = ("run", "wd", "seed")
 # (layer, column, row label) of each table; Table 4 is FC1's MP fit of W^rand (paper App. D).
@@ -34,7 +34,7 @@ def run_phases(steps: pd.DataFrame, options: PhaseOptions | None = None) -> pd.D
 
     `<phase>_ckpt` is the checkpoint every output reads that phase at: the phase step itself
     when its checkpoint was analysed (status 'ok'), else the nearest analysed one in
-    log(1 + step) (`grokjax.preflight.nearest_step`), NaN when the run has none.
+    log(1 + step) (`grokjax.analysis.preflight.nearest_step`), NaN when the run has none.
     """
     rows = []
     for (run, wd, seed), df in steps.groupby(list(RUN_KEYS), sort=True):
@@ -170,7 +170,7 @@ def warnings_table(steps: pd.DataFrame, phases_df: pd.DataFrame, engines=("nativ
 
 def warnings_markdown(warn: pd.DataFrame) -> str:
     """Early-warning rows: the first persistent alpha<2 / traps>0 step after the peak and its
-    lead over the test-accuracy drop (`grokjax.phases.early_warnings`)."""
+    lead over the test-accuracy drop (`grokjax.analysis.phases.early_warnings`)."""
     head = ["run", "WD", "engine", "layer", "signal", "first step", "drop step", "lead (steps)", "lead (decades)",
             "status"]
     lines = ["### Early warning (from the test-accuracy peak; a signal counts from the first of ≥ 3 consecutive "
@@ -190,7 +190,7 @@ def build_tables(layers: pd.DataFrame, steps: pd.DataFrame,
                  options: PhaseOptions | None = None) -> dict[str, tuple[pd.DataFrame, str]]:
     """All report tables as {name: (tidy DataFrame, markdown)}.
 
-    Names: phases, table1_alpha and table2_traps (`grokjax.phase_tables`: the phase
+    Names: phases, table1_alpha and table2_traps (`grokjax.analysis.phase_tables`: the phase
     checkpoint's value beside the median and IQR over the phase window, the paper's nominal
     10^5-step column, raw and mean-aware rows where the layer table has them),
     table4_mp_fc1 (native engine only: WW has no KS test), early_warning, and
@@ -205,7 +205,7 @@ def build_tables(layers: pd.DataFrame, steps: pd.DataFrame,
     sub = layers[layers["engine"] == "native"]
     summary = summarize(values_at_phases(sub, ph, TABLE4_ROWS))
     out["table4_mp_fc1"] = (summary, markdown_table(summary, TABLE4_ROWS, "Table 4: MP fit of FC1's W^rand at the "
-                                                    "phases (KS statistic first; see grokjax.htsr.mp_ks_test)",
+                                                    "phases (KS statistic first; see grokjax.analysis.htsr.mp_ks_test)",
                                                     collapsed=list(ph["collapsed"]) if len(ph) else None))
     warn = warnings_table(steps, ph, options=options)
     out["early_warning"] = (warn, warnings_markdown(warn))
@@ -303,8 +303,8 @@ def make_report(root: str | Path, *, options=None, out_dir: str | Path | None = 
     table1_alpha.csv, table2_traps.csv, table4_mp_fc1.csv, early_warning.csv, report.md,
     summary.txt and figures/*.png.
 
-    Every input is checked first (`grokjax.analyze.read_run`); everything is written to a
-    staging folder next to `out_dir` and moved into place at the end (`grokjax.outdir`), so
+    Every input is checked first (`grokjax.analysis.pipeline.read_run`); everything is written to a
+    staging folder next to `out_dir` and moved into place at the end (`grokjax.analysis.outdir`), so
     a failure leaves the previous outputs as they were.
 
     Raises:
@@ -312,8 +312,8 @@ def make_report(root: str | Path, *, options=None, out_dir: str | Path | None = 
             line per problem), any input problem with `options.strict`, an `out_dir` that is
             not a writable folder, or outputs that cannot be written.
     """
-    from grokjax import outdir  # noqa: PLC0415
-    from grokjax.analyze import AnalysisError, AnalysisOptions, find_runs  # noqa: PLC0415
+    from grokjax.analysis import outdir  # noqa: PLC0415
+    from grokjax.analysis.pipeline import AnalysisError, AnalysisOptions, find_runs  # noqa: PLC0415
     from grokjax.ckpt import CheckpointError  # noqa: PLC0415
 
     options = options or AnalysisOptions()
@@ -342,8 +342,8 @@ def _report_into(staging: Path, out_dir: Path, root: Path, run_dirs: list[Path],
     """make_report's work: every output goes to `staging`, then `outdir.publish`."""
     import time  # noqa: PLC0415
 
-    from grokjax import outdir  # noqa: PLC0415
-    from grokjax.analyze import AnalysisError, analyze_run, read_run, write_table  # noqa: PLC0415
+    from grokjax.analysis import outdir  # noqa: PLC0415
+    from grokjax.analysis.pipeline import AnalysisError, analyze_run, read_run, write_table  # noqa: PLC0415
 
     names = _run_names(root, run_dirs)
     runs, errors = {}, []
@@ -375,7 +375,7 @@ def _report_into(staging: Path, out_dir: Path, root: Path, run_dirs: list[Path],
     (staging / "summary.txt").write_text(text + "\n")
     written = []
     if figures and len(phases_df):
-        from grokjax.figures import make_figures  # noqa: PLC0415
+        from grokjax.analysis.figures import make_figures  # noqa: PLC0415
 
         written = make_figures(steps, phases_df, {n: names[n] for n in phases_df["run"]}, staging / "figures")
     # Without --figures this time, the figures of the previous analysis stay as they were.

@@ -2,7 +2,7 @@
 
 At each evaluation step the trainer hands the parameters (host numpy) to a `Monitor`, whose
 worker thread runs exactly what the analysis runs on a checkpoint
-(`grokjax.analyze.analyze_checkpoint` with the native engine: alpha with clip_xmax, raw
+(`grokjax.analysis.pipeline.analyze_checkpoint` with the native engine: alpha with clip_xmax, raw
 alpha, fingers, xmin, D, the WeightWatcher-compatible trap count, rand_sigma_mp, the MP KS
 test, the mean-aware and K-shuffle columns of `htsr.extended_metrics`, the progress measures
 and the norms) and keeps the spectra the figures need. Files, under `<run>/monitor/`:
@@ -21,7 +21,7 @@ from the kept params checkpoints, any earlier evaluation step that has none (a r
 began without the monitor gets its record this way).
 
 The live early warning (`LiveWarning`) applies the documented rule of
-`grokjax.phases.PersistentSignal`: after the best test accuracy so far, alpha < 2 or
+`grokjax.analysis.phases.PersistentSignal`: after the best test accuracy so far, alpha < 2 or
 traps > 0 in FC1 or FC2 at >= 3 consecutive evaluations. It fires once per layer and signal,
 prints one `WARNING` line and appends a `warning` event to events.jsonl.
 """
@@ -40,13 +40,15 @@ from typing import Callable
 
 import numpy as np
 
-from grokjax import analyze, ckpt, htsr, progress
-from grokjax.phases import PersistentSignal
+from grokjax.analysis import pipeline, htsr, progress
+
+from grokjax import ckpt
+from grokjax.analysis.phases import PersistentSignal
 
 MONITOR_DIR = "monitor"
 RECORDS_FILE = "records.jsonl"
 SPECTRA_DIR = "spectra"
-K_SHUFFLES = analyze.MONITOR_K_SHUFFLES
+K_SHUFFLES = pipeline.MONITOR_K_SHUFFLES
 WARNING_LAYERS = ("fc1", "fc2")
 # (signal name, row column, test): the same signals as the post-hoc early-warning table.
 LIVE_SIGNALS = (("alpha<2", "alpha", lambda v: v < 2.0), ("traps>0", "traps", lambda v: v > 0))
@@ -57,9 +59,9 @@ PERSISTENCE = 3
 MAX_BACKLOG = 16
 
 
-def monitor_options() -> analyze.AnalysisOptions:
+def monitor_options() -> pipeline.AnalysisOptions:
     """The analysis options the monitor computes with (the analysis' defaults, native engine)."""
-    return analyze.AnalysisOptions(engine="native", k_shuffles=K_SHUFFLES, workers=1, progress_bar=False,
+    return pipeline.AnalysisOptions(engine="native", k_shuffles=K_SHUFFLES, workers=1, progress_bar=False,
                                    reuse=False, write=False)
 
 
@@ -126,10 +128,10 @@ def _jsonable(v):
 
 def compute_record(params: dict, *, step: int, run_seed: int, inputs: dict) -> tuple[dict, dict]:
     """(record, spectra) of one parameter set: the analysis' rows and the eigenvalues."""
-    layers, measures = analyze.analyze_checkpoint(params, step=step, run_seed=run_seed, options=monitor_options(),
+    layers, measures = pipeline.analyze_checkpoint(params, step=step, run_seed=run_seed, options=monitor_options(),
                                                   inputs=inputs)
-    weights = analyze.weights_of(params)
-    rand = shuffle_spectra(weights, analyze.checkpoint_seed(run_seed, step))
+    weights = pipeline.weights_of(params)
+    rand = shuffle_spectra(weights, pipeline.checkpoint_seed(run_seed, step))
     spectra = {}
     for name, W in weights.items():
         spectra[f"{name}/esd"] = htsr.esd(W)
@@ -337,17 +339,17 @@ class Monitor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m grokjax.monitor RUN [RUN ...]`: computes the missing monitor records of runs."""
+    """`python -m grokjax.analysis.monitor RUN [RUN ...]`: computes the missing monitor records of runs."""
     import argparse  # noqa: PLC0415
 
-    p = argparse.ArgumentParser(prog="python -m grokjax.monitor",
+    p = argparse.ArgumentParser(prog="python -m grokjax.analysis.monitor",
                                 description="Compute the monitor record of every kept params checkpoint "
                                             "that has none (for runs trained without the monitor, or stopped).")
     p.add_argument("runs", nargs="+", help="run directories")
     args = p.parse_args(argv)
     for r in args.runs:
         if not (Path(r) / "config.json").is_file():
-            print(f"grokjax.monitor: error: {r} holds no run (no config.json)", file=sys.stderr)
+            print(f"grokjax.analysis.monitor: error: {r} holds no run (no config.json)", file=sys.stderr)
             return 2
     for r in args.runs:
         n = backfill(r)

@@ -1,8 +1,8 @@
 """Analyse a run directory: HTSR metrics, progress measures and norms at every checkpoint.
 
 `analyze_run(run_dir, options)` restores every saved params step (`grokjax.ckpt`), runs the
-native HTSR engine (`grokjax.htsr`) and, with engine 'ww' or 'both', WeightWatcher 0.7.5.5
-(`grokjax.wwadapter`), computes the progress measures (`grokjax.progress`), and returns two
+native HTSR engine (`grokjax.analysis.htsr`) and, with engine 'ww' or 'both', WeightWatcher 0.7.5.5
+(`grokjax.analysis.wwadapter`), computes the progress measures (`grokjax.analysis.progress`), and returns two
 tidy tables:
 
 * layers: one row per (run, step, layer, engine) with the engine's columns (alpha,
@@ -16,7 +16,7 @@ tidy tables:
   time/progress), and a status ('ok'; 'no_checkpoint': evaluated, no checkpoint saved;
   'unreadable': the checkpoint is empty, incomplete or cannot be restored, and is skipped).
 
-Before anything is computed, `read_run` checks the run directory (`grokjax.preflight`):
+Before anything is computed, `read_run` checks the run directory (`grokjax.analysis.preflight`):
 invalid metrics lines are dropped (with the checkpoint of their step), unusable checkpoints
 skipped, each with one AnalysisWarning line, or an AnalysisError with `strict`.
 
@@ -57,11 +57,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from grokjax import ckpt, htsr, phases, preflight, progress
-from grokjax.htsr import HTSROptions
-from grokjax.progress import ProgressOptions
+from grokjax import ckpt
 
-MONITOR_K_SHUFFLES = 10  # grokjax.monitor.K_SHUFFLES
+from grokjax.analysis import htsr, phases, preflight, progress
+from grokjax.analysis.htsr import HTSROptions
+from grokjax.analysis.progress import ProgressOptions
+
+MONITOR_K_SHUFFLES = 10  # grokjax.analysis.monitor.K_SHUFFLES
 ANALYSIS_VERSION = 2  # 2: the native rows carry the mean-aware, K-shuffle columns
 ANALYSIS_DIR = "analysis"
 ENGINES = ("native", "ww", "both")
@@ -85,7 +87,7 @@ class AnalysisOptions:
     are matched per checkpoint and engine.
 
     Attributes:
-        engine: 'native' (grokjax.htsr), 'ww' (WeightWatcher 0.7.5.5) or 'both'. The
+        engine: 'native' (grokjax.analysis.htsr), 'ww' (WeightWatcher 0.7.5.5) or 'both'. The
             progress measures and norms are computed whatever the engine.
         htsr: options of both engines' HTSR pass (the paper's clip_xmax + randomize).
         progress: options of the progress measures.
@@ -166,7 +168,7 @@ def find_runs(root: str | os.PathLike) -> list[Path]:
 
 
 def read_run(run_dir: str | os.PathLike, name: str | None = None, *, strict: bool = False) -> Run:
-    """Checks and reads a run directory (`grokjax.preflight.check_run`).
+    """Checks and reads a run directory (`grokjax.analysis.preflight.check_run`).
 
     The problems that leave a part out are issued as `AnalysisWarning`s (raised as one
     AnalysisError with `strict`).
@@ -206,7 +208,7 @@ def _error_rows(weights: dict, message: str) -> list[dict]:
 
 
 def htsr_rows(weights: dict, *, engine: str, seed: int, options: HTSROptions) -> list[dict]:
-    """One engine's per-layer rows (keys as in `grokjax.htsr.analyze_matrix`, plus engine).
+    """One engine's per-layer rows (keys as in `grokjax.analysis.htsr.analyze_matrix`, plus engine).
 
     A matrix the engine rejects (non-finite entries) gives rows with status 'error'.
     """
@@ -214,7 +216,7 @@ def htsr_rows(weights: dict, *, engine: str, seed: int, options: HTSROptions) ->
         if engine == "native":
             rows = htsr.analyze_weights(weights, options=options, rng=np.random.RandomState(seed))
         else:
-            from grokjax.wwadapter import analyze_weights_ww  # noqa: PLC0415  (heavy, optional)
+            from grokjax.analysis.wwadapter import analyze_weights_ww  # noqa: PLC0415  (heavy, optional)
 
             rows = analyze_weights_ww(weights, seed=seed, randomize=options.randomize, fix_fingers=options.fix_fingers)
     except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
@@ -445,7 +447,7 @@ def cache_key(run: Run, options: AnalysisOptions) -> dict:
     Checkpoint steps and engines are matched row by row (a new checkpoint, or WW asked for
     after a native-only pass, computes only what is missing), so they are not in the key.
     """
-    from grokjax.wwadapter import ww_version  # noqa: PLC0415  (reads package metadata only)
+    from grokjax.analysis.wwadapter import ww_version  # noqa: PLC0415  (reads package metadata only)
 
     return {
         "analysis_version": ANALYSIS_VERSION,

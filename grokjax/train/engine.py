@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from grokjax.config import TrainConfig
+from grokjax.train.config import TrainConfig
 from grokjax.data import select_subset, to_inputs
-from grokjax.model import N_IN, forward, forward_columns, init_params
+from grokjax.train.model import N_IN, forward, forward_columns, init_params
 
 
 class TrainState(NamedTuple):
@@ -285,7 +285,7 @@ def make_evaluate(n_seeds: int | None = None):
 
 def run_steps(cfg: TrainConfig, state: TrainState, perm, data: Data, n: int, chunk_fn=None) -> TrainState:
     """Runs n steps through the scan chunks (a convenience for tests and benchmarks)."""
-    from grokjax.schedule import chunk_lengths  # noqa: PLC0415
+    from grokjax.train.schedule import chunk_lengths  # noqa: PLC0415
 
     chunk_fn = chunk_fn or make_train_chunk(cfg)
     cols = pixel_columns(cfg, perm, data.x_train)

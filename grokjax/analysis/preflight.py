@@ -70,7 +70,7 @@ class RunCheck:
     fingerprints: dict[int, str]  # step -> SHA-256 of the checkpoint's files (or of the monitor record)
     errors: list[str]
     warnings: list[str]
-    recorded: dict = dataclasses.field(default_factory=dict)  # step -> the monitor's record (grokjax.monitor)
+    recorded: dict = dataclasses.field(default_factory=dict)  # step -> the monitor's record (grokjax.analysis.monitor)
 
 
 def report(lines: list[str], strict: bool) -> None:
@@ -78,7 +78,7 @@ def report(lines: list[str], strict: bool) -> None:
     if not lines:
         return
     if strict:
-        from grokjax.analyze import AnalysisError  # noqa: PLC0415  (analyze imports this module)
+        from grokjax.analysis.pipeline import AnalysisError  # noqa: PLC0415  (analyze imports this module)
 
         raise AnalysisError("\n".join(lines))
     for line in lines:
@@ -87,7 +87,7 @@ def report(lines: list[str], strict: bool) -> None:
 
 def known_config_fields() -> set[str]:
     """The TrainConfig field names (the config module is plain dataclasses, no training code)."""
-    from grokjax.config import TrainConfig  # noqa: PLC0415
+    from grokjax.train.config import TrainConfig  # noqa: PLC0415
 
     return {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -251,8 +251,8 @@ def check_run(run_dir: str | Path) -> RunCheck:
 
 
 def _monitor_records(d: Path) -> tuple[dict[int, dict], list[str]]:
-    """The in-loop monitor's records of a run (grokjax.monitor), by step; a corrupt file is a warning."""
-    from grokjax import monitor  # noqa: PLC0415
+    """The in-loop monitor's records of a run (grokjax.analysis.monitor), by step; a corrupt file is a warning."""
+    from grokjax.analysis import monitor  # noqa: PLC0415
 
     try:
         return {int(r["step"]): r for r in monitor.read_records(d)}, []

@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grokjax.config import TrainConfig
-from grokjax.model import N_IN, N_OUT
-from grokjax.schedule import chunk_lengths, eval_steps
-from grokjax.train import batch_perm, init_state, make_data, make_evaluate, make_train_chunk, pixel_columns
+from grokjax.train.config import TrainConfig
+from grokjax.train.model import N_IN, N_OUT
+from grokjax.train.schedule import chunk_lengths, eval_steps
+from grokjax.train.engine import batch_perm, init_state, make_data, make_evaluate, make_train_chunk, pixel_columns
 
 # A window runs `steps` updates and returns the seconds it took (synchronised).
 WindowFn = Callable[[int], float]

@@ -8,19 +8,13 @@ import math
 import sys
 import typing
 
-from grokjax.config import ConfigError, TrainConfig, parse_duration, parse_steps
+from grokjax.cliutil import OneLineParser
+from grokjax.train.config import ConfigError, TrainConfig, parse_duration, parse_steps
 
-DEFAULT_INIT_TIMEOUT = 300  # seconds (grokjax.distributed.DEFAULT_INIT_TIMEOUT, jax.distributed's default)
+DEFAULT_INIT_TIMEOUT = 300  # seconds (grokjax.train.distributed.DEFAULT_INIT_TIMEOUT, jax.distributed's default)
 
 # Exit codes of run.py (documented in the README).
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PAUSED = 0, 1, 2, 3, 75
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors as one line (exit 2) instead of usage + message."""
-
-    def error(self, message):
-        self.exit(2, f"run.py: error: {message}\n")
 
 
 def _bool(text: str) -> bool:
@@ -78,7 +72,7 @@ def _wds(text: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per config field (same name, dashes allowed for underscores)."""
-    p = _Parser(prog="run.py", description="Train the paper's MNIST MLP (grokking / anti-grokking).",
+    p = OneLineParser(prog="run.py", description="Train the paper's MNIST MLP (grokking / anti-grokking).",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -134,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     group = None
     if distributed:
-        from grokjax.distributed import initialize  # noqa: PLC0415  (before any other JAX use)
+        from grokjax.train.distributed import initialize  # noqa: PLC0415  (before any other JAX use)
 
         group = initialize(coordinator_address=join["coordinator_address"], num_processes=join["num_processes"],
                            process_id=join["process_id"], timeout=join["initialization_timeout"])
     from grokjax.ckpt import CheckpointError  # noqa: PLC0415  (heavy imports after validation)
     from grokjax.data import DataError  # noqa: PLC0415
-    from grokjax.distributed import PeerError  # noqa: PLC0415
-    from grokjax.runner import NonFiniteError, Paused, run  # noqa: PLC0415
+    from grokjax.train.distributed import PeerError  # noqa: PLC0415
+    from grokjax.train.runner import NonFiniteError, Paused, run  # noqa: PLC0415
 
     try:
         dirs = run(cfg, seeds=seeds, wds=wds, group=group)
@@ -188,7 +182,7 @@ def _check_join(join: dict) -> bool:
 
 
 def _export(run_dir: str, folder: str, per_decade: int) -> int:
-    from grokjax.runner import export_run  # noqa: PLC0415
+    from grokjax.train.runner import export_run  # noqa: PLC0415
 
     try:
         out = export_run(run_dir, folder, params_per_decade=per_decade)

@@ -7,7 +7,7 @@ FC1, FC2 and their mean vs steps, alpha = 2 dashed. Fig 5: progress measures and
 steps. Figs 6 and 7: Fig 1 + Fig 4 and Fig 5 for a weight-decay run; plus an overlay of all
 runs (test accuracy and mean alpha, coloured by weight decay).
 
-Figs 2 and 3 recompute eigenvalues from the checkpoints with `grokjax.htsr`, walking the
+Figs 2 and 3 recompute eigenvalues from the checkpoints with `grokjax.analysis.htsr`, walking the
 same shuffle stream as the analysis (`analyze.checkpoint_seed`), so the traps drawn are the
 ones counted in the tables.
 """
@@ -23,8 +23,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from grokjax import ckpt, htsr  # noqa: E402
-from grokjax.analyze import checkpoint_seed, weights_of  # noqa: E402
+from grokjax import ckpt  # noqa: E402
+
+from grokjax.analysis import htsr
+from grokjax.analysis.pipeline import checkpoint_seed, weights_of  # noqa: E402
 
 PHASE_COLORS = {"pre": "0.85", "grok": "#f6e27f", "anti": "#a8d8a0", "plateau": "#cfe3f3"}
 ENGINE_STYLE = {"native": dict(lw=1.6), "ww": dict(lw=0, marker="o", ms=3.5, mfc="none", alpha=0.8)}
@@ -211,7 +213,7 @@ def rand_spectra(weights: dict, seed: int, options: htsr.HTSROptions | None = No
     Returns:
         {layer: {'rescaled': eigenvalues scaled to mean 1, 'Q', 'M', 'mp': fit_mp result}}.
     """
-    from grokjax.monitor import shuffle_spectra  # noqa: PLC0415
+    from grokjax.analysis.monitor import shuffle_spectra  # noqa: PLC0415
 
     return {name: _rand_spectrum(ev, *np.shape(weights[name])) for name, ev in shuffle_spectra(weights, seed).items()}
 
@@ -266,7 +268,7 @@ def spectra_at(run_dir: Path, step: int, run_seed: int) -> tuple[dict[str, np.nd
         weights = weights_of(ckpt.load_params(run_dir, int(step)))
         return ({k: htsr.esd(W) for k, W in weights.items()},
                 rand_spectra(weights, checkpoint_seed(run_seed, int(step))))
-    from grokjax import monitor  # noqa: PLC0415
+    from grokjax.analysis import monitor  # noqa: PLC0415
 
     stored = monitor.read_spectra(run_dir, int(step))
     rows = {r["layer"]: r for r in next(r for r in monitor.read_records(run_dir) if r["step"] == int(step))["layers"]}

@@ -20,7 +20,7 @@ import threading
 import jax
 import numpy as np
 
-from grokjax.config import ConfigError
+from grokjax.train.config import ConfigError
 
 # Seconds a process waits for all the others to join (jax.distributed's `initialization_timeout`).
 DEFAULT_INIT_TIMEOUT = 300

@@ -32,10 +32,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from grokjax import ckpt
-from grokjax.config import LEGACY_FIELDS, ConfigError, TrainConfig, format_duration
+from grokjax.train.config import LEGACY_FIELDS, ConfigError, TrainConfig, format_duration
 from grokjax.data import load_mnist
-from grokjax.schedule import authors_log_steps, chunk_lengths, eval_steps, log_grid_steps
-from grokjax.train import (TrainState, batch_perm, init_state, make_data, make_evaluate, make_train_chunk,
+from grokjax.train.schedule import authors_log_steps, chunk_lengths, eval_steps, log_grid_steps
+from grokjax.train.engine import (TrainState, batch_perm, init_state, make_data, make_evaluate, make_train_chunk,
                            pixel_columns)
 
 CONFIG_FILE = "config.json"
@@ -290,14 +290,14 @@ class _Replica:
         return last if last and last.get("event") == "pause" else None
 
     def start_monitor(self, start: int, inputs: dict) -> None:
-        from grokjax.monitor import Monitor  # noqa: PLC0415
+        from grokjax.analysis.monitor import Monitor  # noqa: PLC0415
 
         self.monitor = Monitor(self.dir, run_seed=self.cfg.seed, inputs=inputs, start=start,
                                metrics=self.kept_records, on_warning=self.warn)
 
     def warn(self, w: dict) -> None:
         """Prints and records one live early warning (called from the monitor's thread)."""
-        from grokjax.monitor import PERSISTENCE  # noqa: PLC0415
+        from grokjax.analysis.monitor import PERSISTENCE  # noqa: PLC0415
 
         tqdm.write(f"WARNING: {self.dir.name}: step {w['step']}: {w['layer']} {w['signal']} "
                    f"(value {w['value']:.4g}) at {PERSISTENCE} consecutive evaluations since step {w['onset']}, "
@@ -410,7 +410,7 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
         mnist: preloaded MNIST arrays (default: `load_mnist`).
         crash_after_chunks: testing aid: raise after dispatching this many chunks, without
             flushing anything, to simulate a crash in the middle of a segment.
-        group: the processes of a sweep over several processes (`grokjax.distributed.Group`):
+        group: the processes of a sweep over several processes (`grokjax.train.distributed.Group`):
             the replicas are sharded over the global mesh, this process writes the run
             directories of its own replicas (process 0 also `<out>/sweep.json`), and every
             stop, save and resume decision is taken together.
@@ -422,7 +422,7 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
     """
     multi = seeds is not None or wds is not None
     if group is not None:
-        from grokjax import distributed  # noqa: PLC0415
+        from grokjax.train import distributed  # noqa: PLC0415
 
         digest = distributed.config_digest(cfg.to_dict(), seeds, wds)
         group.check_same(digest)
@@ -460,7 +460,7 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
 
 def _run_distributed(cfg, cfgs, steps, authors, mnist, group, digest: str) -> list[Path]:
     """`run` for a sweep over several processes: this process's replicas, decisions taken together."""
-    from grokjax import distributed  # noqa: PLC0415
+    from grokjax.train import distributed  # noqa: PLC0415
 
     replicas = []
     try:
@@ -553,7 +553,7 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
             r.event(event="resume", step=int(start), reason=reason)
     walls = [r.open_metrics(start, w) for r, w in zip(replicas, walls)]
     if cfg.monitor:
-        from grokjax.progress import load_inputs  # noqa: PLC0415
+        from grokjax.analysis.progress import load_inputs  # noqa: PLC0415
 
         for r, c in zip(replicas, cfgs):
             r.start_monitor(start, load_inputs(c.n_per_class, c.data_seed, c.seed, mnist=mnist))
@@ -566,7 +566,7 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
     cols = None if cols is None else jnp.asarray(cols)
     fetch = jax.device_get
     if layout is not None:
-        from grokjax import distributed  # noqa: PLC0415
+        from grokjax.train import distributed  # noqa: PLC0415
 
         fetch = distributed.fetch_local
         sharded, replicated = layout.sharded, layout.replicated
@@ -663,7 +663,7 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
             print(f"monitor: {m.seconds:.1f} s of HTSR computed beside training "
                   f"({100 * m.seconds / max(stop.elapsed, 1e-9):.1f}% of this segment's wall time)"
                   + (f"; {len(m.errors)} failed, see above" if m.errors else "")
-                  + (f"; {left} steps still without a record (`python -m grokjax.monitor {r.dir}` computes them; "
+                  + (f"; {left} steps still without a record (`python -m grokjax.analysis.monitor {r.dir}` computes them; "
                      "the analysis computes them from the checkpoints otherwise)" if left else ""),
                   file=sys.stderr)
     return [r.dir for r in replicas]
@@ -702,7 +702,7 @@ def _wants_full_state(replica: _Replica, step: int) -> bool:
 
 def _check_probe(last_loss, step: int, length: int, replica: _Replica) -> None:
     if getattr(last_loss, "is_fully_addressable", True) is False:  # a sweep over several processes
-        from grokjax.distributed import local_rows  # noqa: PLC0415
+        from grokjax.train.distributed import local_rows  # noqa: PLC0415
 
         last_loss = local_rows(last_loss)
     if not np.all(np.isfinite(np.asarray(last_loss))):
@@ -777,7 +777,7 @@ def export_run(run_dir: str | os.PathLike, folder: str | os.PathLike, *, params_
         for name in (CONFIG_FILE, METRICS_FILE, EVENTS_FILE):
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        from grokjax.monitor import MONITOR_DIR  # noqa: PLC0415
+        from grokjax.analysis.monitor import MONITOR_DIR  # noqa: PLC0415
 
         if (src / MONITOR_DIR).is_dir():
             shutil.copytree(src / MONITOR_DIR, tmp / MONITOR_DIR)

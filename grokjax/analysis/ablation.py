@@ -3,7 +3,7 @@ measure what the network does without them.
 
 The operation follows WeightWatcher 0.8.0's `remove_traps.py` (not the version the paper
 used, 0.7.5.5, which only counts traps); it is written here on numpy and on the native
-engine's own pieces (`grokjax.htsr`), so that the traps removed are exactly the ones counted:
+engine's own pieces (`grokjax.analysis.htsr`), so that the traps removed are exactly the ones counted:
 
 1. Normalise W as the trap count does: the count rescales the W^rand eigenvalues to mean 1,
    i.e. it looks at W_scale * W with W_scale = sqrt(#evals / sum(evals)) (`htsr.fit_mp`).
@@ -41,7 +41,7 @@ above the pooled fit's threshold; `TrapModes.traps` is the pooled count the anal
 `TrapModes.n_removable` the first shuffle's share of it (the two are equal for FC1 and FC2).
 
 Seeds. A checkpoint's shuffles come from `RandomState(analyze.checkpoint_seed(run_seed,
-step))` walked through fc1, fc2, fc3 as in `grokjax.analyze` (`checkpoint_traps`). The
+step))` walked through fc1, fc2, fc3 as in `grokjax.analysis.pipeline` (`checkpoint_traps`). The
 replacement noise of a layer's traps comes from
 `default_rng(SeedSequence([NOISE_TAG, shuffle_seed, layer index, c]))`, control draw d from
 `default_rng(SeedSequence([CONTROL_TAG, shuffle_seed, layer index, d, c]))` (first the modes,
@@ -73,8 +73,10 @@ import pandas as pd
 import scipy.linalg
 from tqdm.auto import tqdm
 
-from grokjax import ckpt, htsr, phases
-from grokjax.analyze import (AnalysisError, AnalysisOptions, analyze_run, checkpoint_seed, find_runs, gather,
+from grokjax import ckpt
+
+from grokjax.analysis import htsr, phases
+from grokjax.analysis.pipeline import (AnalysisError, AnalysisOptions, analyze_run, checkpoint_seed, find_runs, gather,
                               quiet_worker_stderr, read_run, weights_of)
 
 LAYERS = ("fc1", "fc2", "fc3")

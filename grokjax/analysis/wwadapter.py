@@ -1,6 +1,6 @@
 """WeightWatcher 0.7.5.5 adapter: the only module of the project that imports weightwatcher.
 
-It exists to cross-check the native engine (`grokjax.htsr`) against the paper's tool and
+It exists to cross-check the native engine (`grokjax.analysis.htsr`) against the paper's tool and
 to benchmark it; the analysis pipeline itself uses the native engine.
 
 Importing weightwatcher has process-wide side effects (htsr.md §6.4): `warnings.simplefilter
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from grokjax import htsr
+from grokjax.analysis import htsr
 
 REQUIRED_VERSION = "0.7.5.5"
 WW_LOGGER = "weightwatcher"
@@ -266,7 +266,7 @@ def fit_powerlaw_ww(evals: Any, *, fix_fingers: str | None = "clip_xmax", max_fi
         finger_thresh: WW's finger_thresh.
 
     Returns:
-        dict with the `grokjax.htsr.fit_power_law` keys: alpha, raw_alpha, xmin, xmax, D,
+        dict with the `grokjax.analysis.htsr.fit_power_law` keys: alpha, raw_alpha, xmin, xmax, D,
         sigma, num_pl_spikes, num_fingers, status (failed fits as NaN).
     """
     if fix_fingers not in (None, False, "clip_xmax"):
