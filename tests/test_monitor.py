@@ -129,12 +129,8 @@ def test_analysis_from_the_record_equals_the_analysis_of_the_checkpoints(monitor
         a = a.drop(columns=[c for c in ("run",) if c in a.columns]).reset_index(drop=True)
         b = b.drop(columns=[c for c in ("run",) if c in b.columns]).reset_index(drop=True)
         pd.testing.assert_frame_equal(a, b, check_dtype=False)
-    import importlib.util
-    import pathlib
+    from grokjax.analysis import cli
 
-    spec = importlib.util.spec_from_file_location("spectra_cli", pathlib.Path(__file__).parents[1] / "analysis" / "spectra.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     assert cli.main([str(bare), "--engine", "native", "--workers", "1"]) == 0
     figs = sorted(p.name for p in (bare / "analysis" / "figures").glob("*.png"))
     assert any(n.startswith("fig3") for n in figs) and any(n.startswith("fig2") for n in figs)
