@@ -43,6 +43,12 @@ ANALYSIS_DIR = "analysis"
 CONFIG_FORMAT = 1
 # The model's weight layers, as named in a params checkpoint.
 LAYERS = ("fc1", "fc2", "fc3")
+# The fields of config.json's "config" object that this code writes (the TrainConfig fields;
+# a test keeps the two equal). A reader warns about others: a newer writer's fields.
+CONFIG_KEYS = ("wd", "steps", "seed", "data_seed", "lr", "b1", "b2", "eps", "batch", "width", "init_scale",
+               "n_per_class", "reshuffle", "dtype", "log_points_per_decade", "authors_grid", "chunk",
+               "full_save_secs", "out", "overwrite", "progress", "cache_dir", "idx_dir", "time_limit", "monitor",
+               "keep_params", "skip_zero_pixels")
 
 PathLike = str | os.PathLike
 
