@@ -71,43 +71,44 @@ def _wds(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per config field (same name, dashes allowed for underscores)."""
+    """One flag per config field (same name, dashes allowed for underscores; help from its metadata)."""
     p = OneLineParser(prog="run.py", description="Train the paper's MNIST MLP (grokking / anti-grokking).",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         hint = hints[f.name]
+        kw = {"dest": f.name, "default": f.default, "help": f.metadata["help"]}
         if f.name == "time_limit":
-            p.add_argument(*flags, dest=f.name, type=_duration, default=f.default)
+            p.add_argument(*flags, type=_duration, metavar="DURATION", **kw)
         elif hint is bool:
-            p.add_argument(*flags, dest=f.name, type=_bool, nargs="?", const=True, default=f.default)
+            p.add_argument(*flags, type=_bool, nargs="?", const=True, metavar="BOOL", **kw)
         elif f.name == "steps" or hint is int:
-            p.add_argument(*flags, dest=f.name, type=_int, default=f.default)
+            p.add_argument(*flags, type=_int, **kw)
         elif hint is float:
-            p.add_argument(*flags, dest=f.name, type=_finite_float, default=f.default)
+            p.add_argument(*flags, type=_finite_float, **kw)
         else:
-            p.add_argument(*flags, dest=f.name, type=str, default=f.default)
+            p.add_argument(*flags, type=str, **kw)
     p.add_argument("--seeds", type=_seeds, default=None,
-                   help="train several seeds at once (vmapped) into <out>/seed<k>; overrides --seed")
+                   help="seeds trained at once (vmapped), e.g. 0,1,2, into <out>/seed<k>; overrides --seed")
     p.add_argument("--wds", type=_wds, default=None,
-                   help="a sweep: every (weight decay, seed) pair of --wds and --seeds (default --seed) "
-                        "trained at once into <out>/wd<wd>_seed<k>; overrides --wd")
+                   help="weight decays, e.g. 0,0.01, swept with --seeds (or --seed) into <out>/wd<wd>_seed<k>")
     g = p.add_argument_group("a sweep over several processes and hosts (jax.distributed; see the README)")
     g.add_argument("--coordinator_address", "--coordinator-address", default=None, metavar="HOST:PORT",
-                   help="address of process 0's coordinator; with --num_processes and --process_id")
-    g.add_argument("--num_processes", "--num-processes", type=_int, default=None, metavar="N")
-    g.add_argument("--process_id", "--process-id", type=_int, default=None, metavar="I")
+                   help="process 0's coordinator (with --num_processes and --process_id)")
+    g.add_argument("--num_processes", "--num-processes", type=_int, default=None, metavar="N",
+                   help="number of processes in the sweep")
+    g.add_argument("--process_id", "--process-id", type=_int, default=None, metavar="I",
+                   help="this process's index, 0..N-1")
     g.add_argument("--distributed", choices=("auto",), default=None,
                    help="auto: JAX detects the processes (SLURM, Open MPI)")
     g.add_argument("--initialization_timeout", "--initialization-timeout", type=_duration,
                    default=DEFAULT_INIT_TIMEOUT, metavar="SECONDS",
-                   help="give up (one line, exit 1) when the processes have not all joined within this time")
+                   help="how long to wait for all processes to join (or 5m, ...); then exit 1")
     p.add_argument("--export", nargs=2, metavar=("RUN", "FOLDER"), default=None,
-                   help="write RUN's compact record (config, metrics, events, monitor record, latest "
-                        "full state) into the new folder FOLDER and exit; train with --out FOLDER to continue")
+                   help="copy RUN's compact record into the new FOLDER and exit (--out FOLDER continues)")
     p.add_argument("--export_params", "--export-params", type=_int, default=0, metavar="PER_DECADE",
-                   help="with --export: also copy about this many params checkpoints a decade (0: none)")
+                   help="with --export: params checkpoints a decade to copy too (0: none)")
     return p
 
 

@@ -1,6 +1,7 @@
 """The training configuration: one frozen dataclass whose defaults are the paper's values.
 
-Every field is a command-line flag of `experiments/run.py` (same name, `--flag value`).
+Every field is a command-line flag of `experiments/run.py` (same name, `--flag value`) whose
+`--help` line is the field's metadata `help`.
 Sources: the paper's Table 3 (App. A) and the authors' notebook (see the README).
 """
 
@@ -11,9 +12,6 @@ import math
 import re
 from typing import Any
 
-# Fields that do not change the science: a run directory may be resumed with other values.
-NON_SCIENCE_FIELDS = ("out", "overwrite", "chunk", "full_save_secs", "progress", "cache_dir", "idx_dir",
-                      "time_limit", "monitor", "keep_params")
 # The most steps a run may ask for (10^7 takes hours; this bound only rejects absurd values).
 MAX_STEPS = 10**10
 KEEP_PARAMS = ("all", "log", "none")
@@ -82,81 +80,87 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
+def _field(default: Any, help_text: str, *, science: bool = True) -> Any:
+    """A TrainConfig field with its flag's one-line help and whether it changes the science."""
+    return dataclasses.field(default=default, metadata={"help": help_text, "science": science})
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Every knob of a training run. Defaults reproduce the paper's WD=0 main run."""
+    """Every knob of a training run. Defaults reproduce the paper's WD=0 main run.
 
-    # Weight decay of AdamW (decoupled, applied to all parameters, biases included).
-    # Paper: 0 for the main run, 0.01 for the App. C control.
-    wd: float = 0.0
-    # Number of optimizer updates N (Table 3: 1e7). Accepts `1e7` on the command line.
-    steps: int = 10_000_000
-    # Seed of the parameter init, the batch permutation and the progress-measure subset.
-    seed: int = 0
-    # Seed of the stratified 1k training subset (the authors' numpy seed 0). Kept apart from
-    # `seed` so that runs with different seeds train on the same images.
-    data_seed: int = 0
-    # AdamW learning rate (Table 3: 5e-4), constant: no schedule, no warm-up, no clipping.
-    lr: float = 5e-4
+    Each field's metadata holds `help` (the flag's one-line meaning in `run.py --help`) and
+    `science` (False: the field does not change the trajectory or the records, and a run
+    directory may be resumed with another value).
+    """
+
+    # Decoupled, applied to all parameters, biases included. Paper: 0 for the main run, 0.01 for
+    # the App. C control.
+    wd: float = _field(0.0, "AdamW decoupled weight decay (paper: 0; 0.01 in App. C)")
+    # Table 3: 1e7. The time is the whole run's, evaluations and checkpoints included.
+    steps: int = _field(10_000_000, "optimizer updates N, e.g. 1e7 (paper: 1e7 = 10^7, about 4-16 h on a "
+                                    "2-core CPU at 170-630 steps/s, hosts differ; GPU: unmeasured)")
+    seed: int = _field(0, "seed of the init, the batch order and the progress-measure subset")
+    # The authors' numpy seed 0. Kept apart from `seed` so that runs with different seeds train
+    # on the same images.
+    data_seed: int = _field(0, "seed of the stratified training subset (apart from --seed)")
+    # Constant: no schedule, no warm-up, no clipping.
+    lr: float = _field(5e-4, "AdamW learning rate, constant (paper: 5e-4)")
     # Adam moment decay rates and epsilon: PyTorch's defaults, as the authors used.
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    # Mini-batch size (Table 3: 200, so 5 batches per pass over the 1k subset).
-    batch: int = 200
-    # Hidden width of the depth-3 MLP 784-width-width-10 (Table 3: 200).
-    width: int = 200
-    # Every parameter (weights and biases) is multiplied by this after PyTorch's default
-    # Linear init (Table 3: 8.0; the authors' saved demo cell used 4.0).
-    init_scale: float = 8.0
-    # Training images per class in the stratified subset (Table 3: 100, so 1,000 images).
-    n_per_class: int = 100
+    b1: float = _field(0.9, "Adam beta1 (PyTorch's default, as the authors')")
+    b2: float = _field(0.999, "Adam beta2 (PyTorch's default)")
+    eps: float = _field(1e-8, "Adam epsilon (PyTorch's default)")
+    # Table 3: 200, so 5 batches per pass over the 1k subset.
+    batch: int = _field(200, "mini-batch size; divides 10*n_per_class (paper: 200)")
+    # The MLP has depth 3.
+    width: int = _field(200, "hidden width of the MLP 784-width-width-10 (paper: 200)")
+    # Every weight and bias is multiplied by this after PyTorch's default Linear init (the
+    # authors' saved demo cell used 4.0).
+    init_scale: float = _field(8.0, "multiplies PyTorch's default init of every parameter (paper: 8)")
+    # Table 3: 100, so 1,000 images.
+    n_per_class: int = _field(100, "training images per class, 1..5421 (paper: 100)")
     # False: the authors' fixed cycle of 5 batches (itertools.cycle replays the first epoch).
     # True: Omnigrok's per-epoch reshuffle (not the paper's protocol).
-    reshuffle: bool = False
-    # Parameter dtype. float64 is the paper's; float32 exists only for speed studies and is
-    # announced loudly and recorded.
-    dtype: str = "float64"
-    # Extra evaluation points per decade of steps on a log grid, on top of the authors'
-    # 191-point rule (0 disables them). They never change the trajectory.
-    log_points_per_decade: int = 20
-    # Include the authors' 191-point evaluation rule (t<30; t<150 and t%10==0; t%ceil(N/150)==0).
-    # Only quick tests switch it off; steps 0 and N are always evaluated.
-    authors_grid: bool = True
-    # Longest compiled scan chunk in steps; shorter segments are split into power-of-two
-    # chunks so that at most log2(chunk)+1 lengths are ever compiled.
-    chunk: int = 4096
-    # Minimum seconds between two full-state (resume) checkpoints; the latest 2 are kept.
-    full_save_secs: float = 60.0
-    # Run directory (config.json, metrics.jsonl, checkpoints).
-    out: str = "ckpts/run"
-    # Replace an existing run directory whose config differs instead of refusing.
-    overwrite: bool = False
-    # Show a progress bar.
-    progress: bool = True
-    # MNIST cache directory (default: $GROKJAX_CACHE or the user's cache dir).
-    cache_dir: str | None = None
-    # A directory holding the four standard MNIST IDX files (optionally gzipped).
-    idx_dir: str | None = None
-    # Wall-clock budget of this segment in seconds (0: none); the CLI accepts 2h30m, 150m, 90s.
-    # When it is spent the run finishes the chunk in flight, writes a full state, prints
-    # `paused at step X of N ...` and exits with code 75; rerunning the command continues.
-    time_limit: float = 0.0
-    # Compute the in-loop HTSR monitor (alpha, traps, spectra, progress measures) at every
-    # evaluation step into monitor/ and show the live early warning. Never changes the trajectory.
-    monitor: bool = True
-    # Which params checkpoints to keep: all (every evaluation step), log (about 5 a decade plus
-    # the authors' schedule) or none (the monitor's record and the full states only).
-    keep_params: str = "all"
-    # Skip FC1's input pixels that are zero in the batch, in its forward product and weight
-    # gradient. Exact mathematics: for such a pixel FC1's weight-gradient row is exactly zero, so
-    # AdamW leaves its m and v unchanged and the row moves by weight decay only; only the order
-    # of summation inside FC1's products changes. Parameters and optimizer state stay full size.
+    reshuffle: bool = _field(False, "reshuffle each epoch (Omnigrok) instead of the authors' fixed batch cycle")
+    # float32 is announced loudly and recorded.
+    dtype: str = _field("float64", "float64 (the paper's) or float32 (speed studies only)")
+    # On top of the authors' rule; they never change the trajectory.
+    log_points_per_decade: int = _field(20, "extra log-grid evaluation steps a decade (0: none)")
+    # The authors' rule: t<30; t<150 and t%10==0; t%ceil(N/150)==0. Only quick tests switch it off.
+    authors_grid: bool = _field(True, "evaluate on the authors' 191-step grid (0 and N always)")
+    # Shorter segments are split into power-of-two chunks so that at most log2(chunk)+1 lengths
+    # are ever compiled.
+    chunk: int = _field(4096, "longest compiled scan chunk in steps (speed only)", science=False)
+    # The latest 2 full states are kept.
+    full_save_secs: float = _field(60.0, "least seconds between full-state (resume) checkpoints", science=False)
+    # Holds config.json, metrics.jsonl and the checkpoints.
+    out: str = _field("ckpts/run", "run directory; the same --out resumes the run", science=False)
+    overwrite: bool = _field(False, "replace a run directory whose config differs (else: refuse)", science=False)
+    progress: bool = _field(True, "show a progress bar", science=False)
+    cache_dir: str | None = _field(None, "MNIST cache dir (None: $GROKJAX_CACHE or the user cache dir)",
+                                   science=False)
+    # The four standard files, optionally gzipped.
+    idx_dir: str | None = _field(None, "a directory with the 4 MNIST IDX files (optionally .gz)", science=False)
+    # In seconds (the CLI accepts 2h30m, 150m, 90s; 0: none). When it is spent the run finishes
+    # the chunk in flight, writes a full state, prints `paused at step X of N ...` and exits with
+    # code 75; rerunning the command continues.
+    time_limit: float = _field(0.0, "pause after this long (2h30m, 150m, 90s, seconds; 0: never): "
+                                    "exit 75, rerun to continue", science=False)
+    # Alpha, traps, spectra and progress measures into monitor/. Never changes the trajectory.
+    monitor: bool = _field(True, "in-loop HTSR monitor and live early warning at each evaluation",
+                           science=False)
+    # all: every evaluation step; log: about 5 a decade plus the authors' schedule; none: the
+    # monitor's record and the full states only.
+    keep_params: str = _field("all", "params checkpoints kept: all, log (about 5 a decade) or none",
+                              science=False)
+    # Exact mathematics: for such a pixel FC1's weight-gradient row is exactly zero, so AdamW
+    # leaves its m and v unchanged and the row moves by weight decay only; only the order of
+    # summation inside FC1's products changes. Parameters and optimizer state stay full size.
     # batch: per fixed batch, the pixels nonzero in that batch (padded to the largest batch's
     # count with a pixel zero in the batch); subset: the pixels nonzero anywhere in the training
     # subset (also what --reshuffle uses); off: dense. A run directory started before this field
     # existed resumes with off.
-    skip_zero_pixels: str = "batch"
+    skip_zero_pixels: str = _field("batch", "skip FC1's zero input pixels (exact): batch, subset or off")
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
@@ -220,3 +224,8 @@ class TrainConfig:
         for k in NON_SCIENCE_FIELDS:
             d.pop(k, None)
         return d
+
+
+# Fields that do not change the science (metadata science=False): a run directory may be resumed
+# with other values.
+NON_SCIENCE_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if not f.metadata["science"])
