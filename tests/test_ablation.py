@@ -195,11 +195,11 @@ def _with(params, **kernels):
     return {k: {"kernel": kernels.get(k, v["kernel"]), "bias": v["bias"]} for k, v in params.items()}
 
 
-def test_evaluator_equals_direct_forward(real_run, data):
+def test_evaluator_equals_direct_prediction(real_run, data):
     params = ckpt.load_params(real_run, 300)
     x, y = data["test"]
     ev = ablation.Evaluator(params, x, y)
-    np.testing.assert_array_equal(ev.logits(), progress.forward(params, x))
+    np.testing.assert_array_equal(ev.logits(), progress.predict(params, x))
     modes = ablation.checkpoint_traps(params, step=300, run_seed=0)
     k = weights_of(params)
     rng = np.random.default_rng(0)
@@ -207,7 +207,7 @@ def test_evaluator_equals_direct_forward(real_run, data):
                                 variant="noise", noise_rng=rng)
     fc1, fc3 = ablation.remove_mean(k["fc1"]), ablation.remove_mean(k["fc3"])
     for replaced in ({"fc2": fc2}, {"fc3": fc3}, {"fc1": fc1, "fc3": fc3}):
-        direct = progress.forward(_with(params, **replaced), x)
+        direct = progress.predict(_with(params, **replaced), x)
         np.testing.assert_array_equal(ev.logits(replaced), direct)
         assert ev.accuracy(replaced) == np.mean(np.argmax(direct, axis=1) == y)
     # The unchanged network's accuracy is the trainer's (JAX) logged one, to rounding of ties.

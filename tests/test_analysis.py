@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from grokjax.analysis import htsr, phases, report
-from grokjax.analysis.pipeline import AnalysisOptions, analyze_run, checkpoint_seed, find_runs, weights_of
+from grokjax.analysis import figures, htsr, phases, report
+from grokjax.analysis.pipeline import AnalysisOptions, analyze_run, checkpoint_seed, weights_of
+from grokjax.rundir import find_runs
 from helpers import torch_init as _torch_init
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,6 +204,39 @@ def test_report_tables_mean_std():
     assert "Anti-grokking (collapse): checkpoint" in md and "FC1 α, W − mean" not in md
     assert "KS statistic" in tables["table4_mp_fc1"][1]
     assert set(tables["phases"][0]["collapsed"]) == {True}
+
+
+def _shaded_labels(ph: dict) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    figures.shade_phases(ax, ph, 1e6)
+    labels = ax.get_legend_handles_labels()[1]
+    plt.close(fig)
+    return labels
+
+
+def test_flat_test_accuracy_is_reported_as_no_grokking(tmp_path):
+    layers, steps = _fake_tables()
+    flat = steps[steps["run"] == "b"].assign(run="flat", seed=2)
+    flat["test/acc"] = 0.1 + 0.002 * np.sin(flat["step"].to_numpy())  # never rises: noise below 1 point
+    layers = pd.concat([layers, layers[layers["run"] == "b"].assign(run="flat", seed=2)], ignore_index=True)
+    steps = pd.concat([steps, flat], ignore_index=True)
+    tables = report.build_tables(layers, steps)
+    ph = tables["phases"][0].set_index("run")
+    assert list(ph["grokking"]) == [True, True, False] and ph.loc["flat", "pre_status"] == "no_rise"
+    md = tables["phases"][1]
+    row = next(line for line in md.splitlines() if line.startswith("| flat |"))
+    assert "no grokking (test accuracy never rose)" in row and "no grokking" not in md.split("| flat |")[0]
+    assert "No grokking in flat: test accuracy never rose" in md
+    text = report.summary_text(layers, steps, tables["phases"][0], {})
+    assert [("no grokking" in line) for line in text.splitlines() if not line.startswith(" ")] == [False, False, True]
+    written = report.write_tables(tables, tmp_path).read_text()
+    assert "### Status labels" in written and all(f"`{k}`" in written for k in (*phases.PRE_STATUSES,
+                                                                               *phases.WARNING_STATUSES))
+    # The figures shade no grokking band for the flat run, one 'no grokking' band instead.
+    assert _shaded_labels(ph.loc["flat"].to_dict()) == ["no grokking (test accuracy never rose)"]
+    assert "grokking" in _shaded_labels(ph.loc["a"].to_dict())
 
 
 # --------------------------------------------------------------------------------------

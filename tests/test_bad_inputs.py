@@ -105,7 +105,7 @@ def test_empty_directory(tmp_path, capfd):
 
 @pytest.mark.parametrize("case, text, expected", [
     ("not_json", '{"config": {"seed": 0,', "config.json: not valid JSON"),
-    ("future_format", None, "config.json: format 2 is newer than this analysis reads (1)"),
+    ("future_format", None, "config.json: format 2 is newer than this code reads (1)"),
     ("no_seed", None, "config.json: field 'seed' is missing"),
 ])
 def test_bad_config_fails_before_any_output(run_dir, capfd, case, text, expected):

@@ -123,13 +123,15 @@ def test_failed_fit_is_nan_with_status():
     assert all(np.isnan(fit[c]) for c in ("alpha", "raw_alpha", "xmin", "D", "sigma"))
 
 
-def test_mp_cdf_matches_numerical_integration_of_the_density():
+def test_mp_density_and_cdf_match_the_formula_and_its_integral():
     for Q, sigma in [(3.92, 1.0), (20.0, 0.8), (1.0, 1.1)]:
         a, b = (sigma * (1 - 1 / np.sqrt(Q))) ** 2, (sigma * (1 + 1 / np.sqrt(Q))) ** 2
 
         def dens(lam):
             return Q * np.sqrt(max((b - lam) * (lam - a), 0.0)) / (2 * np.pi * sigma ** 2 * lam)
 
+        grid = np.concatenate([[a - 0.1], a + (b - a) * np.linspace(0.01, 0.99, 25), [b, b + 0.1]])
+        np.testing.assert_allclose(htsr.mp_density(grid, sigma, Q), [dens(x) for x in grid], rtol=1e-12, atol=0)
         pts = a + (b - a) * np.array([0.05, 0.3, 0.5, 0.77, 0.95])
         want = [scipy.integrate.quad(dens, a, p, limit=200)[0] for p in pts]
         np.testing.assert_allclose(htsr.mp_cdf(pts, sigma, Q), want, atol=1e-6)
@@ -246,8 +248,15 @@ def ww_alpha_rows():
     return {r["name"]: r for r in rows}
 
 
-def test_adapter_requires_paper_version():
-    assert wwadapter.ww_version() == "0.7.5.5"
+def test_adapter_requires_paper_version(monkeypatch):
+    assert wwadapter.ww_version() == wwadapter.REQUIRED_VERSION == "0.7.5.5"
+    # Another installed version is refused before weightwatcher is imported or called.
+    monkeypatch.setattr(wwadapter, "_ww_module", None)
+    monkeypatch.setattr(wwadapter, "ww_version", lambda: "0.7.4.1")
+    with pytest.raises(RuntimeError, match=r"weightwatcher 0\.7\.5\.5 is required .*found 0\.7\.4\.1"):
+        wwadapter.analyze_weights_ww({"fc3": torch_init_x8((10, 200), 1)}, seed=0)
+    with pytest.raises(RuntimeError, match="found 0.7.4.1"):
+        wwadapter.fit_powerlaw_ww(np.arange(1.0, 20.0))
 
 
 @pytest.mark.parametrize("name", list(ALPHA_CASES))

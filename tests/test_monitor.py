@@ -8,7 +8,7 @@ import pytest
 
 from grokjax.analysis import pipeline, monitor, progress
 
-from grokjax import ckpt
+from grokjax import ckpt, rundir
 from grokjax.train.config import TrainConfig
 from grokjax.analysis.monitor import LiveWarning
 from grokjax.train.runner import run
@@ -61,7 +61,7 @@ def monitored(tmp_path_factory, mnist):
 
 
 def test_monitor_records_equal_the_analysis_of_each_checkpoint(monitored, mnist):
-    recs = monitor.read_records(monitored)
+    recs = rundir.read_records(monitored)
     metrics = [json.loads(x)["step"] for x in (monitored / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == metrics
     inputs = progress.load_inputs(100, 0, 0, mnist=mnist)
@@ -79,7 +79,7 @@ def test_monitor_records_equal_the_analysis_of_each_checkpoint(monitored, mnist)
             if not k.startswith("time/"):
                 assert r["measures"][k] == v, k
         assert "traps_k_mean" in r["layers"][1] and "alpha_centred" in r["layers"][1]
-        spec = monitor.read_spectra(monitored, r["step"])
+        spec = rundir.read_spectra(monitored, r["step"])
         W = ckpt.load_params(monitored, r["step"])["fc2"]["kernel"]
         np.testing.assert_allclose(spec["fc2"]["esd"], np.linalg.svd(W, compute_uv=False)[::-1] ** 2, rtol=1e-10)
         assert spec["fc1"]["rand"].shape == (200,) and spec["fc3"]["rand"].shape == (50,)
@@ -87,9 +87,9 @@ def test_monitor_records_equal_the_analysis_of_each_checkpoint(monitored, mnist)
 
 def test_backfill_of_a_run_trained_without_the_monitor(tmp_path, mnist, monitored):
     d = run(TrainConfig(out=str(tmp_path / "r"), monitor=False, **SMALL), mnist=mnist)[0]
-    assert not monitor.records_path(d).exists()
+    assert not rundir.records_path(d).exists()
     assert monitor.main([str(d)]) == 0
-    got, want = monitor.read_records(d), monitor.read_records(monitored)
+    got, want = rundir.read_records(d), rundir.read_records(monitored)
     assert [r["step"] for r in got] == [r["step"] for r in want]
     strip = lambda rec: json.dumps({**rec, "measures": {k: v for k, v in rec["measures"].items()  # noqa: E731
                                                           if not k.startswith("time/")},
@@ -98,8 +98,19 @@ def test_backfill_of_a_run_trained_without_the_monitor(tmp_path, mnist, monitore
     assert [strip(r) for r in got] == [strip(r) for r in want]
 
 
-def test_monitor_cli_bad_input(tmp_path):
+def test_monitor_cli_bad_input(tmp_path, capsys):
     assert monitor.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"grokjax-monitor: error: {tmp_path} holds no run (no config.json)\n"
+    (tmp_path / "config.json").write_text('{"config": {"seed": 0}')
+    assert monitor.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("grokjax-monitor: error: ") and "config.json: not valid JSON" in err and err.count("\n") == 1
+    (tmp_path / "config.json").write_text('{"config": {"seed": 0, "data_seed": 0}}')
+    assert monitor.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"grokjax-monitor: error: {tmp_path / 'config.json'}: no integer n_per_class\n"
+    with pytest.raises(SystemExit) as e:
+        monitor.main([])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("grokjax-monitor: error: ")
 
 
 def _table(d, use_monitor):

@@ -113,6 +113,24 @@ def test_rand_spectrum_is_the_trap_counts_spectrum():
         assert cen["num_spikes"] == htsr.extended_metrics(W, seed=seed, k_shuffles=1)["traps_centred"] == 0
 
 
+def test_shuffle_spectra_are_the_spectra_the_analysis_counts():
+    weights = {"fc1": gaussian((784, 200), 1), "fc2": with_mean((200, 200), 2, 0.3),
+               "fc3": with_block((200, 10), 3)}
+    rows = htsr.analyze_weights(weights, rng=np.random.RandomState(42))
+    spectra = htsr.shuffle_spectra(weights, 42)
+    assert list(spectra) == ["fc1", "fc2", "fc3"]
+    for r in rows:
+        spec = spectra[r["name"]]
+        assert spec["num_spikes"] == r["traps"] and spec["sigma_mp"] == r["rand_sigma_mp"]
+        assert spec["max_rand_eval"] == r["max_rand_eval"] and spec["evals"].size == r["n_shuffles"] * r["M"]
+        # Stored eigenvalues (in any order) give back the same fit: the figures' path without checkpoint.
+        np.testing.assert_equal(htsr.pooled_spectrum(spec["evals"][::-1], spec["N"], spec["M"]), spec)
+    assert [spectra[n]["num_spikes"] for n in spectra] == [0, 1, 5]  # fc3 pools 5 shuffles
+    # The walk goes on after a layer: without fc1 in front, fc2 is shuffled differently.
+    alone = htsr.shuffle_spectra({"fc2": weights["fc2"]}, 42)["fc2"]["evals"]
+    assert not np.array_equal(alone, spectra["fc2"]["evals"])
+
+
 def test_extended_weights_draw_zero_is_the_analysis_permutation():
     weights = {"fc1": gaussian((784, 200), 1), "fc2": with_mean((200, 200), 2, 0.3),
                "fc3": with_block((200, 10), 3)}

@@ -40,7 +40,7 @@ counts up to 5 times). Removal there uses the first of those shuffles and remove
 above the pooled fit's threshold; `TrapModes.traps` is the pooled count the analysis reports,
 `TrapModes.n_removable` the first shuffle's share of it (the two are equal for FC1 and FC2).
 
-Seeds. A checkpoint's shuffles come from `RandomState(analyze.checkpoint_seed(run_seed,
+Seeds. A checkpoint's shuffles come from `RandomState(pipeline.checkpoint_seed(run_seed,
 step))` walked through fc1, fc2, fc3 as in `grokjax.analysis.pipeline` (`checkpoint_traps`). The
 replacement noise of a layer's traps comes from
 `default_rng(SeedSequence([NOISE_TAG, shuffle_seed, layer index, c]))`, control draw d from
@@ -76,10 +76,10 @@ from tqdm.auto import tqdm
 from grokjax import ckpt
 
 from grokjax.analysis import htsr, phases
-from grokjax.analysis.pipeline import (AnalysisError, AnalysisOptions, analyze_run, checkpoint_seed, find_runs, gather,
-                              quiet_worker_stderr, read_run, weights_of)
+from grokjax.analysis.pipeline import (AnalysisError, AnalysisOptions, analyze_run, checkpoint_seed, gather,
+                                       quiet_worker_stderr, read_run, weights_of)
+from grokjax.rundir import LAYERS, find_runs
 
-LAYERS = ("fc1", "fc2", "fc3")
 VARIANTS = ("noise", "subtract", "mean", "noise_centred", "subtract_centred")
 # variant -> (count, how the footprint is removed); 'mean' searches no traps.
 _VARIANT_PARTS = {"noise": ("raw", "noise"), "subtract": ("raw", "subtract"), "mean": (None, "mean"),
@@ -514,20 +514,13 @@ def ablate_checkpoint(params: Mapping, *, step: int, run_seed: int, data: Mappin
 # Runs
 
 
-def _nearest(steps: np.ndarray, target: float) -> int | None:
-    """The kept step closest to target in log(1 + step)."""
-    if not np.isfinite(target) or steps.size == 0:
-        return None
-    return int(steps[int(np.argmin(np.abs(np.log1p(steps) - np.log1p(target))))])
-
-
 def choose_steps(metrics: pd.DataFrame, kept: Sequence[int], traps_by_step: Mapping[int, float], *,
                  trap_steps: bool = True) -> dict[int, str]:
     """{step: phase label} of the checkpoints to ablate.
 
     The phase steps of `phases.detect_phases` (pre: end of pre-grokking, grok: the
     test-accuracy peak, anti: the collapse minimum or the final step, drop: the collapse
-    onset), each at the nearest kept checkpoint; with trap_steps, every kept step whose
+    onset), each at the nearest kept checkpoint (`phases.nearest_step`); with trap_steps, every kept step whose
     analysis counts a trap in some layer (label '' unless it is also a phase step).
     """
     kept_arr = np.asarray(sorted(int(s) for s in kept), dtype=np.int64)
@@ -538,9 +531,9 @@ def choose_steps(metrics: pd.DataFrame, kept: Sequence[int], traps_by_step: Mapp
             ph = phases.detect_phases(m["step"], m["train/acc"], m["test/acc"])
             targets = dict(phases.phase_steps(ph), drop=ph["drop_step"])
             for label, target in targets.items():
-                s = _nearest(kept_arr, target)
-                if s is not None:
-                    chosen.setdefault(s, []).append(label)
+                s = phases.nearest_step(kept_arr, target)
+                if np.isfinite(s):
+                    chosen.setdefault(int(s), []).append(label)
     if trap_steps:
         for s in kept_arr:
             if traps_by_step.get(int(s), 0) > 0:

@@ -5,11 +5,12 @@ power-law fit (log-log) and the ESD of W^rand with its fitted Marchenko-Pastur d
 Fig 3: W^rand ESDs of FC1 and FC2 at the three phases with the traps marked. Fig 4: alpha of
 FC1, FC2 and their mean vs steps, alpha = 2 dashed. Fig 5: progress measures and l2 norm vs
 steps. Figs 6 and 7: Fig 1 + Fig 4 and Fig 5 for a weight-decay run; plus an overlay of all
-runs (test accuracy and mean alpha, coloured by weight decay).
+runs (test accuracy and mean alpha, coloured by weight decay). A run whose test accuracy
+never rose gets no phase bands: one grey band, and the title, say "no grokking".
 
 Figs 2 and 3 recompute eigenvalues from the checkpoints with `grokjax.analysis.htsr`, walking the
-same shuffle stream as the analysis (`analyze.checkpoint_seed`), so the traps drawn are the
-ones counted in the tables.
+same shuffle stream as the analysis (`htsr.shuffle_spectra` seeded with
+`pipeline.checkpoint_seed`), so the traps drawn are the ones counted in the tables.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from grokjax import ckpt  # noqa: E402
-
-from grokjax.analysis import htsr
+from grokjax import ckpt, rundir  # noqa: E402
+from grokjax.analysis import htsr  # noqa: E402
+from grokjax.analysis.phases import NO_GROKKING  # noqa: E402
 from grokjax.analysis.pipeline import checkpoint_seed, weights_of  # noqa: E402
 
-PHASE_COLORS = {"pre": "0.85", "grok": "#f6e27f", "anti": "#a8d8a0", "plateau": "#cfe3f3"}
+PHASE_COLORS = {"pre": "0.85", "grok": "#f6e27f", "anti": "#a8d8a0", "plateau": "#cfe3f3", "none": "0.93"}
 ENGINE_STYLE = {"native": dict(lw=1.6), "ww": dict(lw=0, marker="o", ms=3.5, mfc="none", alpha=0.8)}
 LAYER_COLORS = {"fc1": "tab:blue", "fc2": "tab:orange", "fc3": "tab:gray", "mean": "black"}
 DPI = 130
@@ -43,9 +44,15 @@ def shade_phases(ax, ph: dict, xmax: float, label: bool = True) -> None:
     """Shades pre-grokking [saturated_step, pre_step] (train saturated, test still low),
     grokking [pre_step, grok_step] and the rest: anti-grokking when a collapse was detected,
     else a 'no collapse' plateau colour. A run whose training never saturated is
-    pre-grokking up to its peak."""
+    pre-grokking up to its peak. A run without grokking (`ph['grokking']` False: test
+    accuracy never rose) gets one grey band labelled NO_GROKKING and no phase bands."""
     sat = ph.get("saturated_step", np.nan)
     start = float(sat) if np.isfinite(sat) and sat > 0 else 1.0
+    if not ph["grokking"]:
+        if xmax > start:
+            ax.axvspan(start, xmax, color=PHASE_COLORS["none"], alpha=0.6, lw=0, zorder=0,
+                       label=NO_GROKKING if label else None)
+        return
     if np.isfinite(ph["pre_step"]):
         pre, pre_name = ph["pre_step"], "pre-grokking (train saturated, test low)"
     else:
@@ -206,50 +213,24 @@ def fig_overlay(steps: pd.DataFrame, path: Path) -> Path:
     return _finish(fig, path)
 
 
-def rand_spectra(weights: dict, seed: int, options: htsr.HTSROptions | None = None) -> dict[str, dict]:
-    """W^rand ESDs and MP fits of each layer, from the analysis' shuffle stream
-    (`monitor.shuffle_spectra`), so the traps drawn are the ones counted.
-
-    Returns:
-        {layer: {'rescaled': eigenvalues scaled to mean 1, 'Q', 'M', 'mp': fit_mp result}}.
-    """
-    from grokjax.analysis.monitor import shuffle_spectra  # noqa: PLC0415
-
-    return {name: _rand_spectrum(ev, *np.shape(weights[name])) for name, ev in shuffle_spectra(weights, seed).items()}
-
-
-def _rand_spectrum(evals: np.ndarray, rows: int, cols: int) -> dict:
-    """One layer's entry of `rand_spectra` from its pooled W^rand eigenvalues."""
-    N, M = max(rows, cols), min(rows, cols)
-    return dict(rescaled=evals * evals.size / np.sum(evals), Q=N / M, M=M, mp=htsr.fit_mp(evals, N / M, M))
-
-
-def mp_density(x: np.ndarray, sigma: float, Q: float) -> np.ndarray:
-    """Marchenko-Pastur density Q/(2 pi sigma^2 x) sqrt((l+ - x)(x - l-)) on its support."""
-    lo, hi = (sigma * (1 - 1 / np.sqrt(Q))) ** 2, (sigma * (1 + 1 / np.sqrt(Q))) ** 2
-    inside = (x > lo) & (x < hi)
-    out = np.zeros_like(x)
-    out[inside] = Q / (2 * np.pi * sigma**2 * x[inside]) * np.sqrt((hi - x[inside]) * (x[inside] - lo))
-    return out
-
-
 def _rand_panel(ax, spec: dict, title: str, legend: bool = True) -> None:
-    """Histogram of W^rand's rescaled ESD (log x), MP density, bulk edge, TW threshold, traps."""
-    ev, mp = spec["rescaled"], spec["mp"]
+    """Histogram of W^rand's rescaled ESD (log x), MP density, bulk edge, TW threshold, traps;
+    `spec` is one layer's `htsr.rand_spectrum` dict (eigenvalues and MP fit)."""
+    ev = spec["evals"] * spec["evals"].size / np.sum(spec["evals"])  # scaled to mean 1
     lo = max(np.min(ev[ev > 0]) if np.any(ev > 0) else 1e-3, 1e-4)
     bins = np.geomspace(lo, np.max(ev) * 1.05, 45)
     ax.hist(ev, bins=bins, density=True, color="#b9a3d6", label="ESD of $W^{rand}$")
-    if mp["status"] == "success":
+    if spec["status"] == "success":
         x = np.geomspace(lo, np.max(ev) * 1.05, 2000)
-        ax.axvline(mp["tw_threshold"], color="black", ls="--", lw=0.8, label="trap threshold $λ^+ + \\sqrt{TW}$")
-        ax.plot(x, mp_density(x, mp["sigma_mp"], spec["Q"]), color="tab:red", lw=1.5,
-                label=f"MP fit (σ={mp['sigma_mp']:.3f})")
-        ax.axvline(mp["bulk_max_rescaled"], color="tab:red", ls=":", lw=1, label="bulk edge $λ^+$")
-        traps = ev[ev > mp["tw_threshold"]]
+        ax.axvline(spec["tw_threshold"], color="black", ls="--", lw=0.8, label="trap threshold $λ^+ + \\sqrt{TW}$")
+        ax.plot(x, htsr.mp_density(x, spec["sigma_mp"], spec["Q"]), color="tab:red", lw=1.5,
+                label=f"MP fit (σ={spec['sigma_mp']:.3f})")
+        ax.axvline(spec["bulk_max_rescaled"], color="tab:red", ls=":", lw=1, label="bulk edge $λ^+$")
+        traps = ev[ev > spec["tw_threshold"]]
         if traps.size:
             ax.plot(traps, np.full(traps.size, 0.03), "v", color="black", ms=7,
                     transform=ax.get_xaxis_transform(), label=f"correlation traps ({traps.size})")
-        title += f"\nσ_mp = {mp['sigma_mp']:.3f}, traps = {mp['num_spikes']}"
+        title += f"\nσ_mp = {spec['sigma_mp']:.3f}, traps = {spec['num_spikes']}"
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -261,19 +242,18 @@ def _rand_panel(ax, spec: dict, title: str, legend: bool = True) -> None:
 
 
 def spectra_at(run_dir: Path, step: int, run_seed: int) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
-    """(ESD of W per layer, `rand_spectra` per layer) at one step: from the params checkpoint,
-    or, when it was not kept, from the in-loop monitor's stored eigenvalues (the same numbers:
-    the monitor walks the same shuffle stream)."""
+    """(ESD of W per layer, W^rand spectrum and MP fit per layer) at one step: from the params
+    checkpoint (`htsr.shuffle_spectra` on the analysis' shuffle stream, so the traps drawn are
+    the ones counted), or, when it was not kept, from the in-loop monitor's stored eigenvalues
+    (the same numbers: the monitor walks the same stream), refitted by `htsr.pooled_spectrum`."""
     if (Path(run_dir) / ckpt.PARAMS_DIR / str(int(step))).is_dir():
         weights = weights_of(ckpt.load_params(run_dir, int(step)))
         return ({k: htsr.esd(W) for k, W in weights.items()},
-                rand_spectra(weights, checkpoint_seed(run_seed, int(step))))
-    from grokjax.analysis import monitor  # noqa: PLC0415
-
-    stored = monitor.read_spectra(run_dir, int(step))
-    rows = {r["layer"]: r for r in next(r for r in monitor.read_records(run_dir) if r["step"] == int(step))["layers"]}
+                htsr.shuffle_spectra(weights, checkpoint_seed(run_seed, int(step))))
+    stored = rundir.read_spectra(run_dir, int(step))
+    rows = {r["layer"]: r for r in next(r for r in rundir.read_records(run_dir) if r["step"] == int(step))["layers"]}
     esd = {layer: sp["esd"] for layer, sp in stored.items()}
-    rand = {layer: _rand_spectrum(sp["rand"], int(rows[layer]["N"]), int(rows[layer]["M"]))
+    rand = {layer: htsr.pooled_spectrum(sp["rand"], int(rows[layer]["N"]), int(rows[layer]["M"]))
             for layer, sp in stored.items()}
     return esd, rand
 
@@ -373,7 +353,8 @@ def make_figures(steps: pd.DataFrame, phases_df: pd.DataFrame, run_dirs: dict[st
     if main is not None:
         ph, d = main.to_dict(), steps[steps["run"] == main["run"]]
         tag = f"run {main['run']}, WD = {main['wd']:g}, seed {main['seed']}"
-        written.append(fig_accuracy(d, ph, out_dir / "fig1_accuracy.png", f"Train/test accuracy ({tag})"))
+        written.append(fig_accuracy(d, ph, out_dir / "fig1_accuracy.png", f"Train/test accuracy ({tag})"
+                                    + ("" if ph["grokking"] else f": {NO_GROKKING}")))
         rd = run_dirs[main["run"]]
         # The same checkpoints as the tables and summary.txt (report.run_phases).
         at = {p: ph[f"{p}_ckpt"] for p in ("pre", "grok", "anti")}
@@ -389,7 +370,8 @@ def make_figures(steps: pd.DataFrame, phases_df: pd.DataFrame, run_dirs: dict[st
     if wd_run is not None:
         ph, d = wd_run.to_dict(), steps[steps["run"] == wd_run["run"]]
         tag = f"run {wd_run['run']}, WD = {wd_run['wd']:g}, seed {wd_run['seed']}"
-        written.append(fig_wd_run(d, ph, out_dir / "fig6_wd_alpha.png", f"Accuracy and α ({tag})"))
+        written.append(fig_wd_run(d, ph, out_dir / "fig6_wd_alpha.png", f"Accuracy and α ({tag})"
+                                  + ("" if ph["grokking"] else f": {NO_GROKKING}")))
         written.append(fig_progress(d, ph, out_dir / "fig7_wd_progress.png", f"Progress measures ({tag})"))
     if steps["run"].nunique() > 1:
         written.append(fig_overlay(steps, out_dir / "fig_overlay_runs.png"))

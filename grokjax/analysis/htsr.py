@@ -53,10 +53,12 @@ same permutations WW uses for a one-layer model after `np.random.seed(s)`.
 layers; pass `rng=np.random.RandomState(s)` instead to walk one stream through the layers
 in WW's order (this reproduces WW's multi-layer `analyze()` after `np.random.seed(s)`).
 
-Beyond WW: `rand_spectrum` exposes the W^rand eigenvalues and MP fit behind the trap count,
-and `extended_metrics` / `extended_weights` separate a growing mean of W's entries (a rank-1
-spike that a shuffle keeps) from heavy, localised entries: centred trap counts and alphas,
-the trap count averaged over K seeded shuffles, and the trap's overlap with the uniform vector.
+Beyond WW: `rand_spectrum` exposes the W^rand eigenvalues and MP fit behind the trap count
+(`shuffle_spectra` walks a model's layers as `analyze_weights(rng=...)` does), `mp_density`
+is the fitted law's density, and `extended_metrics` / `extended_weights` separate a growing
+mean of W's entries (a rank-1 spike that a shuffle keeps) from heavy, localised entries:
+centred trap counts and alphas, the trap count averaged over K seeded shuffles, and the
+trap's overlap with the uniform vector.
 """
 
 from __future__ import annotations
@@ -540,6 +542,18 @@ def fit_mp(evals: Any, Q: float, M: int) -> dict:
                 mp_softrank=float(bulk_max / np.max(rescaled)), status="success")
 
 
+def mp_density(x: Any, sigma: float, Q: float) -> np.ndarray:
+    """Density of the Marchenko-Pastur law with scale sigma and aspect ratio Q >= 1:
+    Q / (2 pi sigma^2 x) sqrt((lambda_+ - x)(x - lambda_-)) inside (lambda_-, lambda_+), 0
+    outside; the law whose CDF is `mp_cdf` (eigenvalues rescaled as in `fit_mp`)."""
+    x = np.asarray(x, dtype=np.float64)
+    lo, hi = _mp_bulk_edges(sigma, Q)
+    inside = (x > lo) & (x < hi)
+    out = np.zeros_like(x)
+    out[inside] = Q / (2 * np.pi * sigma**2 * x[inside]) * np.sqrt((hi - x[inside]) * (x[inside] - lo))
+    return out
+
+
 def mp_cdf(x: Any, sigma: float, Q: float) -> np.ndarray:
     """CDF of the Marchenko-Pastur law with scale sigma and aspect ratio Q >= 1.
 
@@ -625,8 +639,9 @@ def mp_ks_test(evals_rand: Any, sigma: float, Q: float) -> dict:
 ROW_COLUMNS = ("name", "N", "M", "Q", "num_evals", "lambda_max", "norm", "alpha", "raw_alpha", "xmin", "xmax", "D",
                "sigma", "num_pl_spikes", "num_fingers", "status", "traps", "traps_per_shuffle", "n_shuffles",
                "rand_sigma_mp", "rand_bulk_max", "rand_bulk_min", "max_rand_eval", "mp_ks", "mp_pvalue", "mp_status")
-_RAND_COLUMNS = ("traps", "traps_per_shuffle", "n_shuffles", "rand_sigma_mp", "rand_bulk_max", "rand_bulk_min",
-                 "max_rand_eval", "mp_ks", "mp_pvalue")
+# The trap columns of a row (NaN when the traps are not computed).
+RAND_COLUMNS = ("traps", "traps_per_shuffle", "n_shuffles", "rand_sigma_mp", "rand_bulk_max", "rand_bulk_min",
+                "max_rand_eval", "mp_ks", "mp_pvalue")
 
 
 def _traps(W: np.ndarray, rng: np.random.RandomState) -> dict:
@@ -688,7 +703,7 @@ def _analyze(W: np.ndarray, name: str, options: HTSROptions, rng: np.random.Rand
     if options.randomize:
         row.update(_traps(W, rng))
     else:
-        row.update({c: np.nan for c in _RAND_COLUMNS}, mp_status="not_run")
+        row.update({c: np.nan for c in RAND_COLUMNS}, mp_status="not_run")
     return {c: row[c] for c in ROW_COLUMNS}
 
 
@@ -777,10 +792,48 @@ def rand_spectrum(W: Any, rng: np.random.RandomState | int, *, n_shuffles: int |
     if centred:
         mu = np.mean(W)
         mats = [m - mu for m in mats]
-    out = _mp_of_draws(mats, N / M, M)
-    out.pop("top_per_draw")
-    return dict(N=N, M=M, Q=N / M, n_shuffles=n_shuffles, max_rand_eval=float(out["evals"][-1]),
-                tw_margin=float(out["tw_threshold"] - out["bulk_max_rescaled"]), **out)
+    return pooled_spectrum(np.concatenate([_squared_svals(m) for m in mats]), N, M)
+
+
+def pooled_spectrum(evals: Any, N: int, M: int) -> dict:
+    """`rand_spectrum`'s dict from W^rand eigenvalues already drawn (e.g. the monitor's stored
+    ones): the same `fit_mp` of the pooled eigenvalues, so the same trap count.
+
+    Args:
+        evals: the pooled eigenvalues of the shuffles (original units, any order).
+        N, M: max and min of the weight matrix's shape.
+
+    Returns:
+        The `rand_spectrum` keys; n_shuffles = len(evals) // M.
+    """
+    evals = np.sort(np.asarray(evals, dtype=np.float64).ravel())
+    mp = fit_mp(evals, N / M, M)
+    threshold = float(mp["tw_threshold"] / mp["W_scale"] ** 2) if mp["status"] == "success" else np.nan
+    return dict(N=N, M=M, Q=N / M, n_shuffles=evals.size // M, max_rand_eval=float(evals[-1]),
+                tw_margin=float(mp["tw_threshold"] - mp["bulk_max_rescaled"]), evals=evals, threshold=threshold, **mp)
+
+
+def shuffle_spectra(weights: Mapping[str, Any], seed: int) -> dict[str, dict]:
+    """Per layer, the W^rand spectrum behind the trap count of
+    `analyze_weights(weights, rng=np.random.RandomState(seed))`.
+
+    Walks RandomState(seed) through the layers, in the mapping's order, as that call does: a
+    layer's pooled shuffles (`rand_spectrum`), then the one extra, discarded shuffle WW draws.
+    The SVDs run on one BLAS thread, as that call's (default `HTSROptions.blas_threads`). So
+    each layer's `num_spikes` is that row's `traps`, and `evals` the eigenvalues it counts.
+
+    Returns:
+        layer name -> `rand_spectrum` dict (evals: the pooled eigenvalues, ascending; the
+        `fit_mp` keys; threshold; ...).
+    """
+    rng = np.random.RandomState(seed)
+    out = {}
+    with blas_thread_limit(HTSROptions().blas_threads):
+        for name, W in weights.items():
+            W = _as_matrix(W)
+            out[name] = rand_spectrum(W, rng)
+            rng.shuffle(np.empty(W.size))  # WW's discarded shuffle, as in analyze_matrix
+    return out
 
 
 def _uniform_overlaps(A: np.ndarray) -> tuple[float, float]:

@@ -5,14 +5,17 @@ worker thread runs exactly what the analysis runs on a checkpoint
 (`grokjax.analysis.pipeline.analyze_checkpoint` with the native engine: alpha with clip_xmax, raw
 alpha, fingers, xmin, D, the WeightWatcher-compatible trap count, rand_sigma_mp, the MP KS
 test, the mean-aware and K-shuffle columns of `htsr.extended_metrics`, the progress measures
-and the norms) and keeps the spectra the figures need. Files, under `<run>/monitor/`:
+and the norms) and keeps the spectra the figures need. Files, under `<run>/monitor/` (names,
+formats, readers and writers are `grokjax.rundir`'s: `read_records`, `write_spectra`,
+`read_spectra`):
 
   records.jsonl        one JSON object per evaluation step, ascending:
                        {"step", "layers": [one row per layer, the analysis' columns],
                         "measures": {progress measures, norms, timings}}
   spectra/<step>.npz   per layer `<layer>/esd` (eigenvalues of W^T W, ascending) and
                        `<layer>/rand` (eigenvalues of the element-shuffled W, pooled over the
-                       shuffles the trap count uses, from the same seeded stream)
+                       shuffles the trap count uses, from the same seeded stream:
+                       `htsr.shuffle_spectra`)
 
 Durability: before every full (resume) state is written, the monitor is drained, so every
 record up to that step is on disk. After a crash the resumed run drops records at or after
@@ -40,14 +43,13 @@ from typing import Callable
 
 import numpy as np
 
-from grokjax.analysis import pipeline, htsr, progress
-
-from grokjax import ckpt
+from grokjax import ckpt, rundir
+from grokjax.analysis import htsr, pipeline, progress
 from grokjax.analysis.phases import PersistentSignal
+from grokjax.cliutil import OneLineParser
+from grokjax.rundir import MONITOR_DIR, SPECTRA_DIR
 
-MONITOR_DIR = "monitor"
-RECORDS_FILE = "records.jsonl"
-SPECTRA_DIR = "spectra"
+PROG = "grokjax-monitor"
 K_SHUFFLES = pipeline.MONITOR_K_SHUFFLES
 WARNING_LAYERS = ("fc1", "fc2")
 # (signal name, row column, test): the same signals as the post-hoc early-warning table.
@@ -65,57 +67,6 @@ def monitor_options() -> pipeline.AnalysisOptions:
                                    reuse=False, write=False)
 
 
-def records_path(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / MONITOR_DIR / RECORDS_FILE
-
-
-def spectra_path(run_dir: str | os.PathLike, step: int) -> Path:
-    return Path(run_dir) / MONITOR_DIR / SPECTRA_DIR / f"{int(step)}.npz"
-
-
-def read_records(run_dir: str | os.PathLike) -> list[dict]:
-    """The monitor's records, ascending by step (a torn last line, from a kill, is skipped)."""
-    path = records_path(run_dir)
-    if not path.exists():
-        return []
-    out = {}
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            if i == len(lines) - 1:
-                continue
-            raise ValueError(f"{path} line {i + 1} is corrupt") from None
-        out[int(rec["step"])] = rec
-    return [out[s] for s in sorted(out)]
-
-
-def read_spectra(run_dir: str | os.PathLike, step: int) -> dict[str, dict[str, np.ndarray]]:
-    """{layer: {'esd': eigenvalues of W^T W, 'rand': eigenvalues of W^rand}} at one step."""
-    with np.load(spectra_path(run_dir, step)) as z:
-        out: dict[str, dict[str, np.ndarray]] = {}
-        for key in z.files:
-            layer, kind = key.split("/")
-            out.setdefault(layer, {})[kind] = z[key]
-    return out
-
-
-def shuffle_spectra(weights: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
-    """Per layer, the pooled W^rand eigenvalues the native trap count draws for this seed.
-
-    Walks RandomState(seed) through the layers as `htsr.analyze_weights(rng=...)` does: the
-    pooled shuffles of a layer, then the one extra (discarded) shuffle WeightWatcher draws.
-    """
-    rng = np.random.RandomState(seed)
-    out = {}
-    for name, W in weights.items():
-        W = np.asarray(W, dtype=np.float64)
-        out[name] = htsr.shuffle_esd(W, rng)
-        rng.shuffle(np.empty(W.size))
-    return out
-
-
 def _jsonable(v):
     if isinstance(v, (np.floating, float)):
         return float(v)
@@ -131,11 +82,11 @@ def compute_record(params: dict, *, step: int, run_seed: int, inputs: dict) -> t
     layers, measures = pipeline.analyze_checkpoint(params, step=step, run_seed=run_seed, options=monitor_options(),
                                                   inputs=inputs)
     weights = pipeline.weights_of(params)
-    rand = shuffle_spectra(weights, pipeline.checkpoint_seed(run_seed, step))
+    rand = htsr.shuffle_spectra(weights, pipeline.checkpoint_seed(run_seed, step))
     spectra = {}
     for name, W in weights.items():
         spectra[f"{name}/esd"] = htsr.esd(W)
-        spectra[f"{name}/rand"] = rand[name]
+        spectra[f"{name}/rand"] = rand[name]["evals"]
     rec = {"step": int(step), "layers": [{k: _jsonable(v) for k, v in r.items()} for r in layers],
            "measures": {k: _jsonable(v) for k, v in measures.items()}}
     return rec, spectra
@@ -202,7 +153,7 @@ class Monitor:
         self.warning = LiveWarning()
         self._test_acc = {int(r["step"]): r.get("test/acc") for r in metrics}
         (self.dir / MONITOR_DIR / SPECTRA_DIR).mkdir(parents=True, exist_ok=True)
-        kept = [r for r in read_records(self.dir) if r["step"] < start]
+        kept = [r for r in rundir.read_records(self.dir) if r["step"] < start]
         self._rewrite(kept)
         have = {r["step"] for r in kept}
         for r in kept:  # the warning's state, replayed silently (its events are already written)
@@ -221,11 +172,10 @@ class Monitor:
         self._thread.start()
 
     def _rewrite(self, records: list[dict]) -> None:
-        path = records_path(self.dir)
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, path)
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        """Replaces the records file with `records` and opens it for appending."""
+        path = rundir.records_path(self.dir)
+        rundir.rewrite_jsonl(path, records)
+        self._file = rundir.open_append(path)
 
     def submit(self, step: int, params: dict, test_acc: float, *, kept: bool = False) -> None:
         """Queues one evaluation step's params (host numpy; not modified afterwards).
@@ -294,7 +244,7 @@ class Monitor:
             return
         rec, spectra = compute_record(ckpt.load_params(self.dir, s), step=s, run_seed=self.run_seed,
                                       inputs=self.inputs)
-        self._save_spectra(s, spectra)
+        rundir.write_spectra(self.dir, s, spectra)
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()
         if not self._backfill:
@@ -303,22 +253,16 @@ class Monitor:
     def _replay_warning(self) -> None:
         """After a backfill: the warning over all records in step order; new firings are reported."""
         fresh = LiveWarning()
-        for r in read_records(self.dir):
+        for r in rundir.read_records(self.dir):
             for w in fresh.update(r["step"], self._test_acc.get(r["step"]), r["layers"]):
                 if (w["layer"], w["signal"]) not in self.warning.fired and self.on_warning is not None:
                     self.on_warning(w)
         self.warning = fresh
 
-    def _save_spectra(self, step: int, spectra: dict) -> None:
-        path = spectra_path(self.dir, step)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, **spectra)
-        os.replace(tmp, path)
-
     def _one(self, step: int, params: dict) -> None:
         t0 = time.perf_counter()
         rec, spectra = compute_record(params, step=step, run_seed=self.run_seed, inputs=self.inputs)
-        self._save_spectra(step, spectra)
+        rundir.write_spectra(self.dir, step, spectra)
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()
         self.seconds += time.perf_counter() - t0
@@ -338,18 +282,33 @@ class Monitor:
                 f"traps {fmt('fc1', 'traps', '.0f')}/{fmt('fc2', 'traps', '.0f')}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m grokjax.analysis.monitor RUN [RUN ...]`: computes the missing monitor records of runs."""
-    import argparse  # noqa: PLC0415
+# The config fields the backfill reads (the progress measures' images and the shuffle seeds).
+BACKFILL_CONFIG_KEYS = ("seed", "data_seed", "n_per_class")
 
-    p = argparse.ArgumentParser(prog="python -m grokjax.analysis.monitor",
-                                description="Compute the monitor record of every kept params checkpoint "
-                                            "that has none (for runs trained without the monitor, or stopped).")
+
+def main(argv: list[str] | None = None) -> int:
+    """`grokjax-monitor RUN [RUN ...]`: computes the missing monitor records of runs.
+
+    Every run is checked first (config.json readable, with the fields the backfill reads,
+    metrics.jsonl undamaged); a bad one is one line on stderr and exit code 2.
+    """
+    p = OneLineParser(prog=PROG, description="Compute the monitor record of every kept params checkpoint "
+                                             "that has none (for runs trained without the monitor, or stopped).")
     p.add_argument("runs", nargs="+", help="run directories")
     args = p.parse_args(argv)
     for r in args.runs:
-        if not (Path(r) / "config.json").is_file():
-            print(f"grokjax.analysis.monitor: error: {r} holds no run (no config.json)", file=sys.stderr)
+        if not rundir.is_run(r):
+            print(f"{PROG}: error: {r} holds no run (no {rundir.CONFIG_FILE})", file=sys.stderr)
+            return 2
+        try:
+            cfg = rundir.read_config(r)
+            rundir.read_metrics(r)
+        except rundir.RunDirError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+        missing = [k for k in BACKFILL_CONFIG_KEYS if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool)]
+        if missing:
+            print(f"{PROG}: error: {Path(r) / rundir.CONFIG_FILE}: no integer {', '.join(missing)}", file=sys.stderr)
             return 2
     for r in args.runs:
         n = backfill(r)
@@ -357,23 +316,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-
 def backfill(run_dir: str | os.PathLike) -> int:
     """Computes the monitor record of every kept params checkpoint of a run that has none.
 
     Returns:
         The number of steps computed.
+
+    Raises:
+        rundir.RunDirError: config.json or metrics.jsonl is missing or damaged.
     """
     d = Path(run_dir)
-    cfg = json.loads((d / "config.json").read_text())["config"]
+    cfg = rundir.read_config(d)
     inputs = progress.load_inputs(n_per_class=cfg["n_per_class"], data_seed=cfg["data_seed"], seed=cfg["seed"])
-    metrics = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip().endswith("}")]
+    metrics = rundir.read_metrics(d)
     start = max([r["step"] for r in metrics], default=-1) + 1
-    have = {r["step"] for r in read_records(d)}
+    have = {r["step"] for r in rundir.read_records(d)}
     n = len([s for s in ckpt.list_param_steps(d) if s < start and s not in have])
     m = Monitor(d, run_seed=cfg["seed"], inputs=inputs, start=start, metrics=metrics)
     m.close(finish_backfill=True)
     return n
+
 
 if __name__ == "__main__":
     sys.exit(main())

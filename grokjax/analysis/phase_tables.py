@@ -23,7 +23,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from grokjax.analysis.phases import PHASE_TITLES, PhaseOptions, phase_title, phase_windows
+from grokjax.analysis.phases import PHASE_TITLES, PhaseOptions, nearest_step, phase_title, phase_windows
 
 # The paper reads pre-grokking at ~1e5 steps (its Tables 1, 2, 4).
 NOMINAL_STEP = 100_000
@@ -64,13 +64,6 @@ def _series(eng_df: pd.DataFrame, layer: str, col: str) -> pd.Series:
     return pd.Series(sub[col].astype(float).to_numpy(), index=sub["step"].to_numpy()).groupby(level=0).first()
 
 
-def _nearest(analysed: np.ndarray, target: float) -> float:
-    """The analysed step closest to target in log(1 + step) (the target itself when present)."""
-    if not np.isfinite(target) or analysed.size == 0:
-        return math.nan
-    return int(analysed[int(np.argmin(np.abs(np.log1p(analysed) - np.log1p(target))))])
-
-
 def window_values(layers: pd.DataFrame, steps: pd.DataFrame, phases_df: pd.DataFrame, rows, *,
                   options: PhaseOptions | None = None) -> pd.DataFrame:
     """Long table: one row per (run, engine, layer, metric, phase) with the checkpoint value
@@ -106,7 +99,7 @@ def window_values(layers: pd.DataFrame, steps: pd.DataFrame, phases_df: pd.DataF
                 target = targets[phase]
                 used = ph.get(f"{phase}_ckpt", math.nan) if phase != "nominal" else math.nan
                 if not (isinstance(used, (int, float, np.integer, np.floating)) and np.isfinite(used)):
-                    used = _nearest(analysed, target)
+                    used = nearest_step(analysed, target)
                 for layer, col, _ in rows:
                     series = _series(eng_df, layer, col) if col in eng_df else pd.Series(dtype=float)
                     value = float(series.get(used, math.nan)) if np.isfinite(used) else math.nan

@@ -25,6 +25,16 @@ import pandas as pd
 PHASES = ("pre", "grok", "anti")
 PHASE_TITLES = {"pre": "Pre-grokking", "grok": "Grokking (max test acc.)", "anti": "Anti-grokking (collapse)"}
 NO_COLLAPSE_TITLE = "final (no collapse)"
+# What the outputs say of a run whose `detect_phases` result has grokking = False.
+NO_GROKKING = "no grokking (test accuracy never rose)"
+# The labels of `detect_phases`' pre_status (the end of pre-grokking), with their meaning.
+PRE_STATUSES = {
+    "ok": "the end of the pre-grokking plateau was found; a longer run would not move it",
+    "short_run": "found, but the run ended before the rule's horizon, so a longer run could move it",
+    "no_rise": "test accuracy never left its plateau after training saturated: no grokking, no edge",
+    "test_not_low": "test accuracy had already risen when training saturated: no plateau, the edge is that step",
+    "not_saturated": "training accuracy never saturated up to the test-accuracy peak: no edge",
+}
 
 
 def phase_title(phase: str, collapsed=None) -> str:
@@ -160,6 +170,10 @@ def detect_phases(steps, train_acc, test_acc, *, options: PhaseOptions | None = 
       peak: pre_step is NaN). `low_end_step` is the last step before the peak whose test
       accuracy is still below acc0 + low_fraction * (peak - acc0) (the earlier, length-
       dependent edge, kept for comparison), NaN if none.
+    * no grokking: `grokking` is False when test accuracy never rose: pre_status is
+      'no_rise', or the peak is less than leave_min above the first evaluation's test
+      accuracy. The outputs then say NO_GROKKING instead of naming a grokking phase (the
+      peak is still reported: it is the maximum of a flat curve).
     * anti-grokking: `collapsed` is True when some step after the peak has
       test_acc <= peak - collapse_drop; then `anti_step` = the first step of minimal test
       accuracy after the peak, and `drop_step` = the first step after the peak at which
@@ -167,12 +181,19 @@ def detect_phases(steps, train_acc, test_acc, *, options: PhaseOptions | None = 
       against). Without a collapse, `anti_step` is the final step (the column is titled
       "final (no collapse)", see `phase_title`) and `drop_step` is NaN.
 
+    Status labels (`pre_status`, also in PRE_STATUSES):
+      ok             the edge was found; a longer run would not move it
+      short_run      found, but the run ended before pre_horizon_step
+      no_rise        test accuracy never left its plateau after saturation (no grokking)
+      test_not_low   test accuracy had already risen at saturation (no plateau)
+      not_saturated  training never saturated up to the peak (no edge)
+
     Returns:
         dict with pre_step, pre_status, saturated_step, plateau_acc, leave_step,
-        pre_horizon_step, low_end_step, grok_step, anti_step, drop_step, final_step,
-        collapsed, peak_test_acc, anti_test_acc, drop_pp (peak minus the minimum after the
-        peak, in percentage points; 0 if the peak is the last step), test_acc_pre,
-        train_acc_pre.
+        pre_horizon_step, low_end_step, grok_step, grokking, anti_step, drop_step,
+        final_step, collapsed, peak_test_acc, anti_test_acc, drop_pp (peak minus the minimum
+        after the peak, in percentage points; 0 if the peak is the last step),
+        test_acc_pre, train_acc_pre.
     """
     options = options or PhaseOptions()
     steps = np.asarray(steps, dtype=np.int64)
@@ -224,7 +245,8 @@ def detect_phases(steps, train_acc, test_acc, *, options: PhaseOptions | None = 
         plateau_acc=plateau, leave_step=int(steps[i_leave]) if i_leave is not None else math.nan,
         pre_horizon_step=horizon,
         low_end_step=int(steps[low_before[-1]]) if low_before.size else math.nan,
-        grok_step=int(steps[i_peak]), anti_step=int(steps[i_anti]), drop_step=drop_step,
+        grok_step=int(steps[i_peak]), grokking=pre_status != "no_rise" and peak - acc0 >= options.leave_min,
+        anti_step=int(steps[i_anti]), drop_step=drop_step,
         final_step=int(steps[-1]), collapsed=collapsed, peak_test_acc=peak, anti_test_acc=float(te[i_anti]),
         drop_pp=drop_pp,
         test_acc_pre=float(te[i_pre]) if i_pre is not None else math.nan,
@@ -235,6 +257,16 @@ def detect_phases(steps, train_acc, test_acc, *, options: PhaseOptions | None = 
 def phase_steps(phases: dict) -> dict[str, float]:
     """{'pre': pre_step, 'grok': grok_step, 'anti': anti_step} of a `detect_phases` result."""
     return {"pre": phases["pre_step"], "grok": phases["grok_step"], "anti": phases["anti_step"]}
+
+
+def nearest_step(steps, target: float) -> float:
+    """The step of `steps` closest to `target` in log(1 + step) (the target itself when present);
+    NaN when target is NaN or there are no steps. Every output reads a phase at this
+    checkpoint (the nearest analysed or kept one)."""
+    steps = np.asarray(sorted(steps), dtype=np.int64)
+    if not np.isfinite(target) or steps.size == 0:
+        return math.nan
+    return int(steps[int(np.argmin(np.abs(np.log1p(steps) - np.log1p(target))))])
 
 
 def phase_windows(steps, test_acc, phases: dict, *, options: PhaseOptions | None = None) -> dict[str, np.ndarray]:
@@ -430,7 +462,16 @@ def early_warnings(step_df: pd.DataFrame, phases: dict, *, layers=("fc1", "fc2",
     return rows
 
 
-WARNING_STATUSES = ("warned", "late", "missed", "false_alarm", "quiet", "no_data")
+# The labels of `early_warnings`' status, with their meaning.
+WARNING_STATUS_MEANINGS = {
+    "warned": "a persistent signal at or before the collapse onset",
+    "late": "a persistent signal, but after the collapse onset",
+    "missed": "a collapse without a signal",
+    "false_alarm": "a signal without a collapse",
+    "quiet": "neither a signal nor a collapse",
+    "no_data": "the metric's column is missing or all NaN",
+}
+WARNING_STATUSES = tuple(WARNING_STATUS_MEANINGS)
 
 
 def warning_counts(warn: pd.DataFrame, keys=("wd", "engine", "layer", "signal")) -> pd.DataFrame:

@@ -57,23 +57,21 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from grokjax import ckpt
-
-from grokjax.analysis import htsr, phases, preflight, progress
+from grokjax import ckpt, rundir
+from grokjax.analysis import htsr, phases, preflight, progress, wwadapter
 from grokjax.analysis.htsr import HTSROptions
 from grokjax.analysis.progress import ProgressOptions
+from grokjax.cliutil import THREAD_VARS
+from grokjax.rundir import LAYERS
 
 MONITOR_K_SHUFFLES = 10  # grokjax.analysis.monitor.K_SHUFFLES
 ANALYSIS_VERSION = 2  # 2: the native rows carry the mean-aware, K-shuffle columns
-ANALYSIS_DIR = "analysis"
 ENGINES = ("native", "ww", "both")
-LAYERS = ("fc1", "fc2", "fc3")
 TABLE_LAYER_COLUMNS = ("run", "wd", "seed", "step", "layer", "engine")
 # Step-table columns computed from a checkpoint (the rest come from metrics.jsonl or are derived).
 COMPUTED_STEP_COLUMNS = ("progress/sparsity", "progress/sparsity_smooth", "progress/entropy_fc1",
                          "progress/entropy_fc2", "progress/entropy_fc3", "progress/circuit", "params/l2",
                          "params/l2_weights", "time/load", "time/native", "time/progress")
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _SEED_TAG = 0xA1FA
 
 
@@ -154,19 +152,6 @@ class Run:
         return float(self.config.get("wd", math.nan))
 
 
-def find_runs(root: str | os.PathLike) -> list[Path]:
-    """Run directories (holding config.json) at or below `root`, sorted; not inside analysis/."""
-    root = Path(root)
-    if not root.exists():
-        raise AnalysisError(f"{root} does not exist")
-    if not root.is_dir():
-        raise AnalysisError(f"{root} is not a directory")
-    if (root / "config.json").is_file():
-        return [root]
-    found = sorted(p.parent for p in root.rglob("config.json") if ANALYSIS_DIR not in p.relative_to(root).parts)
-    return found
-
-
 def read_run(run_dir: str | os.PathLike, name: str | None = None, *, strict: bool = False) -> Run:
     """Checks and reads a run directory (`grokjax.analysis.preflight.check_run`).
 
@@ -216,9 +201,8 @@ def htsr_rows(weights: dict, *, engine: str, seed: int, options: HTSROptions) ->
         if engine == "native":
             rows = htsr.analyze_weights(weights, options=options, rng=np.random.RandomState(seed))
         else:
-            from grokjax.analysis.wwadapter import analyze_weights_ww  # noqa: PLC0415  (heavy, optional)
-
-            rows = analyze_weights_ww(weights, seed=seed, randomize=options.randomize, fix_fingers=options.fix_fingers)
+            rows = wwadapter.analyze_weights_ww(weights, seed=seed, randomize=options.randomize,
+                                                fix_fingers=options.fix_fingers)
     except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
         rows = _error_rows(weights, f"{type(e).__name__}: {e}")
     return [dict(r, engine=engine) for r in rows]
@@ -375,8 +359,8 @@ def _task(step: int, engines: tuple[str, ...], with_progress: bool) -> tuple[lis
 @contextlib.contextmanager
 def _single_threaded_blas() -> Iterator[None]:
     """Sets the BLAS thread variables to 1 for spawned workers (restored afterwards)."""
-    old = {k: os.environ.get(k) for k in _THREAD_VARS}
-    os.environ.update({k: "1" for k in _THREAD_VARS})
+    old = {k: os.environ.get(k) for k in THREAD_VARS}
+    os.environ.update({k: "1" for k in THREAD_VARS})
     try:
         yield
     finally:
@@ -435,6 +419,7 @@ def gather(pool: cf.Executor, fn, tasks, bar) -> list:
 
 
 def _source_hash(*modules) -> str:
+    """A digest of the modules' source text (wherever the checkout lies)."""
     h = hashlib.sha256()
     for m in modules:
         h.update(Path(m.__file__).read_bytes())
@@ -447,16 +432,14 @@ def cache_key(run: Run, options: AnalysisOptions) -> dict:
     Checkpoint steps and engines are matched row by row (a new checkpoint, or WW asked for
     after a native-only pass, computes only what is missing), so they are not in the key.
     """
-    from grokjax.analysis.wwadapter import ww_version  # noqa: PLC0415  (reads package metadata only)
-
     return {
         "analysis_version": ANALYSIS_VERSION,
         "htsr": dataclasses.asdict(options.htsr),
         "progress": dataclasses.asdict(options.progress),
         "k_shuffles": options.k_shuffles,
         "code": _source_hash(htsr, progress),
-        "ww_version": ww_version(),
-        "ww_code": hashlib.sha256(Path(htsr.__file__).with_name("wwadapter.py").read_bytes()).hexdigest()[:16],
+        "ww_version": wwadapter.ww_version(),
+        "ww_code": _source_hash(wwadapter),
         "run": {"config": run.config, "created": run.created},
     }
 
@@ -478,34 +461,22 @@ def _load_cache(cache_dir: Path, digest: str) -> tuple[pd.DataFrame, pd.DataFram
 
 
 def write_table(df: pd.DataFrame, path_stem: Path) -> None:
-    """Writes df as <stem>.parquet and <stem>.csv, each atomically."""
+    """Writes df as <stem>.parquet and <stem>.csv, each atomically (`rundir.atomic_write`)."""
     path_stem.parent.mkdir(parents=True, exist_ok=True)
-    for ext in ("parquet", "csv"):
-        final = path_stem.with_suffix(f".{ext}")
-        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-        try:
-            if ext == "parquet":
-                df.to_parquet(tmp, index=False)
-            else:
-                df.to_csv(tmp, index=False)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+    rundir.atomic_write(path_stem.with_suffix(".parquet"), lambda tmp: df.to_parquet(tmp, index=False))
+    rundir.atomic_write(path_stem.with_suffix(".csv"), lambda tmp: df.to_csv(tmp, index=False))
 
 
 def _write_cache(cache_dir: Path, key: dict, digest: str, layers: pd.DataFrame, steps: pd.DataFrame,
                  fingerprints: dict[int, str], strict: bool) -> None:
     """Writes the cache; the fingerprints of the analysed checkpoints guard each row's reuse."""
     ok = sorted(int(s) for s in steps.loc[steps["status"] == "ok", "step"])
-    tmp = cache_dir / f".key.json.tmp{os.getpid()}"
     try:
         write_table(layers, cache_dir / "layers")
         write_table(steps, cache_dir / "steps")
         payload = {"digest": digest, "key": key, "fingerprints": {str(s): fingerprints[s] for s in ok}}
-        tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-        os.replace(tmp, cache_dir / "key.json")
+        rundir.atomic_write_text(cache_dir / "key.json", json.dumps(payload, indent=1, default=str) + "\n")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         preflight.report([f"{cache_dir}: could not write the analysis cache ({e.strerror or e})"], strict)
 
 
@@ -515,14 +486,14 @@ def _write_cache(cache_dir: Path, key: dict, digest: str, layers: pd.DataFrame, 
 
 def ww_steps(run: Run, stride: int) -> set[int]:
     """Checkpoints WW analyses: every stride-th, the first, the last and the checkpoints the
-    phases are read at (`preflight.nearest_step` of each phase step, as in the tables)."""
+    phases are read at (`phases.nearest_step` of each phase step, as in the tables)."""
     steps = list(run.steps)
     if not steps:
         return set()
     chosen = set(steps[::stride]) | {steps[0], steps[-1]}
     if stride > 1 and {"train/acc", "test/acc"} <= set(run.metrics.columns) and len(run.metrics):
         ph = phases.detect_phases(run.metrics["step"], run.metrics["train/acc"], run.metrics["test/acc"])
-        at = (preflight.nearest_step(steps, s) for s in phases.phase_steps(ph).values())
+        at = (phases.nearest_step(steps, s) for s in phases.phase_steps(ph).values())
         chosen |= {int(s) for s in at if np.isfinite(s)}
     return chosen
 
@@ -606,7 +577,7 @@ def analyze_run(run_dir: str | os.PathLike | Run, options: AnalysisOptions | Non
     """
     options = options or AnalysisOptions()
     run = run_dir if isinstance(run_dir, Run) else read_run(run_dir, name, strict=options.strict)
-    cache_dir = run.path / ANALYSIS_DIR
+    cache_dir = run.path / rundir.ANALYSIS_DIR
     key = cache_key(run, options)
     digest = _digest(key)
     cached = _load_cache(cache_dir, digest) if options.reuse else None

@@ -31,15 +31,11 @@ import re
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
+from grokjax import rundir
+
 PARAMS_DIR = "checkpoints/params"  # as grokjax.ckpt.PARAMS_DIR (not imported: it pulls in Orbax)
-# config.json carries no format marker today (format 1). A writer that changes its layout
-# sets "format" to a higher integer, which this analysis refuses rather than misreads.
-CONFIG_FORMAT = 1
 # The config fields the analysis reads (the shuffle and dropout seeds, the training subset,
 # the weight-decay grouping of the tables), with their checks.
 CONFIG_FIELDS = {
@@ -85,33 +81,18 @@ def report(lines: list[str], strict: bool) -> None:
         warnings.warn(line, AnalysisWarning, stacklevel=3)
 
 
-def known_config_fields() -> set[str]:
-    """The TrainConfig field names (the config module is plain dataclasses, no training code)."""
-    from grokjax.train.config import TrainConfig  # noqa: PLC0415
-
-    return {f.name for f in dataclasses.fields(TrainConfig)}
-
-
-def check_config(path: Path) -> tuple[dict, str, list[str], list[str]]:
-    """config.json -> (config fields, creation time, errors, warnings)."""
+def check_config(run_dir: Path) -> tuple[dict, str, list[str], list[str]]:
+    """A run's config.json (`rundir.read_config_payload`) -> (config fields, creation time,
+    errors, warnings)."""
+    path = Path(run_dir) / rundir.CONFIG_FILE
     try:
-        payload = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}, "", [f"{path}: missing"], []
-    except (OSError, UnicodeDecodeError) as e:
-        return {}, "", [f"{path}: unreadable ({type(e).__name__}: {e})"], []
-    except ValueError as e:
-        return {}, "", [f"{path}: not valid JSON ({e})"], []
-    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
-        return {}, "", [f"{path}: no 'config' object (not a grokjax run configuration)"], []
-    fmt = payload.get("format", CONFIG_FORMAT)
-    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt > CONFIG_FORMAT:
-        return {}, "", [f"{path}: format {fmt!r} is newer than this analysis reads ({CONFIG_FORMAT}); "
-                        "update grokjax"], []
+        payload = rundir.read_config_payload(run_dir)
+    except rundir.RunDirError as e:
+        return {}, "", [str(e)], []
     config = payload["config"]
     errors = [f"{path}: field {k!r} is {'missing' if k not in config else f'invalid ({config[k]!r})'}"
               for k, ok in CONFIG_FIELDS.items() if k not in config or not ok(config[k])]
-    unknown = sorted(set(config) - known_config_fields())
+    unknown = sorted(set(config) - set(rundir.CONFIG_KEYS))
     warns = [f"{path}: unknown field(s) {', '.join(unknown)} (written by a newer grokjax?); ignored"] if unknown else []
     return config, str(payload.get("created", "")), errors, warns
 
@@ -203,7 +184,7 @@ def _steps_text(steps: list[int], limit: int = 6) -> str:
 def check_run(run_dir: str | Path) -> RunCheck:
     """All checks of one run directory (see the module docstring)."""
     d = Path(run_dir)
-    config, created, errors, warns = check_config(d / CONFIG_FILE)
+    config, created, errors, warns = check_config(d)
     if errors:
         return RunCheck({}, "", pd.DataFrame(), (), {}, {}, errors, warns)
     pdir = d / PARAMS_DIR
@@ -213,7 +194,7 @@ def check_run(run_dir: str | Path) -> RunCheck:
     if not saved and not records:
         return RunCheck(config, created, pd.DataFrame(), (), {}, {},
                         [f"{d}: no params checkpoints under {PARAMS_DIR} and no monitor record"], warns)
-    metrics, dropped, m_errors, m_warns = check_metrics(d / METRICS_FILE)
+    metrics, dropped, m_errors, m_warns = check_metrics(rundir.metrics_path(d))
     warns += m_warns
     if m_errors:
         return RunCheck(config, created, pd.DataFrame(), (), {}, {}, m_errors, warns)
@@ -251,19 +232,10 @@ def check_run(run_dir: str | Path) -> RunCheck:
 
 
 def _monitor_records(d: Path) -> tuple[dict[int, dict], list[str]]:
-    """The in-loop monitor's records of a run (grokjax.analysis.monitor), by step; a corrupt file is a warning."""
-    from grokjax.analysis import monitor  # noqa: PLC0415
-
+    """The in-loop monitor's records of a run (`rundir.read_records`), by step; a corrupt file is a warning."""
     try:
-        return {int(r["step"]): r for r in monitor.read_records(d)}, []
+        return {int(r["step"]): r for r in rundir.read_records(d)}, []
+    except rundir.RunDirError as e:  # names the file and the line
+        return {}, [f"{e}; the monitor record is not used"]
     except (ValueError, KeyError, TypeError, OSError) as e:
-        return {}, [f"{monitor.records_path(d)}: {e}; the monitor record is not used"]
-
-
-def nearest_step(steps, target: float) -> float:
-    """The step of `steps` closest to `target` in log(1 + step) (the target itself when present);
-    NaN when target is NaN or there are no steps. Phases are read at this checkpoint."""
-    steps = np.asarray(sorted(steps), dtype=np.int64)
-    if not np.isfinite(target) or steps.size == 0:
-        return math.nan
-    return int(steps[int(np.argmin(np.abs(np.log1p(steps) - np.log1p(target))))])
+        return {}, [f"{rundir.records_path(d)}: {e}; the monitor record is not used"]

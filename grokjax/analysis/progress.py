@@ -33,7 +33,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-LAYERS = ("fc1", "fc2", "fc3")
+from grokjax.rundir import LAYERS
+
 # Constant first words of the SeedSequences, so that these streams never coincide with
 # another use of the same run seed.
 FIXED_SUBSET_TAG = 0x5EED200
@@ -118,7 +119,7 @@ def hidden(params: Params, x: np.ndarray, layer: str = "fc1") -> np.ndarray:
     return h
 
 
-def forward(params: Params, x: np.ndarray) -> np.ndarray:
+def predict(params: Params, x: np.ndarray) -> np.ndarray:
     """The MLP's raw outputs (logits), numpy float64: relu, relu, linear."""
     h = hidden(params, x, "fc2")
     return h @ params["fc3"]["kernel"] + params["fc3"]["bias"]
@@ -183,10 +184,10 @@ def circuit_complexity(params: Params, x: np.ndarray, rng: np.random.Generator, 
     """
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
-    base = forward(params, x)
+    base = predict(params, x)
     values = []
     for _ in range(n_masks):
-        kl = kl_rows(base, forward(perturb(params, rng, drop, rescale), x))
+        kl = kl_rows(base, predict(perturb(params, rng, drop, rescale), x))
         values.append(np.mean(kl) if reduce == "mean" else np.sum(kl))
     return float(np.mean(values))
 

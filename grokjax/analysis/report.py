@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 
 from grokjax.analysis import phase_tables
-from grokjax.analysis.phases import (PHASE_TITLES, PHASES, PhaseOptions, detect_phases, early_warnings, phase_steps,
-                            phase_title, warning_counts)
-from grokjax.analysis.preflight import nearest_step
+from grokjax.analysis.phases import (NO_GROKKING, PHASE_TITLES, PHASES, PRE_STATUSES, WARNING_STATUS_MEANINGS,
+                                     PhaseOptions, detect_phases, early_warnings, nearest_step, phase_steps,
+                                     phase_title, warning_counts)
+from grokjax.rundir import find_runs
 
 RUN_KEYS = ("run", "wd", "seed")
 # (layer, column, row label) of each table; Table 4 is FC1's MP fit of W^rand (paper App. D).
@@ -34,7 +35,7 @@ def run_phases(steps: pd.DataFrame, options: PhaseOptions | None = None) -> pd.D
 
     `<phase>_ckpt` is the checkpoint every output reads that phase at: the phase step itself
     when its checkpoint was analysed (status 'ok'), else the nearest analysed one in
-    log(1 + step) (`grokjax.analysis.preflight.nearest_step`), NaN when the run has none.
+    log(1 + step) (`grokjax.analysis.phases.nearest_step`), NaN when the run has none.
     """
     rows = []
     for (run, wd, seed), df in steps.groupby(list(RUN_KEYS), sort=True):
@@ -92,7 +93,7 @@ def values_at_phases(layers: pd.DataFrame, phases_df: pd.DataFrame, rows) -> pd.
     return pd.DataFrame(out)
 
 
-def summarize(long: pd.DataFrame) -> pd.DataFrame:
+def summarize_phases(long: pd.DataFrame) -> pd.DataFrame:
     """mean, std (ddof 1) and n of `value` per (wd, steps, engine, layer, metric, phase); steps
     is the run's final step, so runs of different lengths are never pooled."""
     keys = ["wd", "steps", "engine", "layer", "metric", "phase"]
@@ -140,7 +141,9 @@ def markdown_table(summary: pd.DataFrame, rows, title: str, collapsed=None) -> s
 
 def phases_markdown(phases_df: pd.DataFrame) -> str:
     """Per-run phase steps and test accuracies; the tables read each phase at its step's
-    checkpoint, and a phase step without an analysed checkpoint says where it is read instead."""
+    checkpoint, and a phase step without an analysed checkpoint says where it is read instead.
+    A run whose test accuracy never rose says NO_GROKKING in its grok column, and a note under
+    the table names those runs."""
     head = ["run", "WD", "seed", "pre step", "grok step (peak acc)", "anti step (acc)", "collapse", "drop (pp)"]
     lines = ["### Phases per run", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in phases_df.itertuples(index=False):
@@ -148,9 +151,27 @@ def phases_markdown(phases_df: pd.DataFrame) -> str:
         pre = _phase_label(d, "pre")
         if r.pre_status != "ok":
             pre += f" ({r.pre_status})"
-        lines.append(f"| {r.run} | {r.wd:g} | {r.seed} | {pre} | {_phase_label(d, 'grok')} ({r.peak_test_acc:.4f}) | "
+        grok = f"{_phase_label(d, 'grok')} ({r.peak_test_acc:.4f})"
+        if not r.grokking:
+            grok = f"{NO_GROKKING}; max {r.peak_test_acc:.4f} at {_phase_label(d, 'grok')}"
+        lines.append(f"| {r.run} | {r.wd:g} | {r.seed} | {pre} | {grok} | "
                      f"{_phase_label(d, 'anti')} ({r.anti_test_acc:.4f}) | {'yes' if r.collapsed else 'no'} | "
                      f"{r.drop_pp:.1f} |")
+    flat = [str(r) for r in phases_df.loc[~phases_df["grokking"].astype(bool), "run"]] if len(phases_df) else []
+    if flat:
+        lines += ["", f"No grokking in {', '.join(flat)}: test accuracy never rose, so the tables' "
+                      f"'{PHASE_TITLES['grok']}' column reads the maximum of a flat curve."]
+    return "\n".join(lines) + "\n"
+
+
+def legend_markdown() -> str:
+    """The status labels of report.md: the pre-grokking edge (`phases.detect_phases`) and the
+    early warning (`phases.early_warnings`)."""
+    lines = ["### Status labels", "", "End of pre-grokking (the 'pre step' column of the phases table):", ""]
+    lines += [f"* `{k}`: {v}" for k, v in PRE_STATUSES.items()]
+    lines += ["", f"A run whose test accuracy never rose is marked '{NO_GROKKING}'.", "",
+              "Early warning (the 'status' column and the outcome counts):", ""]
+    lines += [f"* `{k}`: {v}" for k, v in WARNING_STATUS_MEANINGS.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -203,7 +224,7 @@ def build_tables(layers: pd.DataFrame, steps: pd.DataFrame,
                               ("table2_traps", phase_tables.TABLE2_ROWS, "Table 2: correlation traps at the phases")):
         out[name] = phase_tables.window_table(layers, steps, ph, rows, title, options=options)
     sub = layers[layers["engine"] == "native"]
-    summary = summarize(values_at_phases(sub, ph, TABLE4_ROWS))
+    summary = summarize_phases(values_at_phases(sub, ph, TABLE4_ROWS))
     out["table4_mp_fc1"] = (summary, markdown_table(summary, TABLE4_ROWS, "Table 4: MP fit of FC1's W^rand at the "
                                                     "phases (KS statistic first; see grokjax.analysis.htsr.mp_ks_test)",
                                                     collapsed=list(ph["collapsed"]) if len(ph) else None))
@@ -238,13 +259,15 @@ def warning_counts_markdown(counts: pd.DataFrame) -> str:
 
 
 def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], out_dir: str | Path) -> Path:
-    """Writes <name>.csv for each table and all markdown into report.md; returns its path."""
+    """Writes <name>.csv for each table and all markdown, then the status legend
+    (`legend_markdown`), into report.md; returns its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, (df, _) in tables.items():
         df.to_csv(out_dir / f"{name}.csv", index=False)
     md = out_dir / "report.md"
-    md.write_text("# Grokking / anti-grokking: HTSR tables\n\n" + "\n".join(m for _, m in tables.values()))
+    md.write_text("# Grokking / anti-grokking: HTSR tables\n\n" + "\n".join([*(m for _, m in tables.values()),
+                                                                             legend_markdown()]))
     return md
 
 
@@ -270,9 +293,12 @@ def summary_text(layers: pd.DataFrame, steps: pd.DataFrame, phases_df: pd.DataFr
     for ph in phases_df.itertuples(index=False):
         t = timings.get(ph.run, {})
         pre = f"{ph.pre_step:,.0f}" if np.isfinite(ph.pre_step) else "–"
+        peak = f"peak test acc {ph.peak_test_acc:.4f} at {ph.grok_step:,}"
+        if not ph.grokking:
+            peak = f"{NO_GROKKING}: max test acc {ph.peak_test_acc:.4f} at {ph.grok_step:,}"
         lines.append(f"{ph.run} (WD={ph.wd:g}, seed {ph.seed}, {t.get('checkpoints', '?')} checkpoints): "
-                     f"pre-grokking ends {pre} [{ph.pre_status}], peak test acc {ph.peak_test_acc:.4f} "
-                     f"at {ph.grok_step:,}, {'collapse' if ph.collapsed else 'no collapse'}: "
+                     f"pre-grokking ends {pre} [{ph.pre_status}], {peak}, "
+                     f"{'collapse' if ph.collapsed else 'no collapse'}: "
                      f"{ph.anti_test_acc:.4f} at {ph.anti_step:,} (drop {ph.drop_pp:.1f} pp)")
         lines.append("  phases read at checkpoints: "
                      + ", ".join(f"{p} {_phase_label(ph._asdict(), p)}" for p in PHASES))
@@ -313,7 +339,7 @@ def make_report(root: str | Path, *, options=None, out_dir: str | Path | None = 
             not a writable folder, or outputs that cannot be written.
     """
     from grokjax.analysis import outdir  # noqa: PLC0415
-    from grokjax.analysis.pipeline import AnalysisError, AnalysisOptions, find_runs  # noqa: PLC0415
+    from grokjax.analysis.pipeline import AnalysisError, AnalysisOptions  # noqa: PLC0415
     from grokjax.ckpt import CheckpointError  # noqa: PLC0415
 
     options = options or AnalysisOptions()

@@ -1,7 +1,9 @@
 """WeightWatcher 0.7.5.5 adapter: the only module of the project that imports weightwatcher.
 
-It exists to cross-check the native engine (`grokjax.analysis.htsr`) against the paper's tool and
-to benchmark it; the analysis pipeline itself uses the native engine.
+It runs the paper's tool beside the native engine (`grokjax.analysis.htsr`): the analysis
+pipeline runs both engines by default (`--engine both`; `--engine native` leaves WW out,
+`--ww-stride` runs it on fewer checkpoints), and the tests and the benchmark cross-check the
+two. The in-loop monitor uses the native engine only.
 
 Importing weightwatcher has process-wide side effects (htsr.md §6.4): `warnings.simplefilter
 ("ignore")` in WW_powerlaw, `logging.basicConfig(level=INFO)` on the root logger, and
@@ -60,8 +62,6 @@ _COPIED = {
     "max_rand_eval": "max_rand_eval",
 }
 _FIT_COLUMNS = ("alpha", "xmin", "xmax", "D", "sigma", "num_pl_spikes", "num_fingers")
-_RAND_COLUMNS = ("traps", "traps_per_shuffle", "n_shuffles", "rand_sigma_mp", "rand_bulk_max", "rand_bulk_min",
-                 "max_rand_eval", "mp_ks", "mp_pvalue")
 
 
 def ww_version() -> str:
@@ -190,7 +190,7 @@ def _convert_row(name: str, W: np.ndarray, row: Any, randomize: bool) -> dict:
         out["mp_ks"] = np.nan
         out["mp_pvalue"] = np.nan
     else:
-        out.update({c: np.nan for c in _RAND_COLUMNS}, mp_status="not_run")
+        out.update({c: np.nan for c in htsr.RAND_COLUMNS}, mp_status="not_run")
     return {c: out[c] for c in htsr.ROW_COLUMNS}
 
 
@@ -296,6 +296,6 @@ def _skipped_row(name: str, W: np.ndarray, randomize: bool) -> dict:
     N, M = max(W.shape), min(W.shape)
     row: dict[str, Any] = dict(name=name, N=N, M=M, Q=N / M)
     row.update({c: np.nan for c in _COPIED.values()})
-    row.update({c: np.nan for c in _RAND_COLUMNS})
+    row.update({c: np.nan for c in htsr.RAND_COLUMNS})
     row.update(status="skipped", mp_status="skipped" if randomize else "not_run")
     return {c: row[c] for c in htsr.ROW_COLUMNS}

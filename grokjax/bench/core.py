@@ -63,7 +63,7 @@ def flops_per_step(cfg: TrainConfig, n_in: int = N_IN) -> dict[str, int]:
     return {"forward": fwd, "weight_grads": fwd, "input_grads": dx, "total": 2 * fwd + dx}
 
 
-def summarize(seconds: list[float], steps: int) -> dict[str, float]:
+def window_stats(seconds: list[float], steps: int) -> dict[str, float]:
     """steps/s of each window -> median, min, max, quartiles and the raw samples."""
     rates = sorted(steps / s for s in seconds)
     q = statistics.quantiles(rates, n=4, method="inclusive") if len(rates) > 1 else [rates[0]] * 3
@@ -264,9 +264,9 @@ def run_benchmark(cfg: TrainConfig, mnist: dict, opts: BenchOptions,
     failed = times.pop("failed")
 
     def rate(name, mult=1):
-        return summarize(times[name], opts.window_steps * mult) if name in times else None
+        return window_stats(times[name], opts.window_steps * mult) if name in times else None
 
-    jax_s = summarize(times["jax"], opts.window_steps)
+    jax_s = window_stats(times["jax"], opts.window_steps)
     ref_s = rate(reference_name) if reference is not None else None
     seeds = {str(k): rate(f"jax_seeds{k}", k) for k in opts.seeds}
     log("timing evaluation and chunk-call overhead ...")
