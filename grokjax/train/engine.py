@@ -9,6 +9,8 @@ With `skip_zero_pixels` the step multiplies only FC1's input columns that are no
 (`pixel_columns`, computed on the host and passed to the step as `cols`); parameters and
 optimizer state keep their full size. A sweep (`make_train_chunk(..., wds=...)`) gives each
 replica its own weight decay.
+
+The protocol (subset, init, loss, optimizer, batch cycle, evaluation) is docs/protocol.md.
 """
 
 from __future__ import annotations
