@@ -5,11 +5,11 @@ Both engines analyse a 3-layer model (FC1 200x784, FC2 200x200, FC3 10x200, PyTo
 randomize=True (correlation traps). Two weight sets: PyTorch's default init times 8 (the
 paper's starting point, an MP-like spectrum) and a heavy-tailed Student-t(2) variant.
 Both run on one BLAS thread (the native engine's default; WW is limited the same way so
-that the two are compared like for like, and as htsr.md §4 timed it). WW's one-off import
+that the two are compared like for like, as in docs/htsr.md §Cost). WW's one-off import
 is timed separately and excluded from the per-model times.
 
 Usage:
-    PYTHONPATH=. python analysis/bench_htsr.py [--reps 7] [--ww-reps 3] [--checkpoints 200]
+    .venv/bin/python analysis/bench_htsr.py [--reps 7] [--ww-reps 3] [--checkpoints 200]
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ from collections.abc import Callable
 import numpy as np
 
 from grokjax.analysis import htsr, wwadapter
+from grokjax.bench.init import torch_init
 
 SHAPES = {"fc1": (200, 784), "fc2": (200, 200), "fc3": (10, 200)}
 
 
 def torch_init_x8(seed: int) -> dict[str, np.ndarray]:
-    """PyTorch nn.Linear default init U(+-1/sqrt(fan_in)), times 8."""
+    """PyTorch nn.Linear default init U(+-1/sqrt(fan_in)), times 8 (one generator, fc1, fc2, fc3)."""
     rng = np.random.RandomState(seed)
-    return {k: 8 * rng.uniform(-1 / np.sqrt(s[1]), 1 / np.sqrt(s[1]), size=s) for k, s in SHAPES.items()}
+    return {k: torch_init(rng, shape=s) for k, s in SHAPES.items()}
 
 
 def student_t2(seed: int) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ from helpers import torch_init as _torch_init
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECTRA = ROOT / "analysis" / "spectra.py"
-ENV = {**os.environ, "GROKJAX_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "GROKJAX_OFFLINE": "1"}  # the installed package; no PYTHONPATH
 NATIVE = AnalysisOptions(engine="native", workers=1, progress_bar=False)
 
 

@@ -22,9 +22,9 @@ import pytest
 import scipy.integrate
 
 from grokjax.analysis import htsr, wwadapter
+from grokjax.bench.init import torch_init
 
 REL = 1e-8
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,8 +36,7 @@ def single_thread_blas():
 
 def torch_init_x8(shape: tuple[int, int], seed: int) -> np.ndarray:
     """PyTorch's default nn.Linear init (U(+-1/sqrt(fan_in))) times 8; shape is (out, in)."""
-    bound = 1 / np.sqrt(shape[1])
-    return 8 * np.random.RandomState(seed).uniform(-bound, bound, size=shape)
+    return torch_init(np.random.RandomState(seed), shape=shape)
 
 
 def student_t(shape: tuple[int, int], seed: int, df: float = 2.0) -> np.ndarray:
@@ -389,7 +388,7 @@ def test_adapter_without_torch_imports_cleanly_in_a_fresh_process():
             shim=type(sys.modules["weightwatcher.weightwatcher"].torch).__name__)))
         """
     )
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""

@@ -1,4 +1,4 @@
-"""Golechha's progress measures as the authors computed them (protocol.md §7), in numpy float64.
+"""Golechha's progress measures as the authors computed them (docs/protocol.md §Progress measures), in numpy float64.
 
 Per parameter set {fc1, fc2, fc3} x {kernel (in, out), bias}:
 

@@ -5,7 +5,7 @@ pipeline runs both engines by default (`--engine both`; `--engine native` leaves
 `--ww-stride` runs it on fewer checkpoints), and the tests and the benchmark cross-check the
 two. The in-loop monitor uses the native engine only.
 
-Importing weightwatcher has process-wide side effects (htsr.md §6.4): `warnings.simplefilter
+Importing weightwatcher has process-wide side effects (docs/htsr.md §WeightWatcher engine): `warnings.simplefilter
 ("ignore")` in WW_powerlaw, `logging.basicConfig(level=INFO)` on the root logger, and
 levels set on the 'weightwatcher' and 'matplotlib' loggers. The import therefore happens
 lazily, inside `_import_ww`, with the warnings filters, the root logger's level and
@@ -18,7 +18,7 @@ logged as a warning -- it shows in the status column), stdout redirected, and th
 global numpy RNG restored after WW has been seeded with `np.random.seed(seed)`.
 
 Without torch, WW cannot read a dict of numpy arrays (`NameError: torch`); the adapter
-then gives WW's module a stand-in `torch.Tensor` class (htsr.md §1). With torch installed
+then gives WW's module a stand-in `torch.Tensor` class (docs/htsr.md §WeightWatcher engine). With torch installed
 nothing is patched.
 """
 
@@ -112,7 +112,7 @@ def _import_ww() -> Any:
         raise RuntimeError(f"weightwatcher {REQUIRED_VERSION} is required, imported {weightwatcher.__version__}")
     if not hasattr(wwmod, "torch"):
         # WW only binds `torch` when it is importable; its state-dict reader compares
-        # `type(w) == torch.Tensor`, so without torch a stand-in class is needed (htsr.md §1).
+        # `type(w) == torch.Tensor`, so without torch a stand-in class is needed (docs/htsr.md §WeightWatcher engine).
         wwmod.torch = types.SimpleNamespace(Tensor=type("_NoTorchTensor", (), {}))
     _ww_module = weightwatcher
     return weightwatcher

@@ -12,7 +12,8 @@ import math
 
 import numpy as np
 
-LAYERS = ("fc1", "fc2", "fc3")
+from grokjax.rundir import LAYERS
+
 
 
 def torch_init(rng: np.random.Generator | np.random.RandomState, width: int = 200, *, scale: float = 8.0,

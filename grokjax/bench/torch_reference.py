@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-LAYERS = ("fc1", "fc2", "fc3")
+from grokjax.rundir import LAYERS
+
 
 
 def build_model(params: dict) -> nn.Sequential:

@@ -10,7 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-LAYERS = ("fc1", "fc2", "fc3")
+from grokjax.rundir import LAYERS
+
 N_IN = 784
 N_OUT = 10
 
