@@ -1,7 +1,9 @@
-"""Run loop and CLI: files written, resume after crashes, refusals, bad input, divergence."""
+"""Run loop and CLI: files written, resume after crashes, refusals, bad input, divergence, progress."""
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +14,8 @@ import pytest
 
 from grokjax import ckpt
 from grokjax.train.config import ConfigError, TrainConfig
-from grokjax.train.runner import NonFiniteError, run
+from grokjax.train.runner import NonFiniteError, Throughput, _Progress, eta_text, progress_line, run
+from grokjax.train.schedule import chunk_lengths, eval_steps
 
 SMALL = dict(steps=120, log_points_per_decade=6, authors_grid=False, chunk=16, progress=False, full_save_secs=0,
              monitor=False)
@@ -33,8 +36,34 @@ def _same_params(a, b):
             np.testing.assert_array_equal(a[layer][k], b[layer][k])
 
 
-def test_run_writes_config_metrics_checkpoints(tmp_path, mnist):
-    d = run(TrainConfig(out=str(tmp_path / "r"), **SMALL), mnist=mnist)[0]
+def _chunk_ends(cfg):
+    """The step each chunk of a whole run trains up to."""
+    out, t = [], 0
+    for e in eval_steps(cfg.steps, cfg.log_points_per_decade, cfg.authors_grid):
+        for length in chunk_lengths(int(e) - t, cfg.chunk):
+            t += length
+            out.append(t)
+    return out
+
+
+def _crash_at(step):
+    """An `on_chunk` callback: the run crashes when a chunk up to `step` or later is dispatched."""
+    def on_chunk(t):
+        if t >= step:
+            raise RuntimeError(f"simulated crash at step {t}")
+    return on_chunk
+
+
+def test_run_writes_config_metrics_checkpoints(tmp_path, mnist, capsys):
+    cfg = TrainConfig(out=str(tmp_path / "r"), **{**SMALL, "progress": True})
+    seen = []
+    d = run(cfg, mnist=mnist, on_chunk=seen.append)[0]
+    assert seen == _chunk_ends(cfg)  # once per chunk, with the step it trains up to
+    err = capsys.readouterr().err
+    assert "\r" not in err  # stderr is not a terminal: plain lines, no bar
+    progress = [line for line in err.splitlines() if line.startswith("r: step ")]
+    assert progress and re.fullmatch(r"r: step 120/120 \(100\.0%\) \| \S+ steps/s \| done in \w+ \| test acc 0\.\d{4}",
+                                     progress[-1]), err
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["config"]["steps"] == 120 and cfg["config"]["dtype"] == "float64"
     assert "jax" in cfg["versions"] and "platform" in cfg["device"]
@@ -52,7 +81,7 @@ def test_resume_after_crash_mid_chunk_is_bitwise_identical(tmp_path, mnist):
     ref = run(TrainConfig(out=str(tmp_path / "ref"), **SMALL), mnist=mnist)[0]
     cfg = TrainConfig(out=str(tmp_path / "crash"), **SMALL)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(cfg, mnist=mnist, crash_after_chunks=12)
+        run(cfg, mnist=mnist, on_chunk=_crash_at(28))
     partial = _records(tmp_path / "crash")
     assert 0 < partial[-1]["step"] < 120
     d = run(cfg, mnist=mnist)[0]
@@ -162,3 +191,71 @@ def test_truncated_latest_full_state_falls_back_to_previous(tmp_path, mnist):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the torn state was replaced by a good one
         run(cfg, mnist=mnist)
+
+
+def test_progress_line_format():
+    acc = "test acc 0.8123 a1 3.41 a2 2.95 traps 0/1"
+    assert progress_line("r", 40_960, 10_000_000, 1234.4, acc) == \
+        f"r: step 40,960/10,000,000 (0.4%) | 1,234 steps/s | ETA 2h14m | {acc}"
+    assert progress_line("seed0", 16, 120, None) == "seed0: step 16/120 (13.3%) | - steps/s | ETA -"
+    assert progress_line("r", 120, 120, 24.0, end="done in 5s") == "r: step 120/120 (100.0%) | 24 steps/s | done in 5s"
+
+
+def test_rate_and_eta_leave_out_the_compile_chunk():
+    tp = Throughput()
+    assert tp.rate is None and eta_text(0, 10_116, tp.rate) == "ETA -"
+    tp.compiled()
+    tp.mark(240.0, 16)  # the first chunk: 16 steps after four minutes of compilation
+    assert tp.rate is None and eta_text(16, 10_116, tp.rate) == "ETA -"
+    tp.mark(241.0, 116)  # then 100 steps a second
+    assert tp.rate == 100.0 and eta_text(116, 10_116, tp.rate) == "ETA 1m40s"  # not 116 steps / 241 s: 5h50m
+    tp.compiled()
+    tp.mark(300.0, 132)  # a chunk of a new length compiles: left out as well
+    tp.mark(302.0, 332)
+    assert tp.rate == 100.0
+
+
+def test_rate_follows_the_recent_chunks():
+    tp = Throughput(window=10)
+    for now, step in [(0, 0), (10, 100), (11, 200)]:
+        tp.mark(now, step)
+    assert tp.rate == pytest.approx(200 / 11)
+    tp.mark(21, 1200)  # the intervals before the last 10 s drop out
+    assert tp.rate == pytest.approx(100.0)
+
+
+def _drive(stream, *, enabled=True):
+    """Ten chunks of 100 steps, 10 s each after a first one of 60 s that compiles; a postfix after the fifth."""
+    now = [0.0]
+    p = _Progress(1000, 0, "r", enabled=enabled, stream=stream, clock=lambda: now[0], every=30)
+    p.compiled()
+    for k in range(1, 11):
+        now[0] += 60 if k == 1 else 10
+        p.update(100)
+        if k == 5:
+            p.set_postfix("test acc 0.5000")
+    p.close("done")
+    return stream.getvalue()
+
+
+def test_progress_off_a_terminal_prints_a_line_every_interval():
+    assert _drive(io.StringIO()).splitlines() == [
+        "r: step 100/1,000 (10.0%) | - steps/s | ETA -",
+        "r: step 400/1,000 (40.0%) | 10 steps/s | ETA 1m00s",
+        "r: step 700/1,000 (70.0%) | 10 steps/s | ETA 30s | test acc 0.5000",
+        "r: step 1,000/1,000 (100.0%) | 10 steps/s | ETA 0s | test acc 0.5000",
+        "r: step 1,000/1,000 (100.0%) | 10 steps/s | done in 2m30s | test acc 0.5000",
+    ]
+    assert _drive(io.StringIO(), enabled=False) == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_on_a_terminal_is_a_bar_with_the_same_eta():
+    out = _drive(_Terminal())
+    assert "\r" in out and "r: 100%|" in out
+    final = out.split("\r")[-1]
+    assert "1000/1000" in final and "10 steps/s, ETA 0s, test acc 0.5000" in final

@@ -136,11 +136,19 @@ SMALL = dict(steps=120, log_points_per_decade=6, authors_grid=False, chunk=16, p
              monitor=False)
 
 
+def _crash_at(step):
+    """An `on_chunk` callback: the run crashes when a chunk up to `step` or later is dispatched."""
+    def on_chunk(t):
+        if t >= step:
+            raise RuntimeError(f"simulated crash at step {t}")
+    return on_chunk
+
+
 def test_old_run_directory_resumes_dense(tmp_path, mnist, capsys):
     ref = run(TrainConfig(out=str(tmp_path / "ref"), skip_zero_pixels="off", **SMALL), mnist=mnist)[0]
     d = tmp_path / "old"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(TrainConfig(out=str(d), skip_zero_pixels="off", **SMALL), mnist=mnist, crash_after_chunks=6)
+        run(TrainConfig(out=str(d), skip_zero_pixels="off", **SMALL), mnist=mnist, on_chunk=_crash_at(8))
     f = d / "config.json"
     payload = json.loads(f.read_text())
     del payload["config"]["skip_zero_pixels"]  # as written before the field existed

@@ -11,6 +11,7 @@ same question.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from grokjax.train.config import ConfigError
 
 # Seconds a process waits for all the others to join (jax.distributed's `initialization_timeout`).
 DEFAULT_INIT_TIMEOUT = 300
-# Fields that may differ between processes: paths of per-host caches and the progress bar.
+# Fields that may differ between processes: paths of per-host caches and the progress output.
 LOCAL_FIELDS = ("cache_dir", "idx_dir", "progress")
 _PREFIX = "grokjax"
 _ABORT_KEY = f"{_PREFIX}/abort"
@@ -139,15 +140,23 @@ def initialize(*, coordinator_address: str | None, num_processes: int | None, pr
     return Group(global_state.client, jax.process_index(), jax.process_count())
 
 
-def layout(n: int, group: Group):
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a sweep's replicas live: this process's are lo..hi-1 of the run's; `sharded` is the
+    replica axis' sharding over the global mesh, `replicated` that of data every device holds."""
+
+    group: Group
+    lo: int
+    hi: int
+    sharded: object
+    replicated: object
+
+
+def layout(n: int, group: Group) -> Layout:
     """Where the n replicas live: the mesh devices and this process's replicas.
 
     The mesh takes the same number of devices from every process (as many as divide the
     replicas evenly), ordered by process, so process p holds replicas p*n/P .. (p+1)*n/P - 1.
-
-    Returns:
-        (lo, hi, sharded, replicated): this process's replicas are lo..hi-1; the shardings of
-        the replica axis and of data every device holds.
 
     Raises:
         ConfigError: the replicas cannot be split evenly over the processes.
@@ -165,7 +174,7 @@ def layout(n: int, group: Group):
     devs = [d for p in sorted(by_process) for d in by_process[p][:per_process]]
     mesh = Mesh(np.array(devs), ("seed",))
     lo = group.index * (n // count)
-    return lo, lo + n // count, NamedSharding(mesh, P("seed")), NamedSharding(mesh, P())
+    return Layout(group, lo, lo + n // count, NamedSharding(mesh, P("seed")), NamedSharding(mesh, P()))
 
 
 def to_global(tree, sharding):

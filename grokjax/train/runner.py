@@ -1,4 +1,4 @@
-"""The run loop: run directory, evaluation schedule, checkpoints, resume, progress bar.
+"""The run loop: run directory, evaluation schedule, checkpoints, resume, progress.
 
 `run(cfg)` trains one seed; `run(cfg, seeds=[0, 1, 2, 3])` trains several seeds at once,
 vmapped inside the same scan (sharded over devices when there are several), each seed
@@ -6,9 +6,14 @@ writing its own run directory `<out>/seed<k>` in the usual format; `run(cfg, see
 wds=[0, 0.01])` trains every (weight decay, seed) pair the same way into `<out>/wd<wd>_seed<k>`.
 
 A run directory holds config.json (every resolved knob, package versions, device),
-metrics.jsonl (one JSON object per evaluated step) and checkpoints/ (see `grokjax.ckpt`).
-Rerunning the same command resumes from the latest full state and ends bitwise identical
-to an uninterrupted run; a different config on the same directory is refused.
+metrics.jsonl (one JSON object per evaluated step) and checkpoints/ (see `grokjax.ckpt`);
+`grokjax.rundir` owns its file names and formats. Rerunning the same command resumes from the
+latest full state and ends bitwise identical to an uninterrupted run; a different config on
+the same directory is refused.
+
+Progress goes to stderr: a bar on a terminal; elsewhere (a log file, CI, nohup) one plain line
+every LINE_SECS seconds and one when the segment ends. Their rate and ETA leave out the chunks
+that compiled something (the first chunk of each length, the first evaluation).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -31,19 +38,21 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from grokjax import ckpt
-from grokjax.train.config import LEGACY_FIELDS, ConfigError, TrainConfig, format_duration
+from grokjax import ckpt, rundir
 from grokjax.data import load_mnist
-from grokjax.train.schedule import authors_log_steps, chunk_lengths, eval_steps, log_grid_steps
+from grokjax.rundir import CONFIG_FILE, EVENTS_FILE, METRICS_FILE, MONITOR_DIR, SWEEP_FILE, RunDirError
+from grokjax.train.config import LEGACY_FIELDS, ConfigError, TrainConfig, format_duration
 from grokjax.train.engine import (TrainState, batch_perm, init_state, make_data, make_evaluate, make_train_chunk,
-                           pixel_columns)
+                                  pixel_columns)
+from grokjax.train.schedule import authors_log_steps, chunk_lengths, eval_steps, log_grid_steps
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-EVENTS_FILE = "events.jsonl"
 # keep_params=log keeps about this many params checkpoints a decade (plus the authors' steps).
 LOG_PARAMS_PER_DECADE = 5
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "grokjax")
+# Progress on a stderr that is not a terminal: one line every LINE_SECS seconds. The rate (and
+# the ETA) counts the chunks of the last RATE_WINDOW_SECS seconds that compiled nothing.
+LINE_SECS = 30.0
+RATE_WINDOW_SECS = 300.0
 
 
 class NonFiniteError(RuntimeError):
@@ -134,9 +143,9 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
         raise ConfigError(f"--out {d} exists and is not a directory")
     if cfg_file.exists() and not cfg.overwrite:
         try:
-            old = json.loads(cfg_file.read_text())["config"]
-        except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"{cfg_file} is unreadable ({e}); pass --overwrite to start over") from None
+            old = rundir.read_config(d)
+        except RunDirError as e:
+            raise ConfigError(f"{e}; pass --overwrite to start over") from None
         new = cfg.science()
         old = {**LEGACY_FIELDS, **old}  # a run started before a field existed ran with its old value
         diff = sorted(k for k in set(old) | set(new) if k in new and old.get(k) != new.get(k))
@@ -155,9 +164,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
         payload = {"config": cfg.to_dict(), "versions": _versions(), "device": _device_info(),
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    "notes": _science_notes(cfg)}
-        tmp = d / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, cfg_file)
+        rundir.write_config(d, payload)
     except OSError as e:
         raise ConfigError(f"cannot write to --out {d}: {e.strerror or e}") from None
     return d
@@ -169,15 +176,12 @@ def _as_started(cfg: TrainConfig) -> TrainConfig:
     A run directory whose config.json predates `skip_zero_pixels` ran dense and resumes dense,
     so that its trajectory does not change mid-run (said in one line).
     """
-    f = Path(cfg.out) / CONFIG_FILE
-    if cfg.overwrite or not f.is_file():
+    if cfg.overwrite or not rundir.is_run(cfg.out):
         return cfg
     try:
-        old = json.loads(f.read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+        old = rundir.read_config(cfg.out)
+    except RunDirError:
         return cfg  # prepare_run_dir reports it
-    if not isinstance(old, dict):
-        return cfg
     changes = {k: v for k, v in LEGACY_FIELDS.items() if k not in old and getattr(cfg, k) != v}
     if changes:
         shown = ", ".join(f"{k}={v}" for k, v in changes.items())
@@ -203,39 +207,9 @@ def _science_notes(cfg: TrainConfig) -> list[str]:
     return notes
 
 
-def _read_records(path: Path, before_step: int) -> list[dict]:
-    """Complete JSON lines of a .jsonl log with step < before_step.
-
-    A torn last line (a write cut by a kill) is dropped. A bad line anywhere else means the
-    file was damaged, not torn: it is refused, and the file is left as it is.
-
-    Raises:
-        ConfigError: a line before the last one is not a JSON object with a step.
-    """
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    out = []
-    for i, line in enumerate(lines):
-        try:
-            rec = json.loads(line)
-            ok = isinstance(rec, dict) and isinstance(rec.get("step"), int)
-        except ValueError:
-            ok = False
-        if not ok:
-            if i == len(lines) - 1:
-                continue
-            raise ConfigError(f"{path} line {i + 1} is corrupt (not a JSON record with a step); "
-                              "the file was left unchanged: repair or remove that line, or use --overwrite")
-        if rec["step"] < before_step:
-            out.append(rec)
-    return out
-
-
-def _rewrite_records(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+def _damaged(e: RunDirError) -> ConfigError:
+    """A damaged metrics log, refused in one line (the CLI's exit code 2); the file is left as it is."""
+    return ConfigError(f"{e}; the file was left unchanged: repair or remove that line, or use --overwrite")
 
 
 class _Replica:
@@ -247,7 +221,6 @@ class _Replica:
         self.kept_params = kept_param_steps(cfg, steps)
         self.params = ckpt.params_manager(self.dir, self.kept_params, process_local=process_local)
         self.state = ckpt.state_manager(self.dir, cfg.steps, cfg.full_save_secs, process_local=process_local)
-        self.metrics_path = self.dir / METRICS_FILE
         self.metrics = None
         self.monitor = None
         self.kept_records: list[dict] = []
@@ -258,34 +231,36 @@ class _Replica:
         Returns:
             The wall-clock seconds already spent before `start` (from the kept records).
         """
-        kept = _read_records(self.metrics_path, start)
+        try:
+            kept = rundir.truncate_metrics(self.dir, start)
+        except RunDirError as e:
+            raise _damaged(e) from None
         self.kept_records = kept
-        _rewrite_records(self.metrics_path, kept)
-        self.metrics = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
+        self.metrics = rundir.open_append(rundir.metrics_path(self.dir))
         return kept[-1].get("time/wall", offset) if kept else offset
+
+    def log(self, rec: dict) -> None:
+        """Appends one metrics record, flushed at once."""
+        self.metrics.write(json.dumps(rec) + "\n")
+        self.metrics.flush()
 
     def has_final_record(self) -> bool:
         """metrics.jsonl ends with the record of the final step."""
-        recs = _read_records(self.metrics_path, self.cfg.steps + 1)
+        try:
+            recs = rundir.read_metrics(self.dir, before_step=self.cfg.steps + 1)
+        except RunDirError as e:
+            raise _damaged(e) from None
         return bool(recs) and recs[-1]["step"] == self.cfg.steps
 
     def event(self, **fields) -> None:
         """Appends one event (pause, resume, warning) to events.jsonl."""
-        rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
-        with open(self.dir / EVENTS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        rundir.append_event(self.dir, **fields)
 
     def last_pause(self) -> dict | None:
-        path = self.dir / EVENTS_FILE
-        if not path.exists():
-            return None
+        """The last pause event, unless a resume followed it."""
         last = None
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and rec.get("event") in ("pause", "resume"):
+        for rec in rundir.read_events(self.dir):
+            if rec.get("event") in ("pause", "resume"):
                 last = rec
         return last if last and last.get("event") == "pause" else None
 
@@ -399,7 +374,7 @@ def _mesh_sharding(n_seeds: int):
 
 
 def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | None = None,
-        mnist: dict | None = None, crash_after_chunks: int | None = None, group=None) -> list[Path]:
+        mnist: dict | None = None, on_chunk: Callable[[int], None] | None = None, group=None) -> list[Path]:
     """Trains (or resumes) a run and returns its run directories.
 
     Args:
@@ -408,8 +383,9 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
         wds: a sweep: every (weight decay, seed) pair, seeds from `seeds` (default `cfg.seed`),
             trained together with one weight decay per replica; each gets `<out>/wd<wd>_seed<k>`.
         mnist: preloaded MNIST arrays (default: `load_mnist`).
-        crash_after_chunks: testing aid: raise after dispatching this many chunks, without
-            flushing anything, to simulate a crash in the middle of a segment.
+        on_chunk: called after each chunk is dispatched, with the step that chunk trains up to
+            (it may still be computing). An exception raised there ends the run at once,
+            without flushing anything, as a crash in the middle of a segment would.
         group: the processes of a sweep over several processes (`grokjax.train.distributed.Group`):
             the replicas are sharded over the global mesh, this process writes the run
             directories of its own replicas (process 0 also `<out>/sweep.json`), and every
@@ -420,7 +396,7 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
         Paused: the time limit was reached or a SIGTERM/SIGINT arrived; a full state at the
             current step is on disk and rerunning continues bitwise as if never stopped.
     """
-    multi = seeds is not None or wds is not None
+    stacked = seeds is not None or wds is not None
     if group is not None:
         from grokjax.train import distributed  # noqa: PLC0415
 
@@ -433,7 +409,7 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
             raise ConfigError(f"wds must be distinct finite numbers >= 0, got {wds}")
         cfgs = [dataclasses.replace(cfg, wd=float(w), seed=s, out=str(Path(cfg.out) / f"wd{wd_name(w)}_seed{s}"))
                 for w in wds for s in (seeds if seeds is not None else [cfg.seed])]
-    elif multi:
+    elif stacked:
         cfgs = [dataclasses.replace(cfg, seed=s, out=str(Path(cfg.out) / f"seed{s}")) for s in seeds]
     else:
         cfgs = [cfg]
@@ -447,30 +423,34 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
         print(f"WARNING: {note}; recorded in config.json", file=sys.stderr)
     steps = eval_steps(cfg.steps, cfg.log_points_per_decade, cfg.authors_grid)
     authors = set(int(s) for s in authors_log_steps(cfg.steps))
-    if group is None:
-        with _StopRequest(cfg.time_limit) as stop:
-            replicas = [_Replica(c, steps) for c in cfgs]
-            try:
-                return _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks, stop)
-            finally:
-                for r in replicas:
-                    r.close()
-    return _run_distributed(cfg, cfgs, steps, authors, mnist, group, digest)
+    if group is not None:
+        return _run_distributed(cfg, cfgs, steps=steps, authors=authors, mnist=mnist, group=group, digest=digest,
+                                on_chunk=on_chunk)
+    with _StopRequest(cfg.time_limit) as stop:
+        replicas = [_Replica(c, steps) for c in cfgs]
+        try:
+            _train(cfg, cfgs, replicas, steps=steps, authors=authors, mnist=mnist, stop=stop,
+                   axis=_ReplicaAxis(len(cfgs), stacked=stacked), on_chunk=on_chunk)
+            return [r.dir for r in replicas]
+        finally:
+            for r in replicas:
+                r.close()
 
 
-def _run_distributed(cfg, cfgs, steps, authors, mnist, group, digest: str) -> list[Path]:
+def _run_distributed(cfg: TrainConfig, cfgs: list[TrainConfig], *, steps: np.ndarray, authors: set[int],
+                     mnist: dict | None, group, digest: str, on_chunk: Callable[[int], None] | None) -> list[Path]:
     """`run` for a sweep over several processes: this process's replicas, decisions taken together."""
     from grokjax.train import distributed  # noqa: PLC0415
 
     replicas = []
     try:
-        lo, hi, sharded, replicated = distributed.layout(len(cfgs), group)
+        layout = distributed.layout(len(cfgs), group)
         if group.index == 0:
-            _write_manifest(cfg, cfgs, group, sharded, digest)
-        layout = _Layout(group, lo, sharded, replicated)
+            _write_manifest(cfg, cfgs, group, layout.sharded, digest)
         with _StopRequest(cfg.time_limit) as stop:
-            replicas = [_Replica(c, steps, process_local=True) for c in cfgs[lo:hi]]
-            _train(cfg, cfgs, replicas, steps, authors, True, mnist, None, stop, layout)
+            replicas = [_Replica(c, steps, process_local=True) for c in cfgs[layout.lo:layout.hi]]
+            _train(cfg, cfgs, replicas, steps=steps, authors=authors, mnist=mnist, stop=stop,
+                   axis=_ReplicaAxis(len(cfgs), stacked=True, layout=layout), on_chunk=on_chunk)
             return [r.dir for r in replicas]
     except Paused:
         raise  # every process pauses at the same step
@@ -480,19 +460,6 @@ def _run_distributed(cfg, cfgs, steps, authors, mnist, group, digest: str) -> li
     finally:
         for r in replicas:
             r.close()
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    """A sweep over several processes: the group, this process's first replica, the shardings."""
-
-    group: object
-    lo: int
-    sharded: object
-    replicated: object
-
-
-SWEEP_FILE = "sweep.json"
 
 
 def _write_manifest(cfg: TrainConfig, cfgs: list[TrainConfig], group, sharded, digest: str) -> None:
@@ -506,11 +473,84 @@ def _write_manifest(cfg: TrainConfig, cfgs: list[TrainConfig], group, sharded, d
     d = Path(cfg.out)
     try:
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / (SWEEP_FILE + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, d / SWEEP_FILE)
+        rundir.write_json(d / SWEEP_FILE, payload)
     except OSError as e:
         raise ConfigError(f"cannot write to --out {d}: {e.strerror or e}") from None
+
+
+class _ReplicaAxis:
+    """The replicas of one compiled program, and how their arrays are laid out.
+
+    A single run has no replica axis: its arrays are its own. Several seeds or weight decays
+    are stacked on a leading axis that the chunk vmaps over, sharded over the local devices
+    (as many as divide the replicas) or, in a sweep over several processes (`layout`, a
+    `distributed.Layout`), over the global mesh. There a host copy (`fetch`) holds only this
+    process's rows, so replica `i` below is this process's i-th, the run's `lo + i`-th.
+    """
+
+    def __init__(self, n: int, *, stacked: bool, layout=None):
+        self.n, self.stacked, self.layout = n, stacked or layout is not None, layout
+        self.lo = 0 if layout is None else layout.lo
+        self.group = None if layout is None else layout.group
+        if layout is None:
+            self.fetch = jax.device_get
+        else:
+            from grokjax.train.distributed import fetch_local  # noqa: PLC0415
+
+            self.fetch = fetch_local
+
+    @property
+    def size(self) -> int | None:
+        """The replica axis' length, as the engine takes it (None: no axis)."""
+        return self.n if self.stacked else None
+
+    def mine(self, count: int) -> slice:
+        """This process's `count` replicas among the run's."""
+        return slice(self.lo, self.lo + count)
+
+    def pick(self, a, i: int):
+        """Replica i's part of one host array."""
+        return a[i] if self.stacked else a
+
+    def row(self, tree, i: int):
+        """Replica i's part of a host tree."""
+        return jax.tree.map(lambda a: self.pick(a, i), tree)
+
+    def stack(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """Per-replica host arrays as the program takes them."""
+        return np.stack(arrays) if self.stacked else arrays[0]
+
+    def place(self, states: list[TrainState], perms: list[np.ndarray], data, cols, names: list[str]) -> tuple:
+        """The program's inputs on the devices, the replica axis sharded: (state, perm, data, cols).
+
+        `states` and `perms` are every replica's of the run; `names` this process's run directories.
+        """
+        if self.layout is not None:
+            from grokjax.train import distributed  # noqa: PLC0415
+
+            sharded, replicated = self.layout.sharded, self.layout.replicated
+            state = distributed.to_global(jax.tree.map(lambda *xs: np.stack(xs), *states), sharded)
+            perm = distributed.to_global(np.stack(perms), sharded)
+            data = distributed.to_global(data, replicated)
+            if cols is not None:
+                cols = distributed.to_global(cols, sharded if cols.ndim == 3 else replicated)
+            n_dev, n_proc = sharded.mesh.devices.size, self.layout.group.count
+            print(f"sharding {self.n} replicas over {n_dev} devices in {n_proc} processes ({self.n // n_dev} "
+                  f"per device); this process writes {', '.join(names)}", file=sys.stderr)
+            return state, perm, data, cols
+        if not self.stacked:
+            return jax.tree.map(jnp.asarray, states[0]), jnp.asarray(perms[0]), data, cols
+        state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+        perm = jnp.asarray(np.stack(perms))
+        sharded, replicated = _mesh_sharding(self.n)
+        if sharded is not None:
+            state, perm = jax.device_put((state, perm), sharded)
+            data = jax.device_put(data, replicated)
+            if cols is not None:
+                cols = jax.device_put(cols, sharded if cols.ndim == 3 else replicated)
+            n_dev = sharded.mesh.devices.size
+            print(f"sharding {self.n} seeds over {n_dev} devices ({self.n // n_dev} per device)", file=sys.stderr)
+        return state, perm, data, cols
 
 
 def _resume_reason(replicas: list[_Replica], start: int) -> str:
@@ -521,140 +561,213 @@ def _resume_reason(replicas: list[_Replica], start: int) -> str:
             "so the steps after it are recomputed")
 
 
-def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks, stop, layout=None):
-    # layout: a sweep over several processes; `replicas` are then this process's (cfgs[lo:lo+len]),
-    # and every host-side array below (metrics, params, states) holds only their rows.
-    lo = 0 if layout is None else layout.lo
-    mine = slice(lo, lo + len(replicas))
+@dataclasses.dataclass
+class _Start:
+    """Where a segment starts: its step, every replica's state (of the whole run; this process's
+    restored) and this process's replicas' wall-clock seconds before it."""
+
+    step: int
+    states: list[TrainState]
+    walls: list[float]
+
+
+def _train(cfg: TrainConfig, cfgs: list[TrainConfig], replicas: list[_Replica], *, steps: np.ndarray,
+           authors: set[int], mnist: dict | None, stop: _StopRequest, axis: _ReplicaAxis,
+           on_chunk: Callable[[int], None] | None = None) -> None:
+    """Trains `replicas` (this process's of the run's `cfgs`) from their latest full state to the end.
+
+    In order: `_restore_or_init` (where to start; the resume message), the metrics logs and the
+    monitors, `_Segment` (the compiled program and its inputs on the devices), `_Segment.run`
+    (chunks, evaluations, checkpoints, pause), `_report_monitors`.
+    """
     mnist = mnist if mnist is not None else load_mnist(cfg.cache_dir, cfg.idx_dir)
     data = make_data(cfg, mnist)
     perms = [batch_perm(c) for c in cfgs]
-    fresh = [init_state(c) for c in cfgs]
-    templates = [_state_tree(s, p, 0.0) for s, p in zip(fresh, perms)]
-    restored = _restore(replicas, templates[mine], None if layout is None else layout.group)
-    start, walls = 0, [0.0] * len(replicas)
-    if restored is not None:
-        start, trees = restored
-        for tree, p in zip(trees, perms[mine]):
-            if not np.array_equal(np.asarray(tree["batch_perm"]), p):
-                raise ConfigError("the saved batch order differs from this config's; use --overwrite")
-        fresh[mine] = [TrainState(t["params"], t["opt_state"], jnp.asarray(t["step"]), jnp.asarray(t["key"]))
-                       for t in trees]
-        walls = [float(t["wall"]) for t in trees]
-        complete = start == cfg.steps and all(r.has_final_record() for r in replicas)
-        if layout is not None:
-            complete = not layout.group.any(not complete)
-        if complete:
-            print(f"already complete: {cfg.out} ({cfg.steps} steps)", file=sys.stderr)
-            return [r.dir for r in replicas]
-        reason = _resume_reason(replicas, start)
-        print(f"resuming {cfg.out} from step {start} of {cfg.steps} ({reason})", file=sys.stderr)
-        for r in replicas:
-            r.event(event="resume", step=int(start), reason=reason)
-    walls = [r.open_metrics(start, w) for r, w in zip(replicas, walls)]
+    begin = _restore_or_init(cfg, cfgs, replicas, perms, axis)
+    if begin is None:
+        return
+    walls = [r.open_metrics(begin.step, w) for r, w in zip(replicas, begin.walls)]
     if cfg.monitor:
         from grokjax.analysis.progress import load_inputs  # noqa: PLC0415
 
-        for r, c in zip(replicas, cfgs):
-            r.start_monitor(start, load_inputs(c.n_per_class, c.data_seed, c.seed, mnist=mnist))
+        for r in replicas:
+            r.start_monitor(begin.step, load_inputs(r.cfg.n_per_class, r.cfg.data_seed, r.cfg.seed, mnist=mnist))
+    segment = _Segment(cfg, replicas, axis, stop, wds=[c.wd for c in cfgs], states=begin.states, perms=perms,
+                       data=data, start=begin.step, wall=walls[0], authors=authors, on_chunk=on_chunk)
+    segment.run(steps)
+    _report_monitors(replicas, stop)
 
-    n = len(cfgs) if multi else None
-    wds = [c.wd for c in cfgs]
-    chunk = make_train_chunk(cfg, n, wds=wds if len(set(wds)) > 1 else None)
-    evaluate = make_evaluate(n)
-    cols = pixel_columns(cfg, np.stack(perms) if multi else perms[0], np.asarray(data.x_train))
-    cols = None if cols is None else jnp.asarray(cols)
-    fetch = jax.device_get
-    if layout is not None:
-        from grokjax.train import distributed  # noqa: PLC0415
 
-        fetch = distributed.fetch_local
-        sharded, replicated = layout.sharded, layout.replicated
-        state = distributed.to_global(jax.tree.map(lambda *xs: np.stack(xs), *fresh), sharded)
-        perm = distributed.to_global(np.stack(perms), sharded)
-        data = distributed.to_global(data, replicated)
-        if cols is not None:
-            cols = distributed.to_global(cols, sharded if cols.ndim == 3 else replicated)
-        n_dev, n_proc = sharded.mesh.devices.size, layout.group.count
-        print(f"sharding {len(cfgs)} replicas over {n_dev} devices in {n_proc} processes ({len(cfgs) // n_dev} "
-              f"per device); this process writes {', '.join(r.dir.name for r in replicas)}", file=sys.stderr)
-    elif multi:
-        state = jax.tree.map(lambda *xs: jnp.stack(xs), *fresh)
-        perm = jnp.asarray(np.stack(perms))
-        sharded, replicated = _mesh_sharding(len(cfgs))
-        if sharded is not None:
-            state, perm = jax.device_put((state, perm), sharded)
-            data = jax.device_put(data, replicated)
-            if cols is not None:
-                cols = jax.device_put(cols, sharded if cols.ndim == 3 else replicated)
-            n_dev = sharded.mesh.devices.size
-            print(f"sharding {len(cfgs)} seeds over {n_dev} devices ({len(cfgs) // n_dev} per device)",
-                  file=sys.stderr)
-    else:
-        state, perm = jax.tree.map(jnp.asarray, fresh[0]), jnp.asarray(perms[0])
+def _restore_or_init(cfg: TrainConfig, cfgs: list[TrainConfig], replicas: list[_Replica], perms: list[np.ndarray],
+                     axis: _ReplicaAxis) -> _Start | None:
+    """Step 0 with fresh states, or the newest full state every replica can read (announced, and
+    recorded as a resume event). None: the run is already complete (said in one line)."""
+    mine = axis.mine(len(replicas))
+    states = [init_state(c) for c in cfgs]
+    templates = [_state_tree(s, p, 0.0) for s, p in zip(states, perms)]
+    restored = _restore(replicas, templates[mine], axis.group)
+    if restored is None:
+        return _Start(0, states, [0.0] * len(replicas))
+    start, trees = restored
+    for tree, p in zip(trees, perms[mine]):
+        if not np.array_equal(np.asarray(tree["batch_perm"]), p):
+            raise ConfigError("the saved batch order differs from this config's; use --overwrite")
+    states[mine] = [TrainState(t["params"], t["opt_state"], jnp.asarray(t["step"]), jnp.asarray(t["key"]))
+                    for t in trees]
+    complete = start == cfg.steps and all(r.has_final_record() for r in replicas)
+    if axis.group is not None:
+        complete = not axis.group.any(not complete)
+    if complete:
+        print(f"already complete: {cfg.out} ({cfg.steps} steps)", file=sys.stderr)
+        return None
+    reason = _resume_reason(replicas, start)
+    print(f"resuming {cfg.out} from step {start} of {cfg.steps} ({reason})", file=sys.stderr)
+    for r in replicas:
+        r.event(event="resume", step=int(start), reason=reason)
+    return _Start(start, states, [float(t["wall"]) for t in trees])
 
-    def pick_fn(i):
-        return (lambda a: a[i]) if multi else (lambda a: a)
 
-    t0 = time.perf_counter() - walls[0]
-    t, dispatched = start, 0
-    bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=not cfg.progress,
-               desc=Path(cfg.out).name, smoothing=0.05)
-    try:
-        for e in (int(s) for s in steps if s >= start):
-            pending = None
-            for length in chunk_lengths(e - t, cfg.chunk):
-                if _agreed_stop(stop, layout):
-                    if pending is not None:
-                        _check_probe(*pending, replicas[0])
-                        bar.update(pending[2])
-                    _pause(cfg, replicas, state, perms[mine], t, time.perf_counter() - t0, stop, pick_fn, fetch)
-                state, last_loss = chunk(state, perm, data, length, cols)
-                dispatched += 1
-                if crash_after_chunks is not None and dispatched >= crash_after_chunks:
-                    raise RuntimeError("simulated crash")
-                if pending is not None:
-                    _check_probe(*pending, replicas[0])  # blocks on the previous chunk only
-                    bar.update(pending[2])
-                pending = (last_loss, t + length, length)
-                t += length
-            if pending is not None:
-                _check_probe(*pending, replicas[0])
-                bar.update(pending[2])
-            metrics = fetch(evaluate(state.params, data))
-            params_host = fetch(state.params)
-            wall = time.perf_counter() - t0
-            wants = _wants_full_state(replicas[0], e)
-            if layout is not None:  # one decision in every process, so that resume finds a common step
-                wants = layout.group.any(wants)
-            full = fetch(state) if wants else None
-            if full is not None and cfg.keep_params != "all":
-                # steps whose params are not kept: their monitor records are on disk before the state
-                for r in replicas:
-                    r.drain_monitor()
-            for i, r in enumerate(replicas):
-                pick = pick_fn(i)
-                rec = {"step": e, **{k: float(pick(v)) for k, v in metrics.items()},
-                       "time/wall": round(wall, 3), "schedule/authors": e in authors}
-                if not all(math.isfinite(rec[k]) for k in ("train/loss", "test/loss", "params/l2")):
-                    r.metrics.write(json.dumps(rec) + "\n")
-                    r.metrics.flush()
-                    raise NonFiniteError(_nonfinite_message(f"at step {e}", r))
-                r.metrics.write(json.dumps(rec) + "\n")
-                r.metrics.flush()
-                ckpt.save_params(r.params, e, jax.tree.map(pick, params_host))
-                if r.monitor is not None:
-                    r.monitor.submit(e, jax.tree.map(lambda a: np.array(pick(a)), params_host), rec["test/acc"],
-                                     kept=e in r.kept_params)
-                if full is not None:
-                    tree = _state_tree(jax.tree.map(pick, full), perms[lo + i], wall)
-                    if not ckpt.save_state(r.state, e, tree, force=True):
-                        raise ckpt.CheckpointError(f"full-state save at step {e} was refused")
-            live = replicas[0].monitor.postfix() if replicas[0].monitor is not None else ""
-            bar.set_postfix_str(f"test acc {np.mean(np.atleast_1d(metrics['test/acc'])):.4f}"
-                                + (f" {live}" if live else ""), refresh=False)
-    finally:
-        bar.close()
+class _Segment:
+    """The training loop of one segment, from its start step to the end of the run or a pause.
+
+    Each evaluation step `e` is reached in named steps: `advance_to(e)` trains the chunks up to
+    it (a stop request before a chunk ends the segment in `pause`), `evaluate(e)` writes each
+    replica's metrics record, and `_keep` its params checkpoint, monitor submission and, when one
+    is due, full state.
+    """
+
+    def __init__(self, cfg: TrainConfig, replicas: list[_Replica], axis: _ReplicaAxis, stop: _StopRequest, *,
+                 wds: list[float], states: list[TrainState], perms: list[np.ndarray], data, start: int,
+                 wall: float, authors: set[int], on_chunk: Callable[[int], None] | None):
+        self.cfg, self.replicas, self.axis, self.stop = cfg, replicas, axis, stop
+        self.authors, self.on_chunk = authors, on_chunk
+        self.chunk = make_train_chunk(cfg, axis.size, wds=wds if len(set(wds)) > 1 else None)
+        self.evaluate_params = make_evaluate(axis.size)
+        cols = pixel_columns(cfg, axis.stack(perms), np.asarray(data.x_train))
+        cols = None if cols is None else jnp.asarray(cols)
+        self.perms = perms[axis.mine(len(replicas))]  # this process's replicas' batch orders
+        self.state, self.perm, self.data, self.cols = axis.place(states, perms, data, cols,
+                                                                 [r.dir.name for r in replicas])
+        self.t = start
+        self.t0 = time.perf_counter() - wall  # time/wall counts from the run's first segment
+        self.pending = None  # (loss probe, step, length) of the chunk in flight
+        self.compiled: set[int] = set()  # chunk lengths dispatched so far
+        self.evaluated = False
+        self.progress = _Progress(cfg.steps, start, Path(cfg.out).name, enabled=cfg.progress)
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def run(self, steps: np.ndarray) -> None:
+        """Every evaluation step from the start on: train up to it, then evaluate and keep."""
+        end, start = "stopped", self.t
+        try:
+            for e in (int(s) for s in steps if s >= start):
+                self.advance_to(e)
+                self.evaluate(e)
+            end = "done"
+        except Paused:
+            end = "paused"
+            raise
+        finally:
+            self.progress.close(end)
+
+    def advance_to(self, e: int) -> None:
+        """Trains from the current step to step `e` in chunks, with a stop check before each.
+
+        A chunk's finiteness probe is read only once the next chunk is queued, so that the
+        device never waits for the host.
+        """
+        for length in chunk_lengths(e - self.t, self.cfg.chunk):
+            if _agreed_stop(self.stop, self.axis.group):
+                self._settle()
+                self.pause()
+            if length not in self.compiled:  # its first dispatch compiles
+                self.compiled.add(length)
+                self.progress.compiled()
+            self.state, last_loss = self.chunk(self.state, self.perm, self.data, length, self.cols)
+            if self.on_chunk is not None:
+                self.on_chunk(self.t + length)
+            self._settle()  # blocks on the previous chunk only
+            self.pending = (last_loss, self.t + length, length)
+            self.t += length
+        self._settle()
+
+    def _settle(self) -> None:
+        """Waits for the chunk in flight, checks its probe and counts its steps as done."""
+        if self.pending is not None:
+            _check_probe(*self.pending, self.replicas[0])
+            self.progress.update(self.pending[2])
+            self.pending = None
+
+    def evaluate(self, e: int) -> None:
+        """Evaluation step `e`: each replica's metrics record, then `_keep`; the progress postfix."""
+        if not self.evaluated:
+            self.evaluated = True
+            self.progress.compiled()
+        fetch, axis = self.axis.fetch, self.axis
+        metrics = fetch(self.evaluate_params(self.state.params, self.data))
+        params = fetch(self.state.params)
+        wall = self.wall()
+        full = fetch(self.state) if self._full_state_due(e) else None
+        if full is not None and self.cfg.keep_params != "all":
+            # steps whose params are not kept: their monitor records are on disk before the state
+            self._drain_monitors()
+        for i, r in enumerate(self.replicas):
+            rec = {"step": e, **{k: float(axis.pick(v, i)) for k, v in metrics.items()},
+                   "time/wall": round(wall, 3), "schedule/authors": e in self.authors}
+            r.log(rec)
+            if not all(math.isfinite(rec[k]) for k in ("train/loss", "test/loss", "params/l2")):
+                raise NonFiniteError(_nonfinite_message(f"at step {e}", r))
+            self._keep(i, r, e, params, rec["test/acc"], full, wall)
+        live = self.replicas[0].monitor.postfix() if self.replicas[0].monitor is not None else ""
+        self.progress.set_postfix(f"test acc {np.mean(np.atleast_1d(metrics['test/acc'])):.4f}"
+                                  + (f" {live}" if live else ""))
+
+    def _full_state_due(self, e: int) -> bool:
+        """One save decision for all replicas (the first one's state-manager policy); over
+        several processes the same in all of them, so that a resume finds a common step."""
+        wants = _wants_full_state(self.replicas[0], e)
+        if self.axis.group is not None:
+            wants = self.axis.group.any(wants)
+        return wants
+
+    def _keep(self, i: int, r: _Replica, e: int, params, test_acc: float, full, wall: float) -> None:
+        """Replica i's params checkpoint and monitor submission at step `e`, and its full state when due."""
+        ckpt.save_params(r.params, e, self.axis.row(params, i))
+        if r.monitor is not None:
+            r.monitor.submit(e, jax.tree.map(np.array, self.axis.row(params, i)), test_acc, kept=e in r.kept_params)
+        if full is not None:
+            self._save_state(i, r, e, full, wall)
+
+    def _save_state(self, i: int, r: _Replica, step: int, full, wall: float) -> None:
+        tree = _state_tree(self.axis.row(full, i), self.perms[i], wall)
+        if not ckpt.save_state(r.state, step, tree, force=True):
+            raise ckpt.CheckpointError(f"full-state save at step {step} was refused")
+
+    def _drain_monitors(self) -> None:
+        for r in self.replicas:
+            r.drain_monitor()
+
+    def pause(self) -> None:
+        """Writes a full state at the current step (also between evaluation steps), records the
+        pause in every replica's events and raises Paused."""
+        t, wall = self.t, self.wall()
+        full = self.axis.fetch(self.state)
+        if self.cfg.keep_params != "all":
+            self._drain_monitors()
+        for i, r in enumerate(self.replicas):
+            if t not in r.state.all_steps():
+                self._save_state(i, r, t, full, wall)
+            r.state.wait_until_finished()
+            r.params.wait_until_finished()
+            r.metrics.flush()
+            r.event(event="pause", step=int(t), reason=self.stop.reason, elapsed=round(self.stop.elapsed, 1))
+        raise Paused(int(t), self.cfg.steps, self.stop.elapsed, self.stop.reason)
+
+
+def _report_monitors(replicas: list[_Replica], stop: _StopRequest) -> None:
+    """Closes the monitors at the end of the run, with one line each on their cost and backlog."""
     for r in replicas:
         if r.monitor is not None:
             m = r.monitor
@@ -666,33 +779,14 @@ def _train(cfg, cfgs, replicas, steps, authors, multi, mnist, crash_after_chunks
                   + (f"; {left} steps still without a record (`python -m grokjax.analysis.monitor {r.dir}` computes them; "
                      "the analysis computes them from the checkpoints otherwise)" if left else ""),
                   file=sys.stderr)
-    return [r.dir for r in replicas]
 
 
-def _agreed_stop(stop: _StopRequest, layout) -> str | None:
+def _agreed_stop(stop: _StopRequest, group) -> str | None:
     """The stop decision at a chunk boundary; over several processes, the same in all of them."""
-    if layout is None:
+    if group is None:
         return stop.should_stop()
-    stop.reason = layout.group.stop_reason(stop.should_stop())
+    stop.reason = group.stop_reason(stop.should_stop())
     return stop.reason
-
-
-def _pause(cfg, replicas, state, perms, t: int, wall: float, stop: _StopRequest, pick_fn, fetch=jax.device_get) -> None:
-    """Writes a full state at step t (also between evaluation steps), records the pause, raises Paused."""
-    full = fetch(state)
-    if cfg.keep_params != "all":
-        for r in replicas:
-            r.drain_monitor()
-    for i, r in enumerate(replicas):
-        if t not in r.state.all_steps():
-            tree = _state_tree(jax.tree.map(pick_fn(i), full), perms[i], wall)
-            if not ckpt.save_state(r.state, t, tree, force=True):
-                raise ckpt.CheckpointError(f"full-state save at step {t} was refused")
-        r.state.wait_until_finished()
-        r.params.wait_until_finished()
-        r.metrics.flush()
-        r.event(event="pause", step=int(t), reason=stop.reason, elapsed=round(stop.elapsed, 1))
-    raise Paused(int(t), cfg.steps, stop.elapsed, stop.reason)
 
 
 def _wants_full_state(replica: _Replica, step: int) -> bool:
@@ -717,6 +811,149 @@ def _nonfinite_message(where: str, r: _Replica) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# Progress on stderr
+
+
+class Throughput:
+    """Training steps per second, leaving out the time spent compiling.
+
+    `mark(now, step)` is called each time a chunk has finished; `compiled()` when the work up to
+    the next mark includes a compilation (the first dispatch of a chunk length, the first
+    evaluation), and that interval is left out, as is everything before the first mark (loading,
+    restoring, the first compilation). The rate is the steps over the seconds of the kept
+    intervals of the last `window` seconds (the latest one always counts); None until one is kept.
+    """
+
+    def __init__(self, window: float = RATE_WINDOW_SECS):
+        self.window = window
+        self._last: tuple[float, int] | None = None
+        self._compiling = False
+        self._kept: deque[tuple[float, int]] = deque()  # (seconds, steps) of each kept interval
+        self._seconds, self._steps = 0.0, 0
+
+    def compiled(self) -> None:
+        self._compiling = True
+
+    def mark(self, now: float, step: int) -> None:
+        last, self._last = self._last, (now, step)
+        compiling, self._compiling = self._compiling, False
+        if last is None or compiling or now <= last[0]:
+            return
+        self._kept.append((now - last[0], step - last[1]))
+        self._seconds += now - last[0]
+        self._steps += step - last[1]
+        while len(self._kept) > 1 and self._seconds - self._kept[0][0] >= self.window:
+            seconds, steps = self._kept.popleft()
+            self._seconds -= seconds
+            self._steps -= steps
+
+    @property
+    def rate(self) -> float | None:
+        return self._steps / self._seconds if self._kept else None
+
+
+def eta_text(step: int, total: int, rate: float | None) -> str:
+    """`ETA 2h05m` for the steps left at `rate` steps/s; `ETA -` while no rate is known."""
+    if rate is None or rate <= 0:
+        return "ETA -"
+    return f"ETA {format_duration(max(total - step, 0) / rate)}"
+
+
+def _speed_text(rate: float | None) -> str:
+    if rate is None:
+        return "- steps/s"
+    return f"{rate:,.0f} steps/s" if rate >= 100 else f"{rate:.3g} steps/s"
+
+
+def progress_line(name: str, step: int, total: int, rate: float | None, postfix: str = "", *,
+                  end: str | None = None) -> str:
+    """One plain progress line, e.g.
+    `r: step 40,960/10,000,000 (0.4%) | 1,234 steps/s | ETA 2h14m | test acc 0.8123 a1 3.41 ...`.
+
+    end: in place of the ETA, how the segment ended (`done in 5m03s`, `paused after 1h00m`).
+    """
+    pct = 100.0 * step / total if total > 0 else 100.0
+    parts = [f"{name}: step {step:,}/{total:,} ({pct:.1f}%)", _speed_text(rate), end or eta_text(step, total, rate)]
+    return " | ".join(parts + ([postfix] if postfix else []))
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+class _Progress:
+    """A segment's progress on `stream` (default stderr).
+
+    On a terminal, a tqdm bar that shows `Throughput`'s rate and ETA; elsewhere (a log file, CI,
+    nohup) one `progress_line` every `every` seconds and one when the segment ends. With
+    `enabled` False (the `progress` config field), nothing.
+    """
+
+    def __init__(self, total: int, initial: int, name: str, *, enabled: bool, stream=None,
+                 clock: Callable[[], float] = time.monotonic, every: float = LINE_SECS):
+        self.total, self.first, self.step, self.name = total, initial, initial, name
+        self.enabled, self.clock, self.every = enabled, clock, every
+        self.stream = sys.stderr if stream is None else stream
+        self.throughput = Throughput()
+        self.postfix = ""
+        self.started = self.printed = clock()
+        self.bar = None
+        if enabled and _isatty(self.stream):
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=name, file=self.stream,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+            self.bar.set_postfix_str(self._stats(), refresh=False)
+
+    def _stats(self) -> str:
+        rate = self.throughput.rate
+        parts = [_speed_text(rate), eta_text(self.step, self.total, rate)]
+        return ", ".join(parts + ([self.postfix] if self.postfix else []))
+
+    def compiled(self) -> None:
+        """The work up to the next `update` includes a compilation: it stays out of the rate."""
+        self.throughput.compiled()
+
+    def update(self, n: int) -> None:
+        """`n` more steps are done."""
+        if not self.enabled:
+            return
+        self.step += n
+        now = self.clock()
+        self.throughput.mark(now, self.step)
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._stats(), refresh=False)
+            self.bar.update(n)
+        elif now - self.printed >= self.every:
+            self.printed = now
+            self._print(progress_line(self.name, self.step, self.total, self.throughput.rate, self.postfix))
+
+    def set_postfix(self, text: str) -> None:
+        """The latest test accuracy and the monitor's summary, shown from now on."""
+        self.postfix = text
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._stats(), refresh=False)
+
+    def close(self, end: str) -> None:
+        """Ends the segment's progress; `end` (done, paused, stopped) says how, on the last line."""
+        if self.bar is not None:
+            self.bar.close()
+            return
+        if not self.enabled:
+            return
+        elapsed = self.clock() - self.started
+        rate = self.throughput.rate
+        if rate is None and elapsed > 0 and self.step > self.first:
+            rate = (self.step - self.first) / elapsed
+        how = f"done in {format_duration(elapsed)}" if end == "done" else f"{end} after {format_duration(elapsed)}"
+        self._print(progress_line(self.name, self.step, self.total, rate, self.postfix, end=how))
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+
+# --------------------------------------------------------------------------------------
 # Export: a run's compact, portable record
 
 def _nearest_per_decade(available: list[int], per_decade: int, final: int) -> list[int]:
@@ -735,10 +972,9 @@ def _portable(tmp: Path, dst: Path) -> None:
     becomes the export folder as given, and Orbax's commit markers (whose text names the
     directory they were written in; only their presence matters) say only that the commit
     succeeded."""
-    cfg_file = tmp / CONFIG_FILE
-    payload = json.loads(cfg_file.read_text())
+    payload = rundir.read_config_payload(tmp)
     payload["config"]["out"] = str(dst)
-    cfg_file.write_text(json.dumps(payload, indent=2) + "\n")
+    rundir.write_config(tmp, payload)
     for marker in (tmp / "checkpoints").rglob("commit_success.txt"):
         marker.write_text("Checkpoint commit was successful.")
 
@@ -757,11 +993,15 @@ def export_run(run_dir: str | os.PathLike, folder: str | os.PathLike, *, params_
     state written while the export copies may be missed (the previous one is then exported).
 
     Raises:
-        ConfigError: `run_dir` holds no run, or `folder` exists and is not an empty folder.
+        ConfigError: `run_dir` holds no readable run, or `folder` exists and is not an empty folder.
     """
     src, dst = Path(run_dir), Path(folder)
-    if not (src / CONFIG_FILE).is_file():
+    if not rundir.is_run(src):
         raise ConfigError(f"{src} holds no run (no {CONFIG_FILE}); nothing exported")
+    try:
+        src_config = rundir.read_config(src)
+    except RunDirError as e:
+        raise ConfigError(f"{e}; nothing exported") from None
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ConfigError(f"export folder {dst} exists and is not empty; choose a new folder")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
@@ -777,8 +1017,6 @@ def export_run(run_dir: str | os.PathLike, folder: str | os.PathLike, *, params_
         for name in (CONFIG_FILE, METRICS_FILE, EVENTS_FILE):
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        from grokjax.analysis.monitor import MONITOR_DIR  # noqa: PLC0415
-
         if (src / MONITOR_DIR).is_dir():
             shutil.copytree(src / MONITOR_DIR, tmp / MONITOR_DIR)
         for step in sorted(states, reverse=True):  # the newest state that copies completely
@@ -789,8 +1027,8 @@ def export_run(run_dir: str | os.PathLike, folder: str | os.PathLike, *, params_
                 shutil.rmtree(tmp / ckpt.STATE_DIR / str(step), ignore_errors=True)
         else:
             raise ConfigError(f"no full state of {src} could be copied")
-        cfg_steps = int(json.loads((src / CONFIG_FILE).read_text())["config"].get("steps", 1))
-        for step in _nearest_per_decade(ckpt.list_param_steps(src), params_per_decade, cfg_steps):
+        for step in _nearest_per_decade(ckpt.list_param_steps(src), params_per_decade,
+                                        int(src_config.get("steps", 1))):
             shutil.copytree(src / ckpt.PARAMS_DIR / str(step), tmp / ckpt.PARAMS_DIR / str(step))
         _portable(tmp, dst)
         if dst.exists():
@@ -799,6 +1037,9 @@ def export_run(run_dir: str | os.PathLike, folder: str | os.PathLike, *, params_
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ConfigError(f"export to {dst} failed: {e.strerror or e}") from None
+    except RunDirError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"export to {dst} failed: {e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
