@@ -136,7 +136,7 @@ class TrainConfig:
     # Holds config.json, metrics.jsonl and the checkpoints.
     out: str = _field("ckpts/run", "run directory; the same --out resumes the run", science=False)
     overwrite: bool = _field(False, "replace a run directory whose config differs (else: refuse)", science=False)
-    progress: bool = _field(True, "show a progress bar", science=False)
+    progress: bool = _field(True, "progress on stderr: a bar on a terminal, else a line every 30 s", science=False)
     cache_dir: str | None = _field(None, "MNIST cache dir (None: $GROKJAX_CACHE or the user cache dir)",
                                    science=False)
     # The four standard files, optionally gzipped.
