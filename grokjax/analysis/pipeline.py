@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 
 from grokjax import ckpt, rundir
 from grokjax.analysis import htsr, phases, preflight, progress, wwadapter
+from grokjax.analysis.preflight import AnalysisError  # noqa: F401  (raised here; importers take it from either module)
 from grokjax.analysis.htsr import HTSROptions
 from grokjax.analysis.progress import ProgressOptions
 from grokjax.cliutil import THREAD_VARS
@@ -73,10 +74,6 @@ COMPUTED_STEP_COLUMNS = ("progress/sparsity", "progress/sparsity_smooth", "progr
                          "progress/entropy_fc2", "progress/entropy_fc3", "progress/circuit", "params/l2",
                          "params/l2_weights", "time/load", "time/native", "time/progress")
 _SEED_TAG = 0xA1FA
-
-
-class AnalysisError(ValueError):
-    """A bad analysis input: no run, no checkpoints, unreadable config or metrics."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

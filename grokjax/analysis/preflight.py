@@ -50,6 +50,10 @@ CHECKPOINT_FILES = ("default/_METADATA", "default/manifest.ocdbt")
 _STEP_IN_TEXT = re.compile(r'"step"\s*:\s*(\d+)')
 
 
+class AnalysisError(ValueError):
+    """A bad analysis input: no run, no checkpoints, unreadable config or metrics."""
+
+
 class AnalysisWarning(UserWarning):
     """A problem with an analysis input that is left out (an error with --strict)."""
 
@@ -74,8 +78,6 @@ def report(lines: list[str], strict: bool) -> None:
     if not lines:
         return
     if strict:
-        from grokjax.analysis.pipeline import AnalysisError  # noqa: PLC0415  (analyze imports this module)
-
         raise AnalysisError("\n".join(lines))
     for line in lines:
         warnings.warn(line, AnalysisWarning, stacklevel=3)
