@@ -21,3 +21,15 @@ def mnist():
     from grokjax.data import load_mnist
 
     return load_mnist(verbose=False)
+
+
+@pytest.fixture(scope="session")
+def torch_one_thread():
+    """PyTorch on one intra-op thread for the torch references: with two threads on a 2-core machine, torch's
+    thread pool collapses whenever another process holds a core (250 steps: ~38 s instead of ~5 s)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -27,7 +27,7 @@ def setup(mnist):
 
 
 @pytest.fixture(scope="module")
-def torch_runs(setup):
+def torch_runs(setup, torch_one_thread):
     """The torch reference after N_STEPS at a weight decay, computed once (shared by both column sets)."""
     from grokjax.bench.torch_reference import train_reference
 

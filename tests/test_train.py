@@ -159,7 +159,7 @@ def test_scan_chunks_equal_plain_step_loop(setup, mode):
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.01])
-def test_parity_with_torch_reference(setup, wd):
+def test_parity_with_torch_reference(setup, wd, torch_one_thread):
     from grokjax.bench.torch_reference import train_reference
 
     data, perm = setup
