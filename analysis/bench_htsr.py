@@ -14,7 +14,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import numpy as np
 
 from grokjax.analysis import htsr, wwadapter
 from grokjax.bench.init import torch_init
+from grokjax.cliutil import OneLineParser
 
 SHAPES = {"fc1": (200, 784), "fc2": (200, 200), "fc3": (10, 200)}
 
@@ -58,7 +58,7 @@ def max_alpha_gap(a: list[dict], b: list[dict]) -> float:
 
 def main() -> None:
     """Runs the benchmark and prints the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="bench_htsr.py", description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7, help="timed native runs per model")
     parser.add_argument("--ww-reps", type=int, default=3, help="timed WeightWatcher runs per model")
     parser.add_argument("--checkpoints", type=int, default=200, help="checkpoints to extrapolate to")
