@@ -1,11 +1,23 @@
 """Shared fixtures: offline MNIST (from the verified cache), small configs, the repo root."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("GROKJAX_OFFLINE", "1")  # tests use no network: MNIST comes from the cache the set-up wrote
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # One persistent compilation cache per test session, inherited by the CLI subprocesses: every run() builds fresh
+    # jitted programs, so the same XLA programs are compiled again and again across tests. A cache hit loads the
+    # executable XLA compiled for the same program and options, so results are unchanged.
+    _CACHE = tempfile.mkdtemp(prefix="grokjax-test-jit-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 ROOT = Path(__file__).resolve().parents[1]
 
 import grokjax  # noqa: E402,F401  (enables x64 before JAX creates arrays)
@@ -33,3 +45,4 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
