@@ -46,3 +46,14 @@ def torch_one_thread():
     yield
     torch.set_num_threads(before)
 
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, mnist):
+    """One finished run of helpers.SMALL (defaults otherwise), shared read-only by the modules that compare with it."""
+    from helpers import SMALL
+
+    from grokjax.train.config import TrainConfig
+    from grokjax.train.runner import run
+
+    return run(TrainConfig(out=str(tmp_path_factory.mktemp("small") / "r"), **SMALL), mnist=mnist)[0]
+

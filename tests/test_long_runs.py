@@ -15,9 +15,7 @@ from grokjax import ckpt
 from grokjax.train import runner
 from grokjax.train.config import ConfigError, TrainConfig, parse_duration
 from grokjax.train.runner import Paused, export_run, run
-
-SMALL = dict(steps=120, log_points_per_decade=6, authors_grid=False, chunk=16, progress=False, full_save_secs=0,
-             monitor=False)
+from helpers import SMALL
 
 
 def _records(d):
@@ -36,8 +34,8 @@ def _events(d):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, mnist):
-    return run(TrainConfig(out=str(tmp_path_factory.mktemp("ref") / "r"), **SMALL), mnist=mnist)[0]
+def reference(small_run):
+    return small_run
 
 
 def _mid_segment_checks(cfg, skip=0):

@@ -16,9 +16,7 @@ from grokjax import ckpt
 from grokjax.train.config import ConfigError, TrainConfig
 from grokjax.train.runner import NonFiniteError, Throughput, _Progress, eta_text, progress_line, run
 from grokjax.train.schedule import chunk_lengths, eval_steps
-
-SMALL = dict(steps=120, log_points_per_decade=6, authors_grid=False, chunk=16, progress=False, full_save_secs=0,
-             monitor=False)
+from helpers import SMALL
 
 
 def _records(d):
@@ -77,8 +75,8 @@ def test_run_writes_config_metrics_checkpoints(tmp_path, mnist, capsys):
     assert p["fc1"]["kernel"].shape == (784, 200) and p["fc1"]["kernel"].dtype == np.float64
 
 
-def test_resume_after_crash_mid_chunk_is_bitwise_identical(tmp_path, mnist):
-    ref = run(TrainConfig(out=str(tmp_path / "ref"), **SMALL), mnist=mnist)[0]
+def test_resume_after_crash_mid_chunk_is_bitwise_identical(tmp_path, mnist, small_run):
+    ref = small_run
     cfg = TrainConfig(out=str(tmp_path / "crash"), **SMALL)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(cfg, mnist=mnist, on_chunk=_crash_at(28))

@@ -12,6 +12,7 @@ from grokjax import ckpt
 from grokjax.train import engine
 from grokjax.train.config import TrainConfig
 from grokjax.train.runner import run
+from helpers import SMALL
 
 N_STEPS = 300
 
@@ -132,10 +133,6 @@ def test_wrong_columns_are_refused(setup):
         engine.make_train_chunk(off)(engine.init_state(off), jnp.asarray(perm), data, 2, cols)
 
 
-SMALL = dict(steps=120, log_points_per_decade=6, authors_grid=False, chunk=16, progress=False, full_save_secs=0,
-             monitor=False)
-
-
 def _crash_at(step):
     """An `on_chunk` callback: the run crashes when a chunk up to `step` or later is dispatched."""
     def on_chunk(t):
@@ -144,7 +141,7 @@ def _crash_at(step):
     return on_chunk
 
 
-def test_old_run_directory_resumes_dense(tmp_path, mnist, capsys):
+def test_old_run_directory_resumes_dense(tmp_path, mnist, capsys, small_run):
     ref = run(TrainConfig(out=str(tmp_path / "ref"), skip_zero_pixels="off", **SMALL), mnist=mnist)[0]
     d = tmp_path / "old"
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -162,6 +159,6 @@ def test_old_run_directory_resumes_dense(tmp_path, mnist, capsys):
     for layer, leaves in ckpt.load_params(d, 120).items():
         for k, a in leaves.items():
             np.testing.assert_array_equal(a, ckpt.load_params(ref, 120)[layer][k])  # dense, bitwise
-    new = run(TrainConfig(out=str(tmp_path / "new"), **SMALL), mnist=mnist)[0]
+    new = small_run  # helpers.SMALL at the defaults: skip_zero_pixels=batch
     assert json.loads((new / "config.json").read_text())["config"]["skip_zero_pixels"] == "batch"
     assert not np.array_equal(ckpt.load_params(new, 120)["fc1"]["kernel"], ckpt.load_params(ref, 120)["fc1"]["kernel"])
