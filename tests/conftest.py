@@ -57,3 +57,13 @@ def small_run(tmp_path_factory, mnist):
 
     return run(TrainConfig(out=str(tmp_path_factory.mktemp("small") / "r"), **SMALL), mnist=mnist)[0]
 
+
+@pytest.fixture(scope="session")
+def run300(tmp_path_factory, mnist):
+    """One finished run of helpers.RUN300 (monitor on), shared read-only by test_monitor and test_ablation."""
+    from helpers import RUN300
+
+    from grokjax.train.config import TrainConfig
+    from grokjax.train.runner import run
+
+    return run(TrainConfig(out=str(tmp_path_factory.mktemp("run300") / "wd0"), **RUN300), mnist=mnist)[0]

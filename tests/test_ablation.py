@@ -176,14 +176,9 @@ def test_bad_inputs():
 
 
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory, mnist):
-    """300 training steps, evaluated and checkpointed at 10 log-spaced steps."""
-    from grokjax.train.config import TrainConfig
-    from grokjax.train.runner import run
-
-    cfg = TrainConfig(out=str(tmp_path_factory.mktemp("abl") / "wd0"), steps=300, log_points_per_decade=3,
-                      authors_grid=False, chunk=64, progress=False, full_save_secs=0)
-    return run(cfg, mnist=mnist)[0]
+def real_run(run300):
+    """300 training steps, evaluated and checkpointed at 10 log-spaced steps (helpers.RUN300, shared)."""
+    return run300
 
 
 @pytest.fixture(scope="module")

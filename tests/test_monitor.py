@@ -13,7 +13,7 @@ from grokjax.train.config import TrainConfig
 from grokjax.analysis.monitor import LiveWarning
 from grokjax.train.runner import run
 
-SMALL = dict(steps=300, log_points_per_decade=3, authors_grid=False, chunk=64, progress=False, full_save_secs=0)
+from helpers import RUN300 as SMALL
 
 
 def _rows(alpha1, traps2):
@@ -56,8 +56,8 @@ def test_live_warning_nan_is_no_signal():
 
 
 @pytest.fixture(scope="module")
-def monitored(tmp_path_factory, mnist):
-    return run(TrainConfig(out=str(tmp_path_factory.mktemp("mon") / "r"), **SMALL), mnist=mnist)[0]
+def monitored(run300):
+    return run300  # helpers.RUN300 (SMALL here), shared with test_ablation
 
 
 def test_monitor_records_equal_the_analysis_of_each_checkpoint(monitored, mnist):
