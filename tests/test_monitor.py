@@ -2,11 +2,12 @@
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
 
-from grokjax.analysis import pipeline, monitor, progress
+from grokjax.analysis import htsr, pipeline, monitor, progress
 
 from grokjax import ckpt, rundir
 from grokjax.train.config import TrainConfig
@@ -83,6 +84,46 @@ def test_monitor_records_equal_the_analysis_of_each_checkpoint(monitored, mnist)
         W = ckpt.load_params(monitored, r["step"])["fc2"]["kernel"]
         np.testing.assert_allclose(spec["fc2"]["esd"], np.linalg.svd(W, compute_uv=False)[::-1] ** 2, rtol=1e-10)
         assert spec["fc1"]["rand"].shape == (200,) and spec["fc3"]["rand"].shape == (50,)
+        # the spectra come from the K-shuffle pass; they are the trap count's, bit for bit
+        weights = pipeline.weights_of(ckpt.load_params(monitored, r["step"]))
+        drawn = htsr.shuffle_spectra(weights, pipeline.checkpoint_seed(0, r["step"]))
+        for name in weights:
+            assert np.array_equal(spec[name]["rand"], drawn[name]["evals"]), name
+
+
+def test_compute_record_spectra_without_the_k_shuffle_pass(monkeypatch, mnist):
+    """A failed K-shuffle pass still leaves the trap count's spectra in the record."""
+    rng = np.random.default_rng(3)
+    params = {k: {"kernel": rng.normal(size=s), "bias": np.zeros(s[1])}
+              for k, s in (("fc1", (784, 200)), ("fc2", (200, 200)), ("fc3", (200, 10)))}
+    inputs = progress.load_inputs(100, 0, 0, mnist=mnist)
+    rec, spectra = monitor.compute_record(params, step=7, run_seed=0, inputs=inputs)
+    monkeypatch.setattr(htsr, "extended_weights", lambda *a, **k: (_ for _ in ()).throw(ValueError("planted")))
+    rec2, spectra2 = monitor.compute_record(params, step=7, run_seed=0, inputs=inputs)
+    assert all("extended_error" in r for r in rec2["layers"])
+    assert spectra.keys() == spectra2.keys()
+    for k in spectra:
+        assert np.array_equal(spectra[k], spectra2[k]), k
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux only")
+def test_monitor_thread_priority_is_lowered_for_its_thread_only():
+    import os
+    import threading
+
+    seen = {}
+
+    def worker():
+        seen["problem"] = monitor.lower_thread_priority(monitor.MONITOR_NICE)
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen["problem"] is None
+    assert seen["nice"] == max(before, monitor.MONITOR_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the caller keeps its own
 
 
 def test_backfill_of_a_run_trained_without_the_monitor(tmp_path, mnist, monitored):

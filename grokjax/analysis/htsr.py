@@ -864,7 +864,7 @@ EXTENDED_COLUMNS = ("w_mean", "w_std", "mean_over_std", "traps_raw", "traps_k_me
 
 
 def extended_metrics(W: Any, *, seed: int, k_shuffles: int = 10, rng: np.random.RandomState | None = None,
-                     options: HTSROptions | None = None) -> dict:
+                     options: HTSROptions | None = None, rand_out: dict | None = None) -> dict:
     """Mean-aware HTSR metrics of one weight matrix, as one flat dict of floats.
 
     Why: shuffling W's entries keeps their mean mu, and mu * 1 1^T has one singular value
@@ -923,6 +923,9 @@ def extended_metrics(W: Any, *, seed: int, k_shuffles: int = 10, rng: np.random.
             `analyze_matrix` advances it (the pooled shuffles, then WW's discarded one), so
             a stream walked through the layers matches `analyze_weights(rng=...)`.
         options: HTSROptions for the power-law fits and the BLAS thread limit.
+        rand_out: if given, receives draw 0's pooled W^rand eigenvalues (ascending, original
+            units) under the key "evals": with `rng` walked as `shuffle_spectra` walks it,
+            exactly that function's `evals`, without drawing them a second time.
 
     Returns:
         dict with the `EXTENDED_COLUMNS` keys, floats.
@@ -934,11 +937,11 @@ def extended_metrics(W: Any, *, seed: int, k_shuffles: int = 10, rng: np.random.
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     W = _as_matrix(W)
     with blas_thread_limit(options.blas_threads):
-        return _extended(W, int(seed), int(k_shuffles), rng, options)
+        return _extended(W, int(seed), int(k_shuffles), rng, options, rand_out)
 
 
 def _extended(W: np.ndarray, seed: int, k_shuffles: int, rng: np.random.RandomState | None,
-              options: HTSROptions) -> dict:
+              options: HTSROptions, rand_out: dict | None = None) -> dict:
     """extended_metrics' body, for a validated float64 W."""
     N, M = max(W.shape), min(W.shape)
     Q, n_pool = N / M, n_shuffles_for(M)
@@ -956,6 +959,8 @@ def _extended(W: np.ndarray, seed: int, k_shuffles: int, rng: np.random.RandomSt
         centred_counts.append(cen["num_spikes"])
         if k == 0:
             first = dict(raw=raw, cen=cen, mats=mats)
+            if rand_out is not None:
+                rand_out["evals"] = raw["evals"]
 
     def edge_ratio(fit: dict) -> float:
         return float(fit["evals"][-1] * fit["W_scale"] ** 2 / fit["bulk_max_rescaled"])
@@ -986,7 +991,8 @@ def _extended(W: np.ndarray, seed: int, k_shuffles: int, rng: np.random.RandomSt
 
 
 def extended_weights(weights: Mapping[str, Any], *, seed: int, k_shuffles: int = 10,
-                     rng: np.random.RandomState | None = None, options: HTSROptions | None = None) -> dict[str, dict]:
+                     rng: np.random.RandomState | None = None, options: HTSROptions | None = None,
+                     rand_out: dict | None = None) -> dict[str, dict]:
     """`extended_metrics` over the layers of a model, seeded like `analyze_weights`.
 
     Layer i's draw 0 uses `layer_rng(seed, i)`, or, when rng is given, the one stream
@@ -995,6 +1001,10 @@ def extended_weights(weights: Mapping[str, Any], *, seed: int, k_shuffles: int =
     RandomState(s)). Draws k >= 1 of layer i use `k_shuffle_rng(seed_i, k)` with
     seed_i = SeedSequence([seed, i]).generate_state(1)[0], independent across layers.
 
+    With `rand_out` (a dict), rand_out[name] receives layer name's draw-0 W^rand eigenvalues
+    (see `extended_metrics`); with `rng` = RandomState(s) they are `shuffle_spectra(weights,
+    s)[name]["evals"]`, bit for bit.
+
     Returns:
         layer name -> `extended_metrics` dict.
     """
@@ -1002,5 +1012,9 @@ def extended_weights(weights: Mapping[str, Any], *, seed: int, k_shuffles: int =
     for i, (name, W) in enumerate(weights.items()):
         seed_i = int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0])
         gen = rng if rng is not None else layer_rng(seed, i)
-        out[name] = extended_metrics(W, seed=seed_i, k_shuffles=k_shuffles, rng=gen, options=options)
+        spectra: dict | None = {} if rand_out is not None else None
+        out[name] = extended_metrics(W, seed=seed_i, k_shuffles=k_shuffles, rng=gen, options=options,
+                                     rand_out=spectra)
+        if rand_out is not None:
+            rand_out[name] = spectra["evals"]
     return out

@@ -17,8 +17,14 @@ formats, readers and writers are `grokjax.rundir`'s: `read_records`, `write_spec
                        shuffles the trap count uses, from the same seeded stream:
                        `htsr.shuffle_spectra`)
 
-Durability: before every full (resume) state is written, the monitor is drained, so every
-record up to that step is on disk. After a crash the resumed run drops records at or after
+Cost: one record is about 0.5 s of one core on a 2-core CPU (most of it the K-shuffle trap
+means); the spectra come from the same pass (`pipeline.analyze_checkpoint(rand_out=...)`),
+not drawn again. The worker thread runs at nice `MONITOR_NICE` (Linux), so it takes the cycles
+training leaves idle rather than the training's.
+
+Durability: with `--keep_params log|none`, before every full (resume) state is written the
+monitor is drained, so every record up to that step is on disk; with `all`, a step without a
+record still has its params checkpoint and is recomputed from it. After a crash the resumed run drops records at or after
 the resume step (they are recomputed as the run passes those steps again) and recomputes,
 from the kept params checkpoints, any earlier evaluation step that has none (a run that
 began without the monitor gets its record this way).
@@ -59,6 +65,9 @@ PERSISTENCE = 3
 # params checkpoint when the worker is idle, or at the next start), so that training never waits
 # and host memory stays bounded.
 MAX_BACKLOG = 16
+# The worker thread's nice value (Linux: per thread). Training's threads keep their priority, so
+# on a CPU whose cores the training fills the monitor takes the cycles training leaves idle.
+MONITOR_NICE = 19
 
 
 def monitor_options() -> pipeline.AnalysisOptions:
@@ -79,14 +88,16 @@ def _jsonable(v):
 
 def compute_record(params: dict, *, step: int, run_seed: int, inputs: dict) -> tuple[dict, dict]:
     """(record, spectra) of one parameter set: the analysis' rows and the eigenvalues."""
+    rand: dict = {}
     layers, measures = pipeline.analyze_checkpoint(params, step=step, run_seed=run_seed, options=monitor_options(),
-                                                  inputs=inputs)
+                                                  inputs=inputs, rand_out=rand)
     weights = pipeline.weights_of(params)
-    rand = htsr.shuffle_spectra(weights, pipeline.checkpoint_seed(run_seed, step))
+    if set(rand) != set(weights):  # the K-shuffle pass failed on a layer: draw the spectra on their own
+        rand = {k: v["evals"] for k, v in htsr.shuffle_spectra(weights, pipeline.checkpoint_seed(run_seed, step)).items()}
     spectra = {}
     for name, W in weights.items():
         spectra[f"{name}/esd"] = htsr.esd(W)
-        spectra[f"{name}/rand"] = rand[name]["evals"]
+        spectra[f"{name}/rand"] = rand[name]
     rec = {"step": int(step), "layers": [{k: _jsonable(v) for k, v in r.items()} for r in layers],
            "measures": {k: _jsonable(v) for k, v in measures.items()}}
     return rec, spectra
@@ -129,8 +140,31 @@ class LiveWarning:
         return [(layer, s) for layer in WARNING_LAYERS for s, _, _ in LIVE_SIGNALS]
 
 
+def lower_thread_priority(nice: int) -> str | None:
+    """Raises the calling thread's nice value to `nice` (never lowers it); None on success,
+    else why not.
+
+    Linux keeps a nice value per thread (`setpriority(PRIO_PROCESS, tid)`); elsewhere that
+    call would address a process, so nothing is changed there.
+    """
+    if not sys.platform.startswith("linux"):
+        return f"per-thread priority is Linux only, not {sys.platform}"
+    try:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except OSError as e:
+        return f"setpriority: {e}"
+    return None
+
+
 class Monitor:
     """Computes records beside the training loop in one worker thread (see the module docstring).
+
+    The worker runs at nice `MONITOR_NICE` (Linux), so that it does not take CPU time from the
+    training threads: on a 2-core CPU the training fills both cores, and the monitor then uses
+    what is left. It falls behind only while every core is busy; beyond MAX_BACKLOG waiting
+    steps, a step whose params checkpoint is kept joins the backfill (see `submit`).
 
     Args:
         run_dir: the run directory.
@@ -209,6 +243,9 @@ class Monitor:
 
     def _work(self) -> None:
         """Submitted steps first; backfill steps one at a time whenever the queue is empty."""
+        problem = lower_thread_priority(MONITOR_NICE)
+        if problem:
+            print(f"monitor: runs at the training's CPU priority ({problem})", file=sys.stderr, flush=True)
         closing = False
         while True:
             if self._backfill and not (closing and self._stop_backfill):

@@ -211,15 +211,17 @@ def monitor_compatible(options: AnalysisOptions) -> bool:
             and options.k_shuffles == MONITOR_K_SHUFFLES and options.use_monitor)
 
 
-def _with_extended(rows: list[dict], weights: dict, seed: int, options: AnalysisOptions) -> list[dict]:
+def _with_extended(rows: list[dict], weights: dict, seed: int, options: AnalysisOptions,
+                   rand_out: dict | None = None) -> list[dict]:
     """Adds `htsr.extended_weights` (mean-aware, K-shuffle columns) to the native rows.
 
     Draw 0 walks the same RandomState(seed) stream as the native rows, so its `traps_raw`
-    equals their `traps`.
+    equals their `traps`, and its W^rand eigenvalues (into `rand_out`, per layer) are
+    `htsr.shuffle_spectra(weights, seed)`'s.
     """
     try:
         ext = htsr.extended_weights(weights, seed=seed, k_shuffles=options.k_shuffles,
-                                    rng=np.random.RandomState(seed), options=options.htsr)
+                                    rng=np.random.RandomState(seed), options=options.htsr, rand_out=rand_out)
     except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
         return [dict(r, extended_error=f"{type(e).__name__}: {e}") for r in rows]
     return [dict(r, **{k: v for k, v in ext.get(r["name"], {}).items() if k not in r}) for r in rows]
@@ -227,7 +229,7 @@ def _with_extended(rows: list[dict], weights: dict, seed: int, options: Analysis
 
 def analyze_checkpoint(params: dict, *, step: int, run_seed: int, options: AnalysisOptions,
                        inputs: dict[str, np.ndarray], engines: tuple[str, ...] = ("native",),
-                       with_progress: bool = True) -> tuple[list[dict], dict]:
+                       with_progress: bool = True, rand_out: dict | None = None) -> tuple[list[dict], dict]:
     """Analyses one parameter set.
 
     Args:
@@ -237,6 +239,9 @@ def analyze_checkpoint(params: dict, *, step: int, run_seed: int, options: Analy
         inputs: `progress.load_inputs(...)` images.
         engines: which HTSR engines to run.
         with_progress: compute the progress measures and norms.
+        rand_out: if given (and the native engine runs with k_shuffles > 0), receives per
+            layer the W^rand eigenvalues the trap count used (`htsr.shuffle_spectra`'s
+            `evals`), taken from the K-shuffle pass instead of drawn again.
 
     Returns:
         (layer rows with 'layer', 'engine' and 'step', step row with the computed columns).
@@ -248,7 +253,7 @@ def analyze_checkpoint(params: dict, *, step: int, run_seed: int, options: Analy
         t0 = time.perf_counter()
         rows = htsr_rows(weights, engine=engine, seed=seed, options=options.htsr)
         if engine == "native" and options.k_shuffles > 0:
-            rows = _with_extended(rows, weights, seed, options)
+            rows = _with_extended(rows, weights, seed, options, rand_out)
         for r in rows:
             r["layer"] = r.pop("name")
             r["step"] = int(step)
