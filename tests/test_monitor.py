@@ -154,11 +154,12 @@ def test_monitor_cli_bad_input(tmp_path, capsys):
     assert e.value.code == 2 and capsys.readouterr().err.startswith("grokjax-monitor: error: ")
 
 
-def _table(d, use_monitor):
+def _table(d, use_monitor, paper_text=False):
     from grokjax.analysis.pipeline import AnalysisOptions, analyze_run
+    from grokjax.analysis.progress import ProgressOptions
 
     opts = AnalysisOptions(engine="native", workers=1, progress_bar=False, write=False, reuse=False,
-                           use_monitor=use_monitor)
+                           use_monitor=use_monitor, progress=ProgressOptions(paper_text=paper_text))
     layers, steps = analyze_run(d, opts)
     drop = lambda df: df[[c for c in df.columns if "time" not in c]].sort_index(axis=1)  # noqa: E731
     return drop(layers), drop(steps)
@@ -186,3 +187,19 @@ def test_analysis_from_the_record_equals_the_analysis_of_the_checkpoints(monitor
     assert cli.main([str(bare), "--engine", "native", "--workers", "1"]) == 0
     figs = sorted(p.name for p in (bare / "analysis" / "figures").glob("*.png"))
     assert any(n.startswith("fig3") for n in figs) and any(n.startswith("fig2") for n in figs)
+
+
+def test_paper_text_takes_the_record_rows_and_recomputes_only_the_measures(monitored, monkeypatch):
+    import pandas as pd
+
+    calls = []
+    real = pipeline._run_tasks
+    monkeypatch.setattr(pipeline, "_run_tasks", lambda run, tasks, *a: calls.append(tasks) or real(run, tasks, *a))
+    from_record = _table(monitored, True, paper_text=True)
+    assert calls[-1] and all(engines == () and need_progress for _, engines, need_progress in calls[-1])
+    from_ckpts = _table(monitored, False, paper_text=True)
+    assert all(engines == ("native",) for _, engines, _ in calls[-1])
+    for a, b in zip(from_record, from_ckpts):
+        pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True), check_dtype=False)
+    default = _table(monitored, True)[1]
+    assert not np.allclose(default["progress/circuit"], from_record[1]["progress/circuit"])  # it is the variant

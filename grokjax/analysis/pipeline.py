@@ -86,8 +86,9 @@ class AnalysisOptions:
             progress measures and norms are computed whatever the engine.
         htsr: options of both engines' HTSR pass (the paper's clip_xmax + randomize).
         progress: options of the progress measures.
-        use_monitor: read the native rows and progress measures of steps that the in-loop
-            monitor recorded (with these same options) from its record instead of the checkpoint.
+        use_monitor: read the native rows (when `htsr` and `k_shuffles` are the monitor's) and
+            the progress measures (when `progress` is the default too) of steps that the in-loop
+            monitor recorded from its record instead of the checkpoint.
         k_shuffles: shuffles averaged in the native engine's mean-aware columns
             (`htsr.extended_metrics`: traps_k_mean, traps_centred, alpha_centred, ...); 0: none.
         ww_stride: WW runs on every ww_stride-th checkpoint plus the first, the last and
@@ -205,10 +206,15 @@ def htsr_rows(weights: dict, *, engine: str, seed: int, options: HTSROptions) ->
     return [dict(r, engine=engine) for r in rows]
 
 
+def monitor_rows_compatible(options: AnalysisOptions) -> bool:
+    """Whether the in-loop monitor's native HTSR rows are what these options would compute."""
+    return options.htsr == HTSROptions() and options.k_shuffles == MONITOR_K_SHUFFLES and options.use_monitor
+
+
 def monitor_compatible(options: AnalysisOptions) -> bool:
-    """Whether the in-loop monitor's records hold what these options would compute."""
-    return (options.htsr == HTSROptions() and options.progress == ProgressOptions()
-            and options.k_shuffles == MONITOR_K_SHUFFLES and options.use_monitor)
+    """Whether the in-loop monitor's records hold all these options would compute (the HTSR rows
+    and the progress measures)."""
+    return monitor_rows_compatible(options) and options.progress == ProgressOptions()
 
 
 def _with_extended(rows: list[dict], weights: dict, seed: int, options: AnalysisOptions,
@@ -604,21 +610,27 @@ def analyze_run(run_dir: str | os.PathLike | Run, options: AnalysisOptions | Non
     done = set(zip(have_layers["step"].astype(int), have_layers["engine"]))
     done_steps = set(have_computed["step"].astype(int))
 
-    # Steps the in-loop monitor recorded with these very options are read from its record;
-    # only what it lacks (WeightWatcher rows) needs the checkpoint.
+    # Steps the in-loop monitor recorded are read from its record where it holds what these
+    # options compute: the native rows when the HTSR options are the monitor's, the progress
+    # measures when the progress options are too (`--paper-text` recomputes only the measures);
+    # only what it lacks (WeightWatcher rows, other measures) needs the checkpoint.
     from_monitor = []
-    use_monitor = monitor_compatible(options)
+    use_rows, use_measures = monitor_rows_compatible(options), monitor_compatible(options)
     kept = {s for s in run.steps if not str(run.fingerprints.get(s, "")).startswith("monitor:")}
     tasks = []
     for s in run.steps:
         engines = tuple(e for e in options.engines if (e == "native" or s in want_ww) and (s, e) not in done)
         need_progress = s not in done_steps
-        if use_monitor and s in run.recorded and (need_progress or "native" in engines):
+        take_rows = use_rows and "native" in engines
+        take_measures = use_measures and need_progress
+        if s in run.recorded and (take_rows or take_measures):
             rec = run.recorded[s]
-            from_monitor.append(([dict(r, engine="native") for r in rec["layers"]] if "native" in engines else [],
-                                 {**rec["measures"], "step": s} if need_progress else {"step": s}))
-            engines = tuple(e for e in engines if e != "native")
-            need_progress = False
+            from_monitor.append(([dict(r, engine="native") for r in rec["layers"]] if take_rows else [],
+                                 {**rec["measures"], "step": s} if take_measures else {"step": s}))
+            if take_rows:
+                engines = tuple(e for e in engines if e != "native")
+            if take_measures:
+                need_progress = False
         if s not in kept:  # no checkpoint: nothing more can be computed for this step
             continue
         if engines or need_progress:
