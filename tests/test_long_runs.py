@@ -14,7 +14,8 @@ from grokjax import ckpt
 
 from grokjax.train import runner
 from grokjax.train.config import ConfigError, TrainConfig, parse_duration
-from grokjax.train.runner import Paused, export_run, run
+from grokjax.train.export import export_run
+from grokjax.train.runner import Paused, run
 from helpers import SMALL
 
 

@@ -14,7 +14,8 @@ import pytest
 
 from grokjax import ckpt
 from grokjax.train.config import ConfigError, TrainConfig
-from grokjax.train.runner import NonFiniteError, Throughput, _Progress, eta_text, progress_line, run
+from grokjax.train.progress import Progress, Throughput, eta_text, progress_line
+from grokjax.train.runner import NonFiniteError, run
 from grokjax.train.schedule import chunk_lengths, eval_steps
 from helpers import SMALL
 
@@ -225,7 +226,7 @@ def test_rate_follows_the_recent_chunks():
 def _drive(stream, *, enabled=True):
     """Ten chunks of 100 steps, 10 s each after a first one of 60 s that compiles; a postfix after the fifth."""
     now = [0.0]
-    p = _Progress(1000, 0, "r", enabled=enabled, stream=stream, clock=lambda: now[0], every=30)
+    p = Progress(1000, 0, "r", enabled=enabled, stream=stream, clock=lambda: now[0], every=30)
     p.compiled()
     for k in range(1, 11):
         now[0] += 60 if k == 1 else 10

@@ -183,7 +183,7 @@ def _check_join(join: dict) -> bool:
 
 
 def _export(run_dir: str, folder: str, per_decade: int) -> int:
-    from grokjax.train.runner import export_run  # noqa: PLC0415
+    from grokjax.train.export import export_run  # noqa: PLC0415
 
     try:
         out = export_run(run_dir, folder, params_per_decade=per_decade)

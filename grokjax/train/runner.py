@@ -11,9 +11,8 @@ metrics.jsonl (one JSON object per evaluated step) and checkpoints/ (see `grokja
 latest full state and ends bitwise identical to an uninterrupted run; a different config on
 the same directory is refused.
 
-Progress goes to stderr: a bar on a terminal; elsewhere (a log file, CI, nohup) one plain line
-every LINE_SECS seconds and one when the segment ends. Their rate and ETA leave out the chunks
-that compiled something (the first chunk of each length, the first evaluation).
+Progress goes to stderr (`grokjax.train.progress`); `grokjax.train.export` writes a run's
+portable record.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -40,19 +38,16 @@ from tqdm.auto import tqdm
 
 from grokjax import ckpt, rundir
 from grokjax.data import load_mnist
-from grokjax.rundir import CONFIG_FILE, EVENTS_FILE, METRICS_FILE, MONITOR_DIR, SWEEP_FILE, RunDirError
+from grokjax.rundir import CONFIG_FILE, SWEEP_FILE, RunDirError
 from grokjax.train.config import LEGACY_FIELDS, ConfigError, TrainConfig, format_duration
 from grokjax.train.engine import (TrainState, batch_perm, init_state, make_data, make_evaluate, make_train_chunk,
                                   pixel_columns)
-from grokjax.train.schedule import authors_log_steps, chunk_lengths, eval_steps, log_grid_steps
+from grokjax.train.progress import Progress
+from grokjax.train.schedule import authors_log_steps, chunk_lengths, eval_steps, nearest_per_decade
 
 # keep_params=log keeps about this many params checkpoints a decade (plus the authors' steps).
 LOG_PARAMS_PER_DECADE = 5
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "grokjax")
-# Progress on a stderr that is not a terminal: one line every LINE_SECS seconds. The rate (and
-# the ETA) counts the chunks of the last RATE_WINDOW_SECS seconds that compiled nothing.
-LINE_SECS = 30.0
-RATE_WINDOW_SECS = 300.0
 
 
 class NonFiniteError(RuntimeError):
@@ -306,7 +301,7 @@ def kept_param_steps(cfg: TrainConfig, steps: np.ndarray) -> set[int]:
     if cfg.keep_params == "none":
         return set()
     keep = {0, int(cfg.steps)} | set(int(s) for s in authors_log_steps(cfg.steps))
-    keep |= set(_nearest_per_decade(sorted(all_steps), LOG_PARAMS_PER_DECADE, cfg.steps))
+    keep |= set(nearest_per_decade(sorted(all_steps), LOG_PARAMS_PER_DECADE, cfg.steps))
     return keep & all_steps
 
 
@@ -653,7 +648,7 @@ class _Segment:
         self.pending = None  # (loss probe, step, length) of the chunk in flight
         self.compiled: set[int] = set()  # chunk lengths dispatched so far
         self.evaluated = False
-        self.progress = _Progress(cfg.steps, start, Path(cfg.out).name, enabled=cfg.progress)
+        self.progress = Progress(cfg.steps, start, Path(cfg.out).name, enabled=cfg.progress)
 
     def wall(self) -> float:
         return time.perf_counter() - self.t0
@@ -808,239 +803,3 @@ def _nonfinite_message(where: str, r: _Replica) -> str:
     good = ckpt.list_param_steps(r.dir)
     last = good[-1] if good else None
     return f"non-finite loss or norm {where} in {r.dir}; last good checkpoint: step {last}"
-
-
-# --------------------------------------------------------------------------------------
-# Progress on stderr
-
-
-class Throughput:
-    """Training steps per second, leaving out the time spent compiling.
-
-    `mark(now, step)` is called each time a chunk has finished; `compiled()` when the work up to
-    the next mark includes a compilation (the first dispatch of a chunk length, the first
-    evaluation), and that interval is left out, as is everything before the first mark (loading,
-    restoring, the first compilation). The rate is the steps over the seconds of the kept
-    intervals of the last `window` seconds (the latest one always counts); None until one is kept.
-    """
-
-    def __init__(self, window: float = RATE_WINDOW_SECS):
-        self.window = window
-        self._last: tuple[float, int] | None = None
-        self._compiling = False
-        self._kept: deque[tuple[float, int]] = deque()  # (seconds, steps) of each kept interval
-        self._seconds, self._steps = 0.0, 0
-
-    def compiled(self) -> None:
-        self._compiling = True
-
-    def mark(self, now: float, step: int) -> None:
-        last, self._last = self._last, (now, step)
-        compiling, self._compiling = self._compiling, False
-        if last is None or compiling or now <= last[0]:
-            return
-        self._kept.append((now - last[0], step - last[1]))
-        self._seconds += now - last[0]
-        self._steps += step - last[1]
-        while len(self._kept) > 1 and self._seconds - self._kept[0][0] >= self.window:
-            seconds, steps = self._kept.popleft()
-            self._seconds -= seconds
-            self._steps -= steps
-
-    @property
-    def rate(self) -> float | None:
-        return self._steps / self._seconds if self._kept else None
-
-
-def eta_text(step: int, total: int, rate: float | None) -> str:
-    """`ETA 2h05m` for the steps left at `rate` steps/s; `ETA -` while no rate is known."""
-    if rate is None or rate <= 0:
-        return "ETA -"
-    return f"ETA {format_duration(max(total - step, 0) / rate)}"
-
-
-def _speed_text(rate: float | None) -> str:
-    if rate is None:
-        return "- steps/s"
-    return f"{rate:,.0f} steps/s" if rate >= 100 else f"{rate:.3g} steps/s"
-
-
-def progress_line(name: str, step: int, total: int, rate: float | None, postfix: str = "", *,
-                  end: str | None = None) -> str:
-    """One plain progress line, e.g.
-    `r: step 40,960/10,000,000 (0.4%) | 1,234 steps/s | ETA 2h14m | test acc 0.8123 a1 3.41 ...`.
-
-    end: in place of the ETA, how the segment ended (`done in 5m03s`, `paused after 1h00m`).
-    """
-    pct = 100.0 * step / total if total > 0 else 100.0
-    parts = [f"{name}: step {step:,}/{total:,} ({pct:.1f}%)", _speed_text(rate), end or eta_text(step, total, rate)]
-    return " | ".join(parts + ([postfix] if postfix else []))
-
-
-def _isatty(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError, OSError):
-        return False
-
-
-class _Progress:
-    """A segment's progress on `stream` (default stderr).
-
-    On a terminal, a tqdm bar that shows `Throughput`'s rate and ETA; elsewhere (a log file, CI,
-    nohup) one `progress_line` every `every` seconds and one when the segment ends. With
-    `enabled` False (the `progress` config field), nothing.
-    """
-
-    def __init__(self, total: int, initial: int, name: str, *, enabled: bool, stream=None,
-                 clock: Callable[[], float] = time.monotonic, every: float = LINE_SECS):
-        self.total, self.first, self.step, self.name = total, initial, initial, name
-        self.enabled, self.clock, self.every = enabled, clock, every
-        self.stream = sys.stderr if stream is None else stream
-        self.throughput = Throughput()
-        self.postfix = ""
-        self.started = self.printed = clock()
-        self.bar = None
-        if enabled and _isatty(self.stream):
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=name, file=self.stream,
-                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
-            self.bar.set_postfix_str(self._stats(), refresh=False)
-
-    def _stats(self) -> str:
-        rate = self.throughput.rate
-        parts = [_speed_text(rate), eta_text(self.step, self.total, rate)]
-        return ", ".join(parts + ([self.postfix] if self.postfix else []))
-
-    def compiled(self) -> None:
-        """The work up to the next `update` includes a compilation: it stays out of the rate."""
-        self.throughput.compiled()
-
-    def update(self, n: int) -> None:
-        """`n` more steps are done."""
-        if not self.enabled:
-            return
-        self.step += n
-        now = self.clock()
-        self.throughput.mark(now, self.step)
-        if self.bar is not None:
-            self.bar.set_postfix_str(self._stats(), refresh=False)
-            self.bar.update(n)
-        elif now - self.printed >= self.every:
-            self.printed = now
-            self._print(progress_line(self.name, self.step, self.total, self.throughput.rate, self.postfix))
-
-    def set_postfix(self, text: str) -> None:
-        """The latest test accuracy and the monitor's summary, shown from now on."""
-        self.postfix = text
-        if self.bar is not None:
-            self.bar.set_postfix_str(self._stats(), refresh=False)
-
-    def close(self, end: str) -> None:
-        """Ends the segment's progress; `end` (done, paused, stopped) says how, on the last line."""
-        if self.bar is not None:
-            self.bar.close()
-            return
-        if not self.enabled:
-            return
-        elapsed = self.clock() - self.started
-        rate = self.throughput.rate
-        if rate is None and elapsed > 0 and self.step > self.first:
-            rate = (self.step - self.first) / elapsed
-        how = f"done in {format_duration(elapsed)}" if end == "done" else f"{end} after {format_duration(elapsed)}"
-        self._print(progress_line(self.name, self.step, self.total, rate, self.postfix, end=how))
-
-    def _print(self, line: str) -> None:
-        print(line, file=self.stream, flush=True)
-
-
-# --------------------------------------------------------------------------------------
-# Export: a run's compact, portable record
-
-def _nearest_per_decade(available: list[int], per_decade: int, final: int) -> list[int]:
-    """About `per_decade` of the available steps a decade (nearest on a log grid), plus 0 and the last."""
-    if per_decade <= 0 or not available:
-        return []
-    av = np.array(available)
-    keep = {available[0], available[-1]}
-    for target in log_grid_steps(max(final, 1), per_decade):
-        keep.add(int(av[np.argmin(np.abs(np.log(np.maximum(av, 1)) - np.log(target)))]))
-    return sorted(keep)
-
-
-def _portable(tmp: Path, dst: Path) -> None:
-    """Makes an exported record name no path of the machine it came from: config.json's `out`
-    becomes the export folder as given, and Orbax's commit markers (whose text names the
-    directory they were written in; only their presence matters) say only that the commit
-    succeeded."""
-    payload = rundir.read_config_payload(tmp)
-    payload["config"]["out"] = str(dst)
-    rundir.write_config(tmp, payload)
-    for marker in (tmp / "checkpoints").rglob("commit_success.txt"):
-        marker.write_text("Checkpoint commit was successful.")
-
-
-def export_run(run_dir: str | os.PathLike, folder: str | os.PathLike, *, params_per_decade: int = 0) -> Path:
-    """Writes a run's compact record into the new folder `folder`, itself a run directory.
-
-    The record names no path of the source machine: config.json's `out` is set to `folder`.
-
-    It holds config.json, metrics.jsonl, events.jsonl, the monitor's record (monitor/), the
-    latest full state (checkpoints/state/<step>/) and, with `params_per_decade` > 0, about that
-    many params checkpoints a decade. The analysis reads it as it reads the run; training with
-    `--out folder` and the run's flags continues from the exported state, bitwise as if the run
-    had never stopped. The copy is assembled in a temporary sibling folder and renamed into
-    place, so a failed export leaves nothing behind. Export a paused or finished run: a full
-    state written while the export copies may be missed (the previous one is then exported).
-
-    Raises:
-        ConfigError: `run_dir` holds no readable run, or `folder` exists and is not an empty folder.
-    """
-    src, dst = Path(run_dir), Path(folder)
-    if not rundir.is_run(src):
-        raise ConfigError(f"{src} holds no run (no {CONFIG_FILE}); nothing exported")
-    try:
-        src_config = rundir.read_config(src)
-    except RunDirError as e:
-        raise ConfigError(f"{e}; nothing exported") from None
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise ConfigError(f"export folder {dst} exists and is not empty; choose a new folder")
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise ConfigError(f"export folder {dst} lies inside the run {src}; choose a folder outside it")
-    states = ckpt.list_state_steps(src)
-    if not states:
-        raise ConfigError(f"{src} has no full state to export (it has not saved one yet)")
-    tmp = dst.with_name(f".{dst.name}.export-tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir(parents=True)
-        for name in (CONFIG_FILE, METRICS_FILE, EVENTS_FILE):
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        if (src / MONITOR_DIR).is_dir():
-            shutil.copytree(src / MONITOR_DIR, tmp / MONITOR_DIR)
-        for step in sorted(states, reverse=True):  # the newest state that copies completely
-            try:
-                shutil.copytree(src / ckpt.STATE_DIR / str(step), tmp / ckpt.STATE_DIR / str(step))
-                break
-            except (OSError, shutil.Error):
-                shutil.rmtree(tmp / ckpt.STATE_DIR / str(step), ignore_errors=True)
-        else:
-            raise ConfigError(f"no full state of {src} could be copied")
-        for step in _nearest_per_decade(ckpt.list_param_steps(src), params_per_decade,
-                                        int(src_config.get("steps", 1))):
-            shutil.copytree(src / ckpt.PARAMS_DIR / str(step), tmp / ckpt.PARAMS_DIR / str(step))
-        _portable(tmp, dst)
-        if dst.exists():
-            dst.rmdir()
-        os.replace(tmp, dst)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ConfigError(f"export to {dst} failed: {e.strerror or e}") from None
-    except RunDirError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ConfigError(f"export to {dst} failed: {e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst

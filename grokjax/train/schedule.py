@@ -50,3 +50,14 @@ def chunk_lengths(n: int, max_chunk: int) -> list[int]:
             rest -= bit
         bit >>= 1
     return out
+
+
+def nearest_per_decade(available: list[int], per_decade: int, final: int) -> list[int]:
+    """About `per_decade` of the available steps a decade (nearest on a log grid), plus 0 and the last."""
+    if per_decade <= 0 or not available:
+        return []
+    av = np.array(available)
+    keep = {available[0], available[-1]}
+    for target in log_grid_steps(max(final, 1), per_decade):
+        keep.add(int(av[np.argmin(np.abs(np.log(np.maximum(av, 1)) - np.log(target)))]))
+    return sorted(keep)
