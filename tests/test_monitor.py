@@ -67,8 +67,9 @@ def test_monitor_records_equal_the_analysis_of_each_checkpoint(monitored, mnist)
     assert [r["step"] for r in recs] == metrics
     inputs = progress.load_inputs(100, 0, 0, mnist=mnist)
     for r in recs[-3:]:
-        layers, measures = pipeline.analyze_checkpoint(ckpt.load_params(monitored, r["step"]), step=r["step"],
-                                                      run_seed=0, options=monitor.monitor_options(), inputs=inputs)
+        with htsr.blas_thread_limit(1):  # as the record process and the analysis' workers compute
+            layers, measures = pipeline.analyze_checkpoint(ckpt.load_params(monitored, r["step"]), step=r["step"],
+                                                          run_seed=0, options=monitor.monitor_options(), inputs=inputs)
         assert len(layers) == 3 and {x["layer"] for x in layers} == {"fc1", "fc2", "fc3"}
         for got, want in zip(r["layers"], layers):
             for k, v in want.items():
@@ -106,24 +107,74 @@ def test_compute_record_spectra_without_the_k_shuffle_pass(monkeypatch, mnist):
         assert np.array_equal(spectra[k], spectra2[k]), k
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux only")
-def test_monitor_thread_priority_is_lowered_for_its_thread_only():
+def test_records_are_computed_in_a_niced_process():
     import os
-    import threading
 
-    seen = {}
+    assert monitor._WORKER.call("pid") != os.getpid()
+    assert monitor._WORKER.call("priority") >= monitor.MONITOR_NICE
+    with pytest.raises(RuntimeError, match="unknown request"):
+        monitor._WORKER.call("nonsense")
 
-    def worker():
-        seen["problem"] = monitor.lower_thread_priority(monitor.MONITOR_NICE)
-        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
-    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    t = threading.Thread(target=worker)
-    t.start()
-    t.join()
-    assert seen["problem"] is None
-    assert seen["nice"] == max(before, monitor.MONITOR_NICE)
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the caller keeps its own
+def test_record_process_serves_and_forgets_inputs(monkeypatch):
+    import io
+    import pickle
+
+    from grokjax.analysis import record_worker
+
+    calls = []
+    monkeypatch.setattr(monitor, "compute_record", lambda params, **kw: calls.append(kw["inputs"]) or ("r", "s"))
+    monkeypatch.setattr(record_worker, "INPUTS_KEPT", 2)
+    requests = [("record", ({}, 1, 0, "a", {"x": "A"})), ("record", ({}, 2, 0, "a", None)),
+                ("record", ({}, 3, 0, "b", {"x": "B"})), ("record", ({}, 4, 0, "c", {"x": "C"})),
+                ("record", ({}, 5, 0, "a", None)), ("bad", ())]
+    inp, out = io.BytesIO(b"".join(pickle.dumps(r) for r in requests)), io.BytesIO()
+    stdout = sys.stdout
+    try:
+        assert record_worker.serve(0, inp, out) == 0
+    finally:
+        sys.stdout = stdout
+    out.seek(0)
+    replies = [pickle.load(out) for _ in requests]
+    assert replies[:5] == [("ok", ("r", "s"))] * 4 + [("ok", None)]  # "a" was let go after "b" and "c"
+    assert replies[5][0] == "error" and "unknown request" in replies[5][1]
+    assert calls == [{"x": "A"}, {"x": "A"}, {"x": "B"}, {"x": "C"}]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_record_process_ends_with_the_trainer(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "no_guard.py"  # a script without a __main__ guard
+    script.write_text("import time\nfrom grokjax.analysis import monitor\n"
+                      "print(monitor._WORKER.call('pid'), flush=True)\ntime.sleep(120)\n")
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(p.stdout.readline())
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        def alive(pid):  # a zombie (ended, not yet reaped by whoever adopted it) counts as ended
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except FileNotFoundError:
+                return False
+            except OSError:
+                return True
+
+        for _ in range(200):
+            if not alive(child):
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(child, signal.SIGKILL)
+            raise AssertionError("the record process outlived the trainer")
+    finally:
+        p.kill()
+        p.wait()
 
 
 def test_backfill_of_a_run_trained_without_the_monitor(tmp_path, mnist, monitored):

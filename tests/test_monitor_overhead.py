@@ -15,7 +15,7 @@ def test_overhead_arithmetic_and_projection(monkeypatch, tmp_path, capsys):
 
     def fake(steps, monitor, extra):
         assert extra == ["--seed", "1"]
-        return dict(monitor=monitor, wall=next(walls), train_wall=80.0, evals=50, records=50 if monitor else 0,
+        return dict(monitor=monitor, wall=next(walls), train_wall=80.0, evals=50, records=45 if monitor else 0,
                     note="")
 
     monkeypatch.setattr(mo, "_one", fake)
@@ -24,10 +24,10 @@ def test_overhead_arithmetic_and_projection(monkeypatch, tmp_path, capsys):
     got = json.loads(out.read_text())
     assert got["wall_off"] == 102.0 and got["wall_on"] == 111.0
     assert got["overhead"] == pytest.approx(111 / 102 - 1)
-    assert got["per_eval_s"] == pytest.approx(9 / 50)
+    assert got["per_eval_s"] == pytest.approx(9 / 45)
     k = len(eval_steps(10**6))
     # training time at 1e6 steps at 1e4 / 80 steps/s
-    assert got["projections"]["1000000"]["overhead_pct"] == pytest.approx(100 * k * 9 / 50 / (1e6 / (1e4 / 80)))
+    assert got["projections"]["1000000"]["overhead_pct"] == pytest.approx(100 * k * 9 / 45 / (1e6 / (1e4 / 80)))
     assert "overhead +8.8%" in capsys.readouterr().out
 
 

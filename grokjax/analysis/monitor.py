@@ -17,10 +17,14 @@ formats, readers and writers are `grokjax.rundir`'s: `read_records`, `write_spec
                        shuffles the trap count uses, from the same seeded stream:
                        `htsr.shuffle_spectra`)
 
-Cost: one record is about 0.5 s of one core on a 2-core CPU (most of it the K-shuffle trap
-means); the spectra come from the same pass (`pipeline.analyze_checkpoint(rand_out=...)`),
-not drawn again. The worker thread runs at nice `MONITOR_NICE` (Linux), so it takes the cycles
-training leaves idle rather than the training's.
+Where it runs: a worker thread per run hands each step's parameters to one separate process
+(`_RecordWorker`, shared by every monitor of the training process, one BLAS thread, nice
+`MONITOR_NICE`) and writes what comes back. So the record's Python work (the MP fits' simplex
+searches, the power-law scans) holds the trainer's interpreter lock only while the parameters are
+sent and the record written, and on a CPU whose cores the training fills, the process takes the
+cycles training leaves idle. Cost: one record is about 0.5 s of one core (most of it the
+K-shuffle trap means); the spectra come from the same pass
+(`pipeline.analyze_checkpoint(rand_out=...)`), not drawn again.
 
 Durability: with `--keep_params log|none`, before every full (resume) state is written the
 monitor is drained, so every record up to that step is on disk; with `all`, a step without a
@@ -37,10 +41,13 @@ prints one `WARNING` line and appends a `warning` event to events.jsonl.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
+import pickle
 import queue
+import subprocess
 import sys
 import threading
 import time
@@ -52,7 +59,7 @@ import numpy as np
 from grokjax import ckpt, rundir
 from grokjax.analysis import htsr, pipeline, progress
 from grokjax.analysis.phases import PersistentSignal
-from grokjax.cliutil import OneLineParser
+from grokjax.cliutil import THREAD_VARS, OneLineParser
 from grokjax.rundir import MONITOR_DIR, SPECTRA_DIR
 
 PROG = "grokjax-monitor"
@@ -65,8 +72,8 @@ PERSISTENCE = 3
 # params checkpoint when the worker is idle, or at the next start), so that training never waits
 # and host memory stays bounded.
 MAX_BACKLOG = 16
-# The worker thread's nice value (Linux: per thread). Training's threads keep their priority, so
-# on a CPU whose cores the training fills the monitor takes the cycles training leaves idle.
+# The nice value of the process that computes the records (`_RecordWorker`): the training keeps
+# its priority, so on a CPU whose cores it fills the records take the cycles it leaves idle.
 MONITOR_NICE = 19
 
 
@@ -140,30 +147,96 @@ class LiveWarning:
         return [(layer, s) for layer in WARNING_LAYERS for s, _, _ in LIVE_SIGNALS]
 
 
-def lower_thread_priority(nice: int) -> str | None:
-    """Raises the calling thread's nice value to `nice` (never lowers it); None on success,
-    else why not.
+# --------------------------------------------------------------------------------------
+# The record process
 
-    Linux keeps a nice value per thread (`setpriority(PRIO_PROCESS, tid)`); elsewhere that
-    call would address a process, so nothing is changed there.
-    """
-    if not sys.platform.startswith("linux"):
-        return f"per-thread priority is Linux only, not {sys.platform}"
-    try:
-        tid = threading.get_native_id()
-        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-    except OSError as e:
-        return f"setpriority: {e}"
-    return None
+
+class _RecordWorker:
+    """One process (`python -m grokjax.analysis.record_worker`) that computes the records of
+    every monitor of this process, one request at a time, over a pipe of pickles. Started at the
+    first request, in a session of its own (a Ctrl-C or a job's SIGTERM to the trainer's process
+    group does not reach it; the trainer pauses and then ends it), with one BLAS thread; it sets
+    its own nice value, and it ends when its input closes, so also when the trainer dies. A run
+    started from a script needs no `__main__` guard: the user's script is never re-imported. If it
+    dies, the request fails (the monitor prints one warning line) and the next one starts a new
+    process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._sent: set[str] = set()
+
+    def _ensure(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            env = {**os.environ, **{k: "1" for k in THREAD_VARS}}
+            self._proc = subprocess.Popen([sys.executable, "-m", "grokjax.analysis.record_worker", str(MONITOR_NICE)],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                          start_new_session=True)
+            self._sent = set()
+        return self._proc
+
+    def _request(self, kind: str, *args):
+        """Sends one request and returns the reply's value (with self._lock held)."""
+        proc = self._ensure()
+        try:
+            pickle.dump((kind, args), proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            proc.stdin.flush()
+            status, value = pickle.load(proc.stdout)
+        except (OSError, EOFError, pickle.UnpicklingError) as e:
+            self._stop(proc)
+            raise RuntimeError(f"the monitor's record process ended ({type(e).__name__}); "
+                               "the next record starts a new one") from None
+        if status != "ok":
+            raise RuntimeError(value)
+        return value
+
+    def call(self, kind: str, *args):
+        """A request to the record process: 'pid', 'priority', or 'record' (see record_worker)."""
+        with self._lock:
+            return self._request(kind, *args)
+
+    def record(self, params: dict, *, step: int, run_seed: int, key: str, inputs: dict) -> tuple[dict, dict]:
+        """`compute_record(params, ...)` in the record process; `key` names `inputs` there (sent
+        once, and again if the process let them go)."""
+        with self._lock:
+            send = key not in self._sent
+            out = self._request("record", params, step, run_seed, key, inputs if send else None)
+            if out is None:
+                out = self._request("record", params, step, run_seed, key, inputs)
+            self._sent.add(key)
+            return out
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen) -> None:
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def shutdown(self) -> None:
+        """Ends the process (at exit; a later request would start a new one)."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+            if proc is not None:
+                self._stop(proc)
+
+
+_WORKER = _RecordWorker()
+atexit.register(_WORKER.shutdown)
 
 
 class Monitor:
     """Computes records beside the training loop in one worker thread (see the module docstring).
 
-    The worker runs at nice `MONITOR_NICE` (Linux), so that it does not take CPU time from the
-    training threads: on a 2-core CPU the training fills both cores, and the monitor then uses
-    what is left. It falls behind only while every core is busy; beyond MAX_BACKLOG waiting
+    The records are computed in the shared record process (`_RecordWorker`, nice
+    `MONITOR_NICE`): on a 2-core CPU the training fills both cores and the records take what is
+    left. The monitor falls behind only while every core is busy; beyond MAX_BACKLOG waiting
     steps, a step whose params checkpoint is kept joins the backfill (see `submit`).
 
     Args:
@@ -185,6 +258,7 @@ class Monitor:
         self.errors: list[str] = []
         self.seconds = 0.0
         self.warning = LiveWarning()
+        self._key = f"{os.getpid()}-{id(self)}-{time.monotonic_ns()}"  # names self.inputs in the record process
         self._test_acc = {int(r["step"]): r.get("test/acc") for r in metrics}
         (self.dir / MONITOR_DIR / SPECTRA_DIR).mkdir(parents=True, exist_ok=True)
         kept = [r for r in rundir.read_records(self.dir) if r["step"] < start]
@@ -243,9 +317,6 @@ class Monitor:
 
     def _work(self) -> None:
         """Submitted steps first; backfill steps one at a time whenever the queue is empty."""
-        problem = lower_thread_priority(MONITOR_NICE)
-        if problem:
-            print(f"monitor: runs at the training's CPU priority ({problem})", file=sys.stderr, flush=True)
         closing = False
         while True:
             if self._backfill and not (closing and self._stop_backfill):
@@ -279,13 +350,15 @@ class Monitor:
         s = self._backfill.pop(0)
         if s not in ckpt.list_param_steps(self.dir):  # removed since the start
             return
-        rec, spectra = compute_record(ckpt.load_params(self.dir, s), step=s, run_seed=self.run_seed,
-                                      inputs=self.inputs)
+        rec, spectra = self._record(ckpt.load_params(self.dir, s), s)
         rundir.write_spectra(self.dir, s, spectra)
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()
         if not self._backfill:
             self._replay_warning()
+
+    def _record(self, params: dict, step: int) -> tuple[dict, dict]:
+        return _WORKER.record(params, step=step, run_seed=self.run_seed, key=self._key, inputs=self.inputs)
 
     def _replay_warning(self) -> None:
         """After a backfill: the warning over all records in step order; new firings are reported."""
@@ -298,7 +371,7 @@ class Monitor:
 
     def _one(self, step: int, params: dict) -> None:
         t0 = time.perf_counter()
-        rec, spectra = compute_record(params, step=step, run_seed=self.run_seed, inputs=self.inputs)
+        rec, spectra = self._record(params, step)
         rundir.write_spectra(self.dir, step, spectra)
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()

@@ -1,12 +1,14 @@
 """What the in-loop HTSR monitor costs the training: `python experiments/monitor_overhead.py`.
 
 Trains the same run with `--monitor false` and `--monitor true`, alternating, `--rounds` times
-each, each in a fresh temporary run directory, and times every command from start to exit (the
-monitor's end-of-run backfill included). Reports the wall times, the overhead (the median with
-the monitor over the median without, minus one), the wall cost per evaluation step, and what that
-cost per evaluation implies for other run lengths: evaluations(N) x cost / training time at N
-steps without the monitor (at the steps/s of the runs without it, startup excluded). The projection is an upper bound when measured on a
-shorter run: there the evaluations are denser, so the monitor has less idle CPU to hide in.
+each, each in a fresh temporary run directory, and times every command from start to exit.
+Reports the wall times, the overhead (the median with the monitor over the median without,
+minus one), the wall cost per record the monitor wrote by the end (a step it deferred past the
+end is left to the analysis, and its cost is not in the wall time), and what that cost per
+record implies for other run lengths: evaluations(N) x cost / training time at N steps without
+the monitor (at the steps/s of the runs without it, startup excluded). The projection is an
+upper bound when measured on a shorter run: there the evaluations are denser, so the monitor has
+less idle CPU to hide in.
 
 Nothing is asserted; this is a measurement. Run it on a quiet machine.
 """
@@ -102,11 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     off = statistics.median(r["wall"] for r in runs if not r["monitor"])
     on = statistics.median(r["wall"] for r in runs if r["monitor"])
     evals = runs[0]["evals"]
-    per_eval = (on - off) / evals
+    # per record the monitor wrote by the end of the command (steps it deferred past the end are
+    # left to the analysis, and their cost is not in the wall time)
+    records = statistics.median(r["records"] for r in runs if r["monitor"])
+    per_eval = (on - off) / max(records, 1)
     out = dict(steps=args.steps, rounds=args.rounds, extra=extra, runs=runs, wall_off=off, wall_on=on,
                overhead=on / off - 1, per_eval_s=per_eval, projections={})
     print(f"{args.steps:,} steps, median of {args.rounds}: {off:.1f} s without the monitor, {on:.1f} s with it: "
-          f"overhead {100 * (on / off - 1):+.1f}% ({per_eval:+.3f} s per evaluation, {evals} evaluations)")
+          f"overhead {100 * (on / off - 1):+.1f}% ({per_eval:+.3f} s per record; {records:g} records of "
+          f"{evals} evaluations written by the end)")
     # steps/s of training without the monitor (the last record's wall clock: startup and compile excluded)
     rate = args.steps / statistics.median(r["train_wall"] for r in runs if not r["monitor"])
     for n in project:
