@@ -28,8 +28,9 @@ K-shuffle trap means); the spectra come from the same pass
 
 Durability: with `--keep_params log|none`, before every full (resume) state is written the
 monitor is drained, so every record up to that step is on disk; with `all`, a step without a
-record still has its params checkpoint and is recomputed from it. After a crash the resumed run drops records at or after
-the resume step (they are recomputed as the run passes those steps again) and recomputes,
+record still has its params checkpoint and is recomputed from it. After a crash the resumed run
+drops records at or after the resume step (they are recomputed as the run passes those steps
+again) and recomputes,
 from the kept params checkpoints, any earlier evaluation step that has none (a run that
 began without the monitor gets its record this way).
 

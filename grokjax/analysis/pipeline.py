@@ -365,7 +365,7 @@ def _task(step: int, engines: tuple[str, ...], with_progress: bool) -> tuple[lis
 
 
 @contextlib.contextmanager
-def single_threaded_blas() -> Iterator[None]:
+def _single_threaded_blas() -> Iterator[None]:
     """Sets the BLAS thread variables to 1 for spawned workers (restored afterwards)."""
     old = {k: os.environ.get(k) for k in THREAD_VARS}
     os.environ.update({k: "1" for k in THREAD_VARS})
@@ -397,7 +397,7 @@ def _run_tasks(run: Run, tasks: list[tuple[int, tuple[str, ...], bool]], options
     try:
         # BLAS reads its thread count from the environment at import, so the variables are
         # set before the workers start.
-        with single_threaded_blas(), cf.ProcessPoolExecutor(
+        with _single_threaded_blas(), cf.ProcessPoolExecutor(
                 max_workers=min(options.workers, len(tasks)), mp_context=ctx, initializer=_init_worker,
                 initargs=(str(run.path), run.seed, options, input_spec)) as pool:
             results = gather(pool, _task, tasks, bar)
