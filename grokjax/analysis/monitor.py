@@ -101,7 +101,8 @@ def compute_record(params: dict, *, step: int, run_seed: int, inputs: dict) -> t
                                                   inputs=inputs, rand_out=rand)
     weights = pipeline.weights_of(params)
     if set(rand) != set(weights):  # the K-shuffle pass failed on a layer: draw the spectra on their own
-        rand = {k: v["evals"] for k, v in htsr.shuffle_spectra(weights, pipeline.checkpoint_seed(run_seed, step)).items()}
+        drawn = htsr.shuffle_spectra(weights, pipeline.checkpoint_seed(run_seed, step))
+        rand = {k: v["evals"] for k, v in drawn.items()}
     spectra = {}
     for name, W in weights.items():
         spectra[f"{name}/esd"] = htsr.esd(W)
