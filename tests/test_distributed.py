@@ -1,11 +1,13 @@
 """A sweep over local processes joined by jax.distributed (forced CPU devices).
 
 Reference: each process's half of the 2 x 2 grid trained by one process over two devices. Two
-processes x 2 devices and four processes x 1 device both equal it bit for bit. One process
-over four forced devices does not, on a 2-core host: there a replica's float64 sums differ in
-the last bit from the first step on, although the optimized HLO and the compiled kernels are
-the same as in the two-device processes, so the difference lies in XLA's CPU runtime for a
-process with more devices than cores, not in the distributed code.
+processes x 2 devices and four processes x 1 device both equal it bit for bit.
+
+One process over four forced devices equals two processes over two devices when every process
+has the same size of XLA's CPU thread pool (set with PJRT_NPROC). XLA sizes the pool as the
+cores, but never below the process's devices, and Eigen's GEMM blocking follows the pool's size:
+on a 2-core host one process with four devices has 4 threads where the others have 2, and its
+float64 sums differ in the last bit from the first step on (see `runner.xla_cpu_threads`).
 """
 
 import json
@@ -30,8 +32,11 @@ RUNS = ["wd0_seed0", "wd0_seed1", "wd0.01_seed0", "wd0.01_seed1"]
 TIMEOUT = 300
 
 
-def _env(devices=2):
-    return {**os.environ, "GROKJAX_OFFLINE": "1", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+def _env(devices=2, nproc=None):
+    env = {**os.environ, "GROKJAX_OFFLINE": "1", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    if nproc is not None:
+        env["PJRT_NPROC"] = str(nproc)
+    return env
 
 
 def _free_port() -> int:
@@ -40,20 +45,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(root, out, pid, port, extra=(), log=None):
+def _start(root, out, pid, port, extra=(), log=None, env=None):
     cmd = [sys.executable, str(root / "experiments" / "run.py"), *ARGS, "--wds", WDS, "--out", str(out),
            "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(pid), *extra]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=open(log, "w"))  # noqa: SIM115
+    return subprocess.Popen(cmd, env=env or _env(), stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"))  # noqa: SIM115
 
 
-def _two(root, out, tmp, extra=(None, None), wait=True, tag="run"):
+def _two(root, out, tmp, extra=(None, None), wait=True, tag="run", env=None):
     """Starts both processes; returns (procs, logs), or (returncodes, stderr texts) with wait."""
     port = _free_port()
     logs = [tmp / f"{tag}{i}.log" for i in range(2)]
     procs = []
     try:
         for i in range(2):
-            procs.append(_start(root, out, i, port, extra[i] or (), logs[i]))
+            procs.append(_start(root, out, i, port, extra[i] or (), logs[i], env))
         if not wait:
             return procs, logs
         for p in procs:
@@ -114,6 +120,8 @@ def test_two_processes_equal_one_process(sweep, reference):
         assert not check.errors and not check.skipped and check.steps[-1] == 300, (check.errors, check.skipped)
     manifest = json.loads((out / "sweep.json").read_text())
     assert manifest["processes"] == 2 and manifest["devices"] == 4
+    threads = manifest["xla_cpu_threads"]
+    assert len(threads) == 2 and threads[0] == threads[1] >= 2, threads
     assert [(r["dir"], r["process"]) for r in manifest["replicas"]] == list(zip(RUNS, (0, 0, 1, 1)))
     assert "this process writes wd0_seed0, wd0_seed1" in errs[0]
     assert "this process writes wd0.01_seed0, wd0.01_seed1" in errs[1]
@@ -138,6 +146,21 @@ def test_four_processes_of_one_device_equal_one_process(root, tmp_path, referenc
     for name in RUNS:
         _assert_same_run(tmp_path / "out" / name, reference / name)
     assert json.loads((tmp_path / "out" / "sweep.json").read_text())["processes"] == 4
+
+
+def test_one_process_of_four_devices_equals_two_processes_with_one_pool_size(root, tmp_path):
+    """The 2 x 2 grid in one process over four forced devices and in two processes over two
+    devices each, every process with a 4-thread XLA CPU pool: every replica bitwise the same."""
+    env = _env(4, nproc=4)
+    r = subprocess.run([sys.executable, str(root / "experiments" / "run.py"), *ARGS, "--wds", WDS,
+                        "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    codes, errs = _two(root, tmp_path / "two", tmp_path, env=_env(2, nproc=4))
+    assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert json.loads((tmp_path / "two" / "sweep.json").read_text())["xla_cpu_threads"] == [4, 4]
+    for name in RUNS:
+        assert json.loads((tmp_path / "one" / name / "config.json").read_text())["device"]["xla_cpu_threads"] == 4
+        _assert_same_run(tmp_path / "one" / name, tmp_path / "two" / name)
 
 
 def test_config_mismatch_is_refused_before_training(root, tmp_path):

@@ -114,8 +114,8 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, mni
     assert ckpt.list_param_steps(tmp_path / "r") == [0]
 
 
-def _cli(root, *args, timeout=300):
-    env = {**os.environ, "GROKJAX_OFFLINE": "1"}
+def _cli(root, *args, timeout=300, **env_vars):
+    env = {**os.environ, "GROKJAX_OFFLINE": "1", **env_vars}
     return subprocess.run([sys.executable, str(root / "experiments" / "run.py"), *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
 
@@ -162,6 +162,25 @@ def test_cli_smoke_and_kill_9_resume(root, tmp_path):
     assert r.returncode == 0, r.stderr
     assert _records(run_dir) == _records(ref)
     _same_params(_final(run_dir, 400), _final(ref, 400))
+
+
+def test_xla_cpu_threads_are_recorded_and_a_resume_with_another_count_is_said(root, tmp_path):
+    """config.json records the size of XLA's CPU thread pool (PJRT_NPROC sets it; Eigen's GEMM
+    blocking, hence the float64 rounding, depends on it). Rerunning with another size says so in
+    one line; with the same size it says nothing."""
+    args = ["--steps", "40", "--width", "32", "--log_points_per_decade", "4", "--authors_grid", "false",
+            "--chunk", "8", "--progress", "false", "--monitor", "false", "--out", str(tmp_path / "r")]
+    r = _cli(root, *args, PJRT_NPROC="3")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["device"]["xla_cpu_threads"] == 3
+    r = _cli(root, *args, PJRT_NPROC="3")
+    assert r.returncode == 0 and "XLA CPU threads" not in r.stderr, r.stderr
+    r = _cli(root, *args, PJRT_NPROC="1")
+    assert r.returncode == 0, r.stderr
+    notes = [x for x in r.stderr.splitlines() if "XLA CPU threads" in x]
+    assert len(notes) == 1 and "started with 3 XLA CPU threads and resumes with 1" in notes[0], r.stderr
+    assert "PJRT_NPROC=3" in notes[0]
 
 
 def test_overwrite_never_deletes_a_foreign_directory(tmp_path, mnist):

@@ -119,10 +119,37 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def xla_cpu_threads() -> int | None:
+    """Threads of XLA's CPU intra-op pool in this process, counted; None off CPU or where unknown.
+
+    XLA sizes the pool from `PJRT_NPROC` (or `NPROC`) when set, else from the cores the process
+    may use, and never below its number of CPU devices. Eigen's GEMM blocking depends on that
+    size, so the float64 sums, and with them a chaotic trajectory's low bits, depend on it: a
+    process with more forced devices than cores sums differently from one with fewer. Setting
+    the same `PJRT_NPROC` everywhere makes layouts and hosts with different core counts agree.
+    """
+    devs = jax.local_devices()
+    if devs[0].platform != "cpu":
+        return None
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    n = 0
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/comm", encoding="utf-8") as f:
+                n += f.read().startswith("tf_XLAEigen")
+        except OSError:
+            continue  # the thread ended meanwhile
+    return n or None
+
+
 def _device_info() -> dict[str, object]:
     devs = jax.devices()
     return {"platform": devs[0].platform, "device_kind": devs[0].device_kind, "count": len(devs),
-            "cpu": platform.processor() or platform.machine(), "host": platform.node()}
+            "cpu": platform.processor() or platform.machine(), "host": platform.node(),
+            "xla_cpu_threads": xla_cpu_threads()}
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
@@ -169,14 +196,22 @@ def _as_started(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with the old value of each science field its run directory was started without.
 
     A run directory whose config.json predates `skip_zero_pixels` ran dense and resumes dense,
-    so that its trajectory does not change mid-run (said in one line).
+    so that its trajectory does not change mid-run (said in one line). A resume with another
+    XLA CPU thread count than the run started with is said in one line too (see
+    `xla_cpu_threads`); it is the user's to fix, with `PJRT_NPROC`.
     """
     if cfg.overwrite or not rundir.is_run(cfg.out):
         return cfg
     try:
-        old = rundir.read_config(cfg.out)
+        payload = rundir.read_config_payload(cfg.out)
     except RunDirError:
         return cfg  # prepare_run_dir reports it
+    old = payload["config"]
+    was, now = (payload.get("device") or {}).get("xla_cpu_threads"), xla_cpu_threads()
+    if was and now and was != now:
+        print(f"NOTE: {cfg.out} was started with {was} XLA CPU threads and resumes with {now}: float64 sums may "
+              f"round differently, so the trajectory may drift in the low bits; set PJRT_NPROC={was} to keep them",
+              file=sys.stderr)
     changes = {k: v for k, v in LEGACY_FIELDS.items() if k not in old and getattr(cfg, k) != v}
     if changes:
         shown = ", ".join(f"{k}={v}" for k, v in changes.items())
@@ -440,8 +475,13 @@ def _run_distributed(cfg: TrainConfig, cfgs: list[TrainConfig], *, steps: np.nda
     replicas = []
     try:
         layout = distributed.layout(len(cfgs), group)
+        threads = [json.loads(v) for v in group.gather(json.dumps(xla_cpu_threads()))]
+        if len(set(threads)) > 1:
+            print(f"NOTE: the processes' XLA CPU thread counts differ ({', '.join(map(str, threads))}): their float64 "
+                  "sums may round differently from a one-process sweep's; set the same PJRT_NPROC in every process "
+                  "to keep them bitwise", file=sys.stderr)
         if group.index == 0:
-            _write_manifest(cfg, cfgs, group, layout.sharded, digest)
+            _write_manifest(cfg, cfgs, group, layout.sharded, digest, threads)
         with _StopRequest(cfg.time_limit) as stop:
             replicas = [_Replica(c, steps, process_local=True) for c in cfgs[layout.lo:layout.hi]]
             _train(cfg, cfgs, replicas, steps=steps, authors=authors, mnist=mnist, stop=stop,
@@ -457,10 +497,12 @@ def _run_distributed(cfg: TrainConfig, cfgs: list[TrainConfig], *, steps: np.nda
             r.close()
 
 
-def _write_manifest(cfg: TrainConfig, cfgs: list[TrainConfig], group, sharded, digest: str) -> None:
-    """`<out>/sweep.json`: the replicas, which process writes each, and the configuration hash."""
+def _write_manifest(cfg: TrainConfig, cfgs: list[TrainConfig], group, sharded, digest: str,
+                    threads: list[int | None]) -> None:
+    """`<out>/sweep.json`: the replicas, which process writes each, the configuration hash, and
+    each process's XLA CPU thread count (`xla_cpu_threads`)."""
     per = len(cfgs) // group.count
-    payload = {"processes": group.count, "devices": int(sharded.mesh.devices.size),
+    payload = {"processes": group.count, "devices": int(sharded.mesh.devices.size), "xla_cpu_threads": threads,
                "config_hash": digest, "config": cfg.to_dict(),
                "replicas": [{"dir": Path(c.out).name, "wd": c.wd, "seed": c.seed, "process": i // per}
                             for i, c in enumerate(cfgs)],
