@@ -1,5 +1,6 @@
 """Skipping FC1's zero input pixels: torch parity, untouched rows exact, reshuffle, old run directories."""
 
+import dataclasses
 import json
 
 import jax
@@ -108,6 +109,29 @@ def test_chunk_equals_plain_step_loop_with_batch_columns(setup):
     assert int(s2.step) == 23
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=1e-15)
+
+
+def test_subset_sweep_narrows_every_replica(setup):
+    """The subset set narrows FC1 for a whole chunk; vmapped with a weight decay per replica, each
+    replica is its own run, and the rows outside the set only decay, bitwise as in a dense run."""
+    data, perm_np, never = setup
+    cfg = TrainConfig(out="unused", chunk=16, skip_zero_pixels="subset")
+    perms = np.stack([perm_np, engine.batch_perm(cfg, 1)])
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), engine.init_state(cfg, 0), engine.init_state(cfg, 1))
+    chunk = engine.make_train_chunk(cfg, 2, wds=[0.0, 0.01])
+    got = engine.run_steps(cfg, stacked, jnp.asarray(perms), data, 40, chunk_fn=chunk)
+    for r, (seed, wd) in enumerate([(0, 0.0), (1, 0.01)]):
+        one = dataclasses.replace(cfg, wd=wd)
+        ref = engine.run_steps(one, engine.init_state(one, seed), jnp.asarray(perms[r]), data, 40)
+        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+            np.testing.assert_allclose(np.asarray(b)[r], np.asarray(a), rtol=1e-12, atol=1e-13)
+        off = dataclasses.replace(one, skip_zero_pixels="off")
+        dense = engine.run_steps(off, engine.init_state(off, seed), jnp.asarray(perms[r]), data, 40)
+        w, w_dense = np.asarray(got.params["fc1"]["kernel"])[r], np.asarray(dense.params["fc1"]["kernel"])
+        np.testing.assert_array_equal(w[never], w_dense[never])
+        p0 = np.asarray(engine.init_state(cfg, seed).params["fc1"]["kernel"])
+        assert np.array_equal(w[never], p0[never]) == (wd == 0)
+    assert int(got.step[0]) == int(got.step[1]) == 40
 
 
 def test_reshuffle_uses_the_subset_columns(setup):

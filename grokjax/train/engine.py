@@ -7,7 +7,9 @@ chunk. Evaluations happen exactly at scheduled steps and read the parameters onl
 
 With `skip_zero_pixels` the step multiplies only FC1's input columns that are nonzero
 (`pixel_columns`, computed on the host and passed to the step as `cols`); parameters and
-optimizer state keep their full size. A sweep (`make_train_chunk(..., wds=...)`) gives each
+optimizer state keep their full size between chunks. With the one subset-wide set, a chunk cuts
+FC1's kernel and its AdamW moments to those rows for its whole scan (`_narrow_state`) and writes
+them back at its end; with per-batch sets, each step gathers its rows and scatters its gradient. A sweep (`make_train_chunk(..., wds=...)`) gives each
 replica its own weight decay.
 
 The protocol (subset, init, loss, optimizer, batch cycle, evaluation) is docs/protocol.md.
@@ -25,7 +27,7 @@ import optax
 
 from grokjax.train.config import TrainConfig
 from grokjax.data import select_subset, to_inputs
-from grokjax.train.model import N_IN, forward, forward_columns, init_params
+from grokjax.train.model import N_IN, forward, forward_columns, forward_narrow, init_params
 
 
 class TrainState(NamedTuple):
@@ -64,6 +66,15 @@ def mse_loss(params, x, y_onehot):
 def mse_loss_columns(params, x_cols, cols, y_onehot):
     """`mse_loss` from FC1's input columns `cols` only (`model.forward_columns`)."""
     return jnp.mean((forward_columns(params, x_cols, cols) - y_onehot) ** 2)
+
+
+def mse_loss_narrow(params, x_cols, y_onehot):
+    """`mse_loss` of a narrowed parameter tree: FC1's kernel holds only the rows of x_cols's pixels.
+
+    `params["fc1"]` may also hold "rest" (the other rows, see `_narrow_state`): no output depends
+    on it, so its gradient is exactly zero, as those rows' gradient is in the full-size step.
+    """
+    return jnp.mean((forward_narrow(params, x_cols) - y_onehot) ** 2)
 
 
 def batch_perm(cfg: TrainConfig, seed: int | None = None) -> np.ndarray:
@@ -138,19 +149,55 @@ def _check_columns(cfg: TrainConfig, cols, replica_axis: bool) -> None:
                          f"train.pixel_columns ({want}-d), got {None if cols is None else cols.shape}")
 
 
-def _apply_update(opt: optax.GradientTransformation, state: TrainState, x, y, cols=None):
+def _apply_update(opt: optax.GradientTransformation, state: TrainState, x, y, cols=None, narrow=False):
     """One AdamW update of `state` on the batch (x, one-hot y); returns (state, loss).
 
     With `cols`, x holds only those input columns (x[:, cols] of the batch) and FC1's products
-    skip the others; the gradient and the update stay full size.
+    skip the others; the gradient and the update stay full size. With `narrow`, the state is a
+    narrowed one (`_narrow_state`): x holds the columns of FC1's kept kernel rows, in order.
     """
-    if cols is None:
+    if narrow:
+        loss, grads = jax.value_and_grad(mse_loss_narrow)(state.params, x, y)
+    elif cols is None:
         loss, grads = jax.value_and_grad(mse_loss)(state.params, x, y)
     else:
         loss, grads = jax.value_and_grad(mse_loss_columns)(state.params, x, cols, y)
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, opt_state, state.step + 1, state.key), loss
+
+
+def _narrow_state(state: TrainState, rows: jax.Array, rest: jax.Array | None) -> TrainState:
+    """`state` with FC1's kernel, and its AdamW mu and nu, cut to the kernel rows `rows`.
+
+    With `rest` (the other rows), those rows ride along as params["fc1"]["rest"] (and in mu and
+    nu): their gradient is exactly zero, so AdamW only decays them, element for element as in
+    the full-size step. Without it they are left out: at weight decay 0 they never change.
+    """
+    def cut(tree):
+        kernel = tree["fc1"]["kernel"]
+        fc1 = {**tree["fc1"], "kernel": jnp.take(kernel, rows, axis=0)}
+        if rest is not None:
+            fc1["rest"] = jnp.take(kernel, rest, axis=0)
+        return {**tree, "fc1": fc1}
+
+    adam, *others = state.opt_state
+    opt_state = (adam._replace(mu=cut(adam.mu), nu=cut(adam.nu)), *others)
+    return TrainState(cut(state.params), opt_state, state.step, state.key)
+
+
+def _widen_state(narrow: TrainState, full: TrainState, rows: jax.Array, rest: jax.Array | None) -> TrainState:
+    """The inverse of `_narrow_state`: `narrow`'s rows written back into `full`'s FC1 kernels."""
+    def put(n, f):
+        kernel = f["fc1"]["kernel"].at[rows].set(n["fc1"]["kernel"])
+        if rest is not None:
+            kernel = kernel.at[rest].set(n["fc1"]["rest"])
+        fc1 = {k: v for k, v in n["fc1"].items() if k != "rest"}
+        return {**n, "fc1": {**fc1, "kernel": kernel}}
+
+    (adam, *others), (adam_f, *_) = narrow.opt_state, full.opt_state
+    opt_state = (adam._replace(mu=put(adam.mu, adam_f.mu), nu=put(adam.nu, adam_f.nu)), *others)
+    return TrainState(put(narrow.params, full.params), opt_state, narrow.step, narrow.key)
 
 
 def fixed_batches(cfg: TrainConfig, perm: jax.Array, data: Data) -> tuple[jax.Array, jax.Array]:
@@ -211,6 +258,12 @@ def make_train_chunk(cfg: TrainConfig, n_seeds: int | None = None, *, wds=None, 
     with pixel columns XLA may compile FC1's narrowed products differently in each, so the
     order of summation, and the last bits, can differ (about 1e-15 after 23 steps;
     tests/test_train.py holds them to 1e-13 relative).
+
+    With skip_zero_pixels=subset (and the fixed cycle) the scan runs on the narrowed state: FC1's
+    kernel rows `cols` only, the other rows left out at weight decay 0 (they never change) or
+    carried beside to be decayed. The products are those of the per-step row gather it replaced
+    (whose 150-step params and moments it matched bit for bit, WD 0 and 0.01); the row gather, the full-size gradient scatter and a
+    quarter of FC1's AdamW work are gone from every step.
     """
     nb = cfg.batches_per_epoch
     step = make_step(cfg)
@@ -228,6 +281,12 @@ def make_train_chunk(cfg: TrainConfig, n_seeds: int | None = None, *, wds=None, 
             cols = jax.lax.dynamic_index_in_dim(cols, b, keepdims=False)
         return _apply_update(make_optimizer(cfg, wd), state, x, y, cols)
 
+    def narrow_step(state: TrainState, xb: jax.Array, yb: jax.Array, wd):
+        b = state.step % nb
+        x = jax.lax.dynamic_index_in_dim(xb, b, keepdims=False)
+        y = jax.lax.dynamic_index_in_dim(yb, b, keepdims=False)
+        return _apply_update(make_optimizer(cfg, wd), state, x, y, narrow=True)
+
     def batches(perm, data, cols):
         xb, yb = fixed_batches(cfg, perm, data)
         if per_batch:  # each batch's own columns, gathered once per chunk
@@ -240,7 +299,15 @@ def make_train_chunk(cfg: TrainConfig, n_seeds: int | None = None, *, wds=None, 
         c_ax, w_ax = (0 if per_batch else None), (None if wds is None else 0)
         step = jax.vmap(step, in_axes=(0, 0, None, c_ax, w_ax))
         fixed_step = jax.vmap(fixed_step, in_axes=(0, 0, 0, c_ax, w_ax))
+        narrow_step = jax.vmap(narrow_step, in_axes=(0, 0, 0, w_ax))
         batches = jax.vmap(batches, in_axes=(0, None, c_ax))
+        narrow_state = jax.vmap(_narrow_state, in_axes=(0, None, None))
+        widen_state = jax.vmap(_widen_state, in_axes=(0, 0, None, None))
+    else:
+        narrow_state, widen_state = _narrow_state, _widen_state
+    # The subset column set (one set for every step and replica) narrows FC1 for the whole chunk.
+    narrow = cfg.skip_zero_pixels == "subset" and not cfg.reshuffle
+    decays = wds is not None or cfg.wd != 0
 
     @functools.partial(jax.jit, static_argnames="length", donate_argnums=0, compiler_options=compiler_options)
     def chunk(state, perm, data, length: int, cols=None):
@@ -249,6 +316,19 @@ def make_train_chunk(cfg: TrainConfig, n_seeds: int | None = None, *, wds=None, 
         if cfg.reshuffle:
             def body(s, _):
                 return step(s, perm, data, cols, wd)
+        elif narrow:
+            xb, yb = batches(perm, data, cols)
+            rest = None
+            if decays:  # the rows outside cols, in order (cols is ascending and unique)
+                keep = jnp.ones(N_IN, bool).at[cols].set(False)
+                rest = jnp.nonzero(keep, size=N_IN - cols.shape[0])[0].astype(cols.dtype)
+
+            def body(s, _):
+                return narrow_step(s, xb, yb, wd)
+
+            inner, losses = jax.lax.scan(body, narrow_state(state, cols, rest), None, length=length,
+                                         unroll=unroll)
+            return widen_state(inner, state, cols, rest), losses[-1]
         else:
             xb, yb = batches(perm, data, cols)
 
