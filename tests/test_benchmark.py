@@ -39,3 +39,11 @@ def test_benchmark_cli_quick_writes_table_and_json(root, tmp_path):
     assert all(math.isfinite(v) and v > 0 for v in positive)
     assert res["schedule"]["n_evals"] > 191  # the authors' 191 points plus the log grid and N
 
+
+
+def test_failed_contenders_are_named_as_in_the_table():
+    _label = core._label
+    assert _label("variant_nocmdbuf") == "variant nocmdbuf"
+    assert _label("jax_seeds8") == "JAX vmap 8 seeds (aggregate)"
+    assert _label("jax_subset") == "JAX 1 seed, skip_zero_pixels=subset"
+    assert _label("jax_sweep") == "JAX sweep"

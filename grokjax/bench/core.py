@@ -111,6 +111,19 @@ def machine_info() -> dict[str, object]:
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "versions": versions}
 
 
+def _label(key: str) -> str:
+    """A contender's table name from its key in the results (`jax_seeds8`, `variant_nocmdbuf`, ...)."""
+    if key.startswith("variant_"):
+        return f"variant {key[len('variant_'):]}"
+    if key.startswith("jax_seeds"):
+        return f"JAX vmap {key[len('jax_seeds'):]} seeds (aggregate)"
+    if key == "jax_sweep":
+        return "JAX sweep"
+    if key.startswith("jax_"):
+        return f"JAX 1 seed, skip_zero_pixels={key[len('jax_'):]}"
+    return key
+
+
 def make_jax_window(cfg: TrainConfig, data, n_seeds: int | None, *, wds: tuple[float, ...] | None = None,
                     unroll: int = 1, compiler_options: dict | None = None) -> WindowFn:
     """A window function running the project's scan chunk (vmapped over `n_seeds` if set).
@@ -326,7 +339,7 @@ def format_table(res: dict) -> str:
         if s is not None:
             lines.append(row(name, s, f"{s['median'] / one:.2f}x one seed"))
     for name, why in res["failed"].items():
-        lines.append(f"| {name:<30} | failed: {why}")
+        lines.append(f"| {_label(name):<30} | failed: {why}")
     sch = res["schedule"]
     fr = res["flops_per_step_reduced"]
     lines += [
