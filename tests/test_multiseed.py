@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from grokjax import ckpt
 from grokjax.train.config import TrainConfig
@@ -76,14 +77,16 @@ def test_sweep_of_weight_decays_equals_separate_runs(tmp_path, mnist):
     assert not np.allclose(finals[0], finals[2])  # the weight decay really differs per replica
 
 
-def test_sweep_sharded_over_two_cpu_devices(tmp_path, root, mnist):
-    ref = run(TrainConfig(out=str(tmp_path / "ref"), **SMALL), seeds=[1], wds=[0.0, 0.01], mnist=mnist)
+@pytest.mark.parametrize("mode", ["batch", "subset"])  # subset: FC1 narrowed per chunk, sharded
+def test_sweep_sharded_over_two_cpu_devices(tmp_path, root, mnist, mode):
+    small = {**SMALL, "skip_zero_pixels": mode}
+    ref = run(TrainConfig(out=str(tmp_path / "ref"), **small), seeds=[1], wds=[0.0, 0.01], mnist=mnist)
     code = (
         "import grokjax, jax, sys\n"
         "from grokjax.train.config import TrainConfig\n"
         "from grokjax.train.runner import run\n"
         "assert len(jax.devices()) == 2, jax.devices()\n"
-        f"run(TrainConfig(out=sys.argv[1], **{SMALL!r}), seeds=[1], wds=[0.0, 0.01])\n"
+        f"run(TrainConfig(out=sys.argv[1], **{small!r}), seeds=[1], wds=[0.0, 0.01])\n"
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "GROKJAX_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "sharded")], capture_output=True, text=True,
