@@ -48,7 +48,7 @@ LAYERS = ("fc1", "fc2", "fc3")
 CONFIG_KEYS = ("wd", "steps", "seed", "data_seed", "lr", "b1", "b2", "eps", "batch", "width", "init_scale",
                "n_per_class", "reshuffle", "dtype", "log_points_per_decade", "authors_grid", "chunk",
                "full_save_secs", "out", "overwrite", "progress", "cache_dir", "idx_dir", "time_limit", "monitor",
-               "keep_params", "skip_zero_pixels")
+               "keep_params", "skip_zero_pixels", "fc1_weight_grad")
 
 PathLike = str | os.PathLike
 

@@ -11,7 +11,7 @@ import pytest
 from grokjax import ckpt
 
 from grokjax.train import engine
-from grokjax.train.config import TrainConfig
+from grokjax.train.config import LEGACY_FIELDS, TrainConfig
 from grokjax.train.runner import run
 from helpers import SMALL
 
@@ -69,28 +69,31 @@ def test_column_sets(setup):
     assert engine.pixel_columns(TrainConfig(out="u", reshuffle=True), perm, x).tolist() == sub.tolist()
 
 
+@pytest.mark.parametrize("grad", ["autodiff", "pretransposed"])
 @pytest.mark.parametrize("mode", ["batch", "subset"])
 @pytest.mark.parametrize("wd", [0.0, 0.01])
-def test_parity_with_torch_reference(setup, torch_runs, mode, wd):
-    state = _train(setup, N_STEPS, wd=wd, skip_zero_pixels=mode)
+def test_parity_with_torch_reference(setup, torch_runs, mode, wd, grad):
+    state = _train(setup, N_STEPS, wd=wd, skip_zero_pixels=mode, fc1_weight_grad=grad)
     got, ref = jax.tree.map(np.asarray, state.params), torch_runs(wd)
     scale = max(np.abs(a).max() for a in jax.tree.leaves(ref))
     diff = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
-    assert 0 < diff / scale <= 1e-10, f"JAX ({mode}) vs torch relative difference {diff / scale:.3e}"
+    assert 0 < diff / scale <= 1e-10, f"JAX ({mode}, {grad}) vs torch relative difference {diff / scale:.3e}"
 
 
+@pytest.mark.parametrize("grad", ["autodiff", "pretransposed"])
 @pytest.mark.parametrize("mode", ["batch", "subset"])
-def test_never_touched_rows_are_exact(setup, mode):
+def test_never_touched_rows_are_exact(setup, mode, grad):
     _, _, never = setup
     p0 = np.asarray(engine.init_state(TrainConfig(out="unused")).params["fc1"]["kernel"])
-    s0 = _train(setup, 100, skip_zero_pixels=mode)
+    s0 = _train(setup, 100, skip_zero_pixels=mode, fc1_weight_grad=grad)
     w0 = np.asarray(s0.params["fc1"]["kernel"])
     np.testing.assert_array_equal(w0[never], p0[never])  # WD 0: bitwise unchanged
     assert not np.array_equal(w0, p0)
     mu, nu = s0.opt_state[0].mu["fc1"]["kernel"], s0.opt_state[0].nu["fc1"]["kernel"]
     assert not np.asarray(mu)[never].any() and not np.asarray(nu)[never].any()
     dense = np.asarray(_train(setup, 100, wd=0.01, skip_zero_pixels="off").params["fc1"]["kernel"])
-    sparse = np.asarray(_train(setup, 100, wd=0.01, skip_zero_pixels=mode).params["fc1"]["kernel"])
+    sparse = np.asarray(_train(setup, 100, wd=0.01, skip_zero_pixels=mode, fc1_weight_grad=grad)
+                        .params["fc1"]["kernel"])
     np.testing.assert_array_equal(sparse[never], dense[never])  # WD > 0: decay only, bitwise as dense
     assert not np.array_equal(sparse[never], p0[never])
     assert not np.array_equal(sparse, dense)  # the other rows differ by summation order
@@ -111,11 +114,12 @@ def test_chunk_equals_plain_step_loop_with_batch_columns(setup):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=1e-15)
 
 
-def test_subset_sweep_narrows_every_replica(setup):
+@pytest.mark.parametrize("grad", ["autodiff", "pretransposed"])
+def test_subset_sweep_narrows_every_replica(setup, grad):
     """The subset set narrows FC1 for a whole chunk; vmapped with a weight decay per replica, each
     replica is its own run, and the rows outside the set only decay, bitwise as in a dense run."""
     data, perm_np, never = setup
-    cfg = TrainConfig(out="unused", chunk=16, skip_zero_pixels="subset")
+    cfg = TrainConfig(out="unused", chunk=16, skip_zero_pixels="subset", fc1_weight_grad=grad)
     perms = np.stack([perm_np, engine.batch_perm(cfg, 1)])
     stacked = jax.tree.map(lambda *a: jnp.stack(a), engine.init_state(cfg, 0), engine.init_state(cfg, 1))
     chunk = engine.make_train_chunk(cfg, 2, wds=[0.0, 0.01])
@@ -134,11 +138,12 @@ def test_subset_sweep_narrows_every_replica(setup):
     assert int(got.step[0]) == int(got.step[1]) == 40
 
 
-def test_reshuffle_uses_the_subset_columns(setup):
+@pytest.mark.parametrize("grad", ["autodiff", "pretransposed"])
+def test_reshuffle_uses_the_subset_columns(setup, grad):
     _, _, never = setup
-    dense = _train(setup, 30, reshuffle=True, skip_zero_pixels="off")
+    dense = _train(setup, 30, reshuffle=True, skip_zero_pixels="off", fc1_weight_grad="autodiff")
     for mode in ("batch", "subset"):
-        got = _train(setup, 30, reshuffle=True, skip_zero_pixels=mode)
+        got = _train(setup, 30, reshuffle=True, skip_zero_pixels=mode, fc1_weight_grad=grad)
         for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(dense.params)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-13)
         p0 = np.asarray(engine.init_state(TrainConfig(out="unused")).params["fc1"]["kernel"])
@@ -166,20 +171,24 @@ def _crash_at(step):
 
 
 def test_old_run_directory_resumes_dense(tmp_path, mnist, capsys, small_run):
-    ref = run(TrainConfig(out=str(tmp_path / "ref"), skip_zero_pixels="off", **SMALL), mnist=mnist)[0]
+    old_fields = dict(LEGACY_FIELDS)  # dense, autodiff's FC1 gradient
+    ref = run(TrainConfig(out=str(tmp_path / "ref"), **old_fields, **SMALL), mnist=mnist)[0]
     d = tmp_path / "old"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(TrainConfig(out=str(d), skip_zero_pixels="off", **SMALL), mnist=mnist, on_chunk=_crash_at(8))
+        run(TrainConfig(out=str(d), **old_fields, **SMALL), mnist=mnist, on_chunk=_crash_at(8))
     f = d / "config.json"
     payload = json.loads(f.read_text())
-    del payload["config"]["skip_zero_pixels"]  # as written before the field existed
+    for name in old_fields:  # as written before the fields existed
+        del payload["config"][name]
     f.write_text(json.dumps(payload))
     capsys.readouterr()
-    run(TrainConfig(out=str(d), **SMALL), mnist=mnist)  # the default (batch) on an old directory
+    run(TrainConfig(out=str(d), **SMALL), mnist=mnist)  # the defaults on an old directory
     err = capsys.readouterr().err
-    notes = [line for line in err.splitlines() if "started before skip_zero_pixels existed" in line]
+    notes = [line for line in err.splitlines() if "existed: it resumes with" in line]
     assert len(notes) == 1 and "skip_zero_pixels=off" in notes[0]
-    assert "skip_zero_pixels" not in json.loads(f.read_text())["config"]
+    for name, value in old_fields.items():  # each default that differs from how the run started
+        assert (f"{name}={value}" in notes[0]) == (getattr(TrainConfig(out="u"), name) != value)
+    assert not set(old_fields) & set(json.loads(f.read_text())["config"])
     for layer, leaves in ckpt.load_params(d, 120).items():
         for k, a in leaves.items():
             np.testing.assert_array_equal(a, ckpt.load_params(ref, 120)[layer][k])  # dense, bitwise

@@ -1,5 +1,6 @@
 """Trainer: protocol details, float64, scan chunks, parity with the torch reference."""
 
+import dataclasses
 import hashlib
 
 import jax
@@ -137,33 +138,34 @@ def test_step_t_trains_on_block_t_mod_5(setup):
         assert float(by_chunk) == pytest.approx(want[block], rel=1e-12), t
 
 
-@pytest.mark.parametrize("mode", ["off", "batch", "subset"])
-def test_scan_chunks_equal_plain_step_loop(setup, mode):
+@pytest.mark.parametrize("mode,grad", [("off", "autodiff"), ("batch", "autodiff"), ("subset", "autodiff"),
+                                       ("off", "pretransposed"), ("subset", "pretransposed")])
+def test_scan_chunks_equal_plain_step_loop(setup, mode, grad):
     data, perm_np = setup
     perm = jnp.asarray(perm_np)
-    cfg = TrainConfig(out="unused", skip_zero_pixels=mode)
+    cfg = TrainConfig(out="unused", skip_zero_pixels=mode, fc1_weight_grad=grad)
     step = jax.jit(engine.make_step(cfg))
     cols = engine.pixel_columns(cfg, perm_np, data.x_train)
     cols = None if cols is None else jnp.asarray(cols)
     s1 = engine.init_state(cfg)
     for _ in range(23):
         s1, _ = step(s1, perm, data, cols)
-    s2 = engine.run_steps(TrainConfig(out="unused", chunk=8, skip_zero_pixels=mode), engine.init_state(cfg),
-                          perm, data, 23)
+    s2 = engine.run_steps(dataclasses.replace(cfg, chunk=8), engine.init_state(cfg), perm, data, 23)
     assert int(s2.step) == 23
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
-        if mode == "off":  # the same XLA products in both programs: bit for bit
+        if mode == "off" and grad == "autodiff":  # the same XLA products in both programs: bit for bit
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        else:  # FC1's narrowed products may be compiled differently in the two programs
+        else:  # FC1's narrowed or pretransposed products may be compiled differently in the two programs
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("grad", ["autodiff", "pretransposed"])
 @pytest.mark.parametrize("wd", [0.0, 0.01])
-def test_parity_with_torch_reference(setup, wd, torch_one_thread):
+def test_parity_with_torch_reference(setup, wd, grad, torch_one_thread):
     from grokjax.bench.torch_reference import train_reference
 
     data, perm = setup
-    cfg = TrainConfig(out="unused", wd=wd, chunk=64)
+    cfg = TrainConfig(out="unused", wd=wd, chunk=64, fc1_weight_grad=grad)
     state = engine.init_state(cfg)
     p0 = jax.tree.map(np.asarray, state.params)
     n = 250

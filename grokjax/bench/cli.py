@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from grokjax.cliutil import THREAD_VARS, OneLineParser
+from grokjax.train.config import ConfigError, TrainConfig, split_fields
 
 PINNED_ENV = "GROKJAX_BENCH_PINNED"
 
@@ -69,6 +70,10 @@ def _variant(text: str) -> tuple[str, int, tuple[tuple[str, str], ...]]:
                 raise argparse.ArgumentTypeError(f"unroll must be an integer, got {value!r}") from None
         else:
             options.append((key.strip(), value.strip()))
+    try:  # training fields are checked here; XLA options only when their executable compiles
+        split_fields(options)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return name, unroll, tuple(options)
 
 
@@ -92,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", type=_sweep, default=None, metavar="SEEDSxWDS",
                    help="a vmapped sweep contender, e.g. 3x0,0.01 (3 seeds x 2 weight decays)")
     p.add_argument("--variant", type=_variant, action="append", default=[], metavar="NAME:KEY=VALUE;...",
-                   help="a 1-seed contender with scan unroll=K and/or XLA options set for its executable, "
-                        "e.g. nocmdbuf:xla_gpu_enable_command_buffer= (repeatable)")
+                   help="a 1-seed contender with scan unroll=K, training fields (TrainConfig names) and/or "
+                        "XLA options set for its executable, e.g. nocmdbuf:xla_gpu_enable_command_buffer= or "
+                        "xt:fc1_weight_grad=pretransposed (repeatable)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     return p
@@ -159,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np  # noqa: PLC0415
 
     from grokjax.bench import core  # noqa: PLC0415
-    from grokjax.train.config import TrainConfig  # noqa: PLC0415
     from grokjax.data import load_mnist  # noqa: PLC0415
     from grokjax.train.engine import batch_perm, init_state, make_data  # noqa: PLC0415
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grokjax.train.config import TrainConfig
+from grokjax.train.config import TrainConfig, split_fields
 from grokjax.train.model import N_IN, N_OUT
 from grokjax.train.schedule import chunk_lengths, eval_steps
 from grokjax.train.engine import batch_perm, init_state, make_data, make_evaluate, make_train_chunk, pixel_columns
@@ -271,8 +271,9 @@ def run_benchmark(cfg: TrainConfig, mnist: dict, opts: BenchOptions,
         k, wds = opts.sweep
         contenders["jax_sweep"] = (make_jax_window(cfg, data, k, wds=tuple(wds)), k * len(wds))
     for name, unroll, options in opts.variants:
-        contenders[f"variant_{name}"] = (make_jax_window(cfg, data, None, unroll=unroll,
-                                                         compiler_options=dict(options) or None), 1)
+        fields, xla = split_fields(options)
+        contenders[f"variant_{name}"] = (make_jax_window(dataclasses.replace(cfg, **fields), data, None,
+                                                         unroll=unroll, compiler_options=xla or None), 1)
     times = time_interleaved(contenders, opts.windows, opts.window_steps, log)
     failed = times.pop("failed")
 

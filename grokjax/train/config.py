@@ -16,9 +16,10 @@ from typing import Any
 MAX_STEPS = 10**10
 KEEP_PARAMS = ("all", "log", "none")
 SKIP_ZERO_PIXELS = ("batch", "subset", "off")
+FC1_WEIGHT_GRAD = ("autodiff", "pretransposed")
 # Science fields added after runs were started: the value a run directory whose config.json
 # lacks the field ran with (and keeps when resumed).
-LEGACY_FIELDS = {"skip_zero_pixels": "off"}
+LEGACY_FIELDS = {"skip_zero_pixels": "off", "fc1_weight_grad": "autodiff"}
 
 
 class ConfigError(ValueError):
@@ -161,6 +162,13 @@ class TrainConfig:
     # subset (also what --reshuffle uses); off: dense. A run directory started before this field
     # existed resumes with off.
     skip_zero_pixels: str = _field("batch", "skip FC1's zero input pixels (exact): batch, subset or off")
+    # How FC1's weight gradient x^T g is computed: autodiff (the dot XLA emits, with a transposed
+    # left operand) or pretransposed (x^T laid out once per scan chunk from the fixed batches,
+    # then a plain product; with --reshuffle, transposed at every step). The same mathematics;
+    # the rounding differs (another GEMM path on CPU). A run directory started before this field
+    # existed resumes with autodiff.
+    fc1_weight_grad: str = _field("autodiff", "FC1's weight gradient: autodiff or pretransposed (the same "
+                                  "mathematics, another GEMM path)")
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
@@ -203,6 +211,9 @@ class TrainConfig:
         if self.skip_zero_pixels not in SKIP_ZERO_PIXELS:
             raise ConfigError(f"skip_zero_pixels must be one of {', '.join(SKIP_ZERO_PIXELS)}, "
                               f"got {self.skip_zero_pixels!r}")
+        if self.fc1_weight_grad not in FC1_WEIGHT_GRAD:
+            raise ConfigError(f"fc1_weight_grad must be one of {', '.join(FC1_WEIGHT_GRAD)}, "
+                              f"got {self.fc1_weight_grad!r}")
 
     @property
     def n_train(self) -> int:
@@ -224,6 +235,37 @@ class TrainConfig:
         for k in NON_SCIENCE_FIELDS:
             d.pop(k, None)
         return d
+
+
+def field_from_text(name: str, text: str) -> Any:
+    """The value of TrainConfig field `name` written as `text`, typed as the field's default.
+
+    Raises ConfigError (one line) for an unknown field or a value of the wrong type.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    if name not in defaults:
+        raise ConfigError(f"no training field {name!r}")
+    kind = type(defaults[name])
+    if kind is bool:
+        if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise ConfigError(f"{name} must be true or false, got {text!r}")
+        return text.lower() in ("1", "true", "yes")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a {kind.__name__}, got {text!r}") from None
+
+
+def split_fields(pairs) -> tuple[dict[str, Any], dict[str, str]]:
+    """(KEY, VALUE) text pairs split into TrainConfig fields (typed by `field_from_text`, and
+    checked by TrainConfig itself) and the other pairs, as given.
+
+    Raises ConfigError (one line) for a field value that does not parse or that TrainConfig refuses.
+    """
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {k: field_from_text(k, v) for k, v in pairs if k in names}
+    dataclasses.replace(TrainConfig(out="unused"), **fields)
+    return fields, {k: v for k, v in pairs if k not in names}
 
 
 # Fields that do not change the science (metadata science=False): a run directory may be resumed

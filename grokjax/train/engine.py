@@ -63,18 +63,19 @@ def mse_loss(params, x, y_onehot):
     return jnp.mean((forward(params, x) - y_onehot) ** 2)
 
 
-def mse_loss_columns(params, x_cols, cols, y_onehot):
+def mse_loss_columns(params, x_cols, cols, y_onehot, xt=None):
     """`mse_loss` from FC1's input columns `cols` only (`model.forward_columns`)."""
-    return jnp.mean((forward_columns(params, x_cols, cols) - y_onehot) ** 2)
+    return jnp.mean((forward_columns(params, x_cols, cols, xt) - y_onehot) ** 2)
 
 
-def mse_loss_narrow(params, x_cols, y_onehot):
+def mse_loss_narrow(params, x_cols, y_onehot, xt=None):
     """`mse_loss` of a narrowed parameter tree: FC1's kernel holds only the rows of x_cols's pixels.
 
     `params["fc1"]` may also hold "rest" (the other rows, see `_narrow_state`): no output depends
     on it, so its gradient is exactly zero, as those rows' gradient is in the full-size step.
+    With the full kernel and x it is `mse_loss`; `xt` as in `model.forward_narrow`.
     """
-    return jnp.mean((forward_narrow(params, x_cols) - y_onehot) ** 2)
+    return jnp.mean((forward_narrow(params, x_cols, xt) - y_onehot) ** 2)
 
 
 def batch_perm(cfg: TrainConfig, seed: int | None = None) -> np.ndarray:
@@ -149,19 +150,20 @@ def _check_columns(cfg: TrainConfig, cols, replica_axis: bool) -> None:
                          f"train.pixel_columns ({want}-d), got {None if cols is None else cols.shape}")
 
 
-def _apply_update(opt: optax.GradientTransformation, state: TrainState, x, y, cols=None, narrow=False):
+def _apply_update(opt: optax.GradientTransformation, state: TrainState, x, y, cols=None, narrow=False, xt=None):
     """One AdamW update of `state` on the batch (x, one-hot y); returns (state, loss).
 
     With `cols`, x holds only those input columns (x[:, cols] of the batch) and FC1's products
     skip the others; the gradient and the update stay full size. With `narrow`, the state is a
     narrowed one (`_narrow_state`): x holds the columns of FC1's kept kernel rows, in order.
+    With `xt` (x.T), FC1's weight gradient is xt @ g (`fc1_weight_grad=pretransposed`).
     """
-    if narrow:
-        loss, grads = jax.value_and_grad(mse_loss_narrow)(state.params, x, y)
+    if narrow or (cols is None and xt is not None):
+        loss, grads = jax.value_and_grad(mse_loss_narrow)(state.params, x, y, xt)
     elif cols is None:
         loss, grads = jax.value_and_grad(mse_loss)(state.params, x, y)
     else:
-        loss, grads = jax.value_and_grad(mse_loss_columns)(state.params, x, cols, y)
+        loss, grads = jax.value_and_grad(mse_loss_columns)(state.params, x, cols, y, xt)
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, opt_state, state.step + 1, state.key), loss
@@ -221,6 +223,7 @@ def make_step(cfg: TrainConfig) -> Callable[..., tuple[TrainState, jax.Array]]:
     nb, bs, n = cfg.batches_per_epoch, cfg.batch, cfg.n_train
     eye = jnp.eye(10, dtype=jnp.dtype(cfg.dtype))
     per_batch = _per_batch_columns(cfg)
+    pretransposed = cfg.fc1_weight_grad == "pretransposed"
 
     def step(state: TrainState, perm: jax.Array, data: Data, cols=None, wd=None):
         _check_columns(cfg, cols, replica_axis=False)  # per replica when vmapped
@@ -233,7 +236,8 @@ def make_step(cfg: TrainConfig) -> Callable[..., tuple[TrainState, jax.Array]]:
             if per_batch:
                 cols = jax.lax.dynamic_index_in_dim(cols, t % nb, keepdims=False)
             x = jnp.take(x, cols, axis=1)
-        return _apply_update(make_optimizer(cfg, wd), state, x, eye[data.y_train[idx]], cols)
+        xt = jnp.swapaxes(x, 0, 1) if pretransposed else None  # per step here: no fixed batches to reuse
+        return _apply_update(make_optimizer(cfg, wd), state, x, eye[data.y_train[idx]], cols, xt=xt)
 
     return step
 
@@ -268,24 +272,27 @@ def make_train_chunk(cfg: TrainConfig, n_seeds: int | None = None, *, wds=None, 
     nb = cfg.batches_per_epoch
     step = make_step(cfg)
     per_batch = _per_batch_columns(cfg)
+    pretransposed = cfg.fc1_weight_grad == "pretransposed"
     if wds is not None:
         wds = np.asarray(wds, np.float64)
         if n_seeds is None or wds.shape != (n_seeds,):
             raise ValueError(f"wds needs one weight decay per replica ({n_seeds}), got {wds.tolist()}")
 
-    def fixed_step(state: TrainState, xb: jax.Array, yb: jax.Array, cols, wd):
+    def fixed_step(state: TrainState, xb: jax.Array, yb: jax.Array, xbt, cols, wd):
         b = state.step % nb
         x = jax.lax.dynamic_index_in_dim(xb, b, keepdims=False)
         y = jax.lax.dynamic_index_in_dim(yb, b, keepdims=False)
+        xt = None if xbt is None else jax.lax.dynamic_index_in_dim(xbt, b, keepdims=False)
         if per_batch:
             cols = jax.lax.dynamic_index_in_dim(cols, b, keepdims=False)
-        return _apply_update(make_optimizer(cfg, wd), state, x, y, cols)
+        return _apply_update(make_optimizer(cfg, wd), state, x, y, cols, xt=xt)
 
-    def narrow_step(state: TrainState, xb: jax.Array, yb: jax.Array, wd):
+    def narrow_step(state: TrainState, xb: jax.Array, yb: jax.Array, xbt, wd):
         b = state.step % nb
         x = jax.lax.dynamic_index_in_dim(xb, b, keepdims=False)
         y = jax.lax.dynamic_index_in_dim(yb, b, keepdims=False)
-        return _apply_update(make_optimizer(cfg, wd), state, x, y, narrow=True)
+        xt = None if xbt is None else jax.lax.dynamic_index_in_dim(xbt, b, keepdims=False)
+        return _apply_update(make_optimizer(cfg, wd), state, x, y, narrow=True, xt=xt)
 
     def batches(perm, data, cols):
         xb, yb = fixed_batches(cfg, perm, data)
@@ -293,13 +300,14 @@ def make_train_chunk(cfg: TrainConfig, n_seeds: int | None = None, *, wds=None, 
             xb = jnp.take_along_axis(xb, cols[:, None, :], axis=2)
         elif cols is not None:
             xb = jnp.take(xb, cols, axis=2)
-        return xb, yb
+        # FC1's weight gradient from the batches transposed once per chunk (fc1_weight_grad)
+        return xb, yb, (jnp.swapaxes(xb, -1, -2) if pretransposed else None)
 
     if n_seeds is not None:
         c_ax, w_ax = (0 if per_batch else None), (None if wds is None else 0)
         step = jax.vmap(step, in_axes=(0, 0, None, c_ax, w_ax))
-        fixed_step = jax.vmap(fixed_step, in_axes=(0, 0, 0, c_ax, w_ax))
-        narrow_step = jax.vmap(narrow_step, in_axes=(0, 0, 0, w_ax))
+        fixed_step = jax.vmap(fixed_step, in_axes=(0, 0, 0, 0, c_ax, w_ax))
+        narrow_step = jax.vmap(narrow_step, in_axes=(0, 0, 0, 0, w_ax))
         batches = jax.vmap(batches, in_axes=(0, None, c_ax))
         narrow_state = jax.vmap(_narrow_state, in_axes=(0, None, None))
         widen_state = jax.vmap(_widen_state, in_axes=(0, 0, None, None))
@@ -317,23 +325,23 @@ def make_train_chunk(cfg: TrainConfig, n_seeds: int | None = None, *, wds=None, 
             def body(s, _):
                 return step(s, perm, data, cols, wd)
         elif narrow:
-            xb, yb = batches(perm, data, cols)
+            xb, yb, xbt = batches(perm, data, cols)
             rest = None
             if decays:  # the rows outside cols, in order (cols is ascending and unique)
                 keep = jnp.ones(N_IN, bool).at[cols].set(False)
                 rest = jnp.nonzero(keep, size=N_IN - cols.shape[0])[0].astype(cols.dtype)
 
             def body(s, _):
-                return narrow_step(s, xb, yb, wd)
+                return narrow_step(s, xb, yb, xbt, wd)
 
             inner, losses = jax.lax.scan(body, narrow_state(state, cols, rest), None, length=length,
                                          unroll=unroll)
             return widen_state(inner, state, cols, rest), losses[-1]
         else:
-            xb, yb = batches(perm, data, cols)
+            xb, yb, xbt = batches(perm, data, cols)
 
             def body(s, _):
-                return fixed_step(s, xb, yb, cols, wd)
+                return fixed_step(s, xb, yb, xbt, cols, wd)
 
         state, losses = jax.lax.scan(body, state, None, length=length, unroll=unroll)
         return state, losses[-1]

@@ -61,25 +61,53 @@ def forward(params: dict, x: jax.Array) -> jax.Array:
     )
 
 
-def forward_columns(params: dict, x_cols: jax.Array, cols: jax.Array) -> jax.Array:
+@jax.custom_vjp
+def matmul_pretransposed(x: jax.Array, xt: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w, whose gradient with respect to w is computed as xt @ g, with xt = x.T given.
+
+    The same mathematics as autodiff's x^T g (a dot with a transposed left operand), from an
+    operand laid out for a plain product, which XLA's CPU backend runs on a faster GEMM path.
+    No gradient flows to x or xt (the training images).
+    """
+    return x @ w
+
+
+def _matmul_pretransposed_fwd(x, xt, w):
+    return x @ w, xt
+
+
+def _matmul_pretransposed_bwd(xt, g):
+    return None, None, xt @ g
+
+
+matmul_pretransposed.defvjp(_matmul_pretransposed_fwd, _matmul_pretransposed_bwd)
+
+
+def _fc1(x, w, xt):
+    return x @ w if xt is None else matmul_pretransposed(x, xt, w)
+
+
+def forward_columns(params: dict, x_cols: jax.Array, cols: jax.Array, xt: jax.Array | None = None) -> jax.Array:
     """`forward(params, x)` from the input columns `cols` only: x_cols = x[:, cols].
 
     Equal to `forward` up to the order of summation in FC1's product when every column of x
     outside `cols` is zero. `cols` may repeat a column whose inputs are zero (padding). The
     gradient with respect to FC1's kernel is full size, exactly zero in the rows not in `cols`.
+    With `xt` (x_cols.T), FC1's weight gradient is taken as xt @ g (`matmul_pretransposed`).
     """
     w1 = jnp.take(params["fc1"]["kernel"], cols, axis=0, mode="clip")
-    h = nn.relu(x_cols @ w1 + params["fc1"]["bias"])
+    h = nn.relu(_fc1(x_cols, w1, xt) + params["fc1"]["bias"])
     h = nn.relu(h @ params["fc2"]["kernel"] + params["fc2"]["bias"])
     return h @ params["fc3"]["kernel"] + params["fc3"]["bias"]
 
 
-def forward_narrow(params: dict, x_cols: jax.Array) -> jax.Array:
+def forward_narrow(params: dict, x_cols: jax.Array, xt: jax.Array | None = None) -> jax.Array:
     """`forward_columns(params_full, x_cols, cols)` with FC1's kernel already narrowed to `cols`.
 
     params["fc1"]["kernel"] is the full kernel's rows `cols` (K, width), x_cols = x[:, cols];
-    the same products as `forward_columns`, without the per-call row gather.
+    the same products as `forward_columns`, without the per-call row gather. With the full
+    kernel and x it is `forward`. With `xt` (x_cols.T), FC1's weight gradient is xt @ g.
     """
-    h = nn.relu(x_cols @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+    h = nn.relu(_fc1(x_cols, params["fc1"]["kernel"], xt) + params["fc1"]["bias"])
     h = nn.relu(h @ params["fc2"]["kernel"] + params["fc2"]["bias"])
     return h @ params["fc3"]["kernel"] + params["fc3"]["bias"]

@@ -444,11 +444,12 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
     else:
         cfgs = [cfg]
     cfgs = [_as_started(c) for c in cfgs]
-    if len({c.skip_zero_pixels for c in cfgs}) > 1:
-        raise ConfigError("these run directories differ in skip_zero_pixels (some were started before the "
-                          "field existed); train them separately")
+    for name in LEGACY_FIELDS:
+        if len({getattr(c, name) for c in cfgs}) > 1:
+            raise ConfigError(f"these run directories differ in {name} (some were started before the "
+                              "field existed); train them separately")
     # The compiled chunk's shared settings; a sweep's weight decays go to it per replica.
-    cfg = dataclasses.replace(cfg, skip_zero_pixels=cfgs[0].skip_zero_pixels, wd=cfgs[0].wd)
+    cfg = dataclasses.replace(cfg, **{name: getattr(cfgs[0], name) for name in LEGACY_FIELDS}, wd=cfgs[0].wd)
     for note in _science_notes(cfg):
         print(f"WARNING: {note}; recorded in config.json", file=sys.stderr)
     steps = eval_steps(cfg.steps, cfg.log_points_per_decade, cfg.authors_grid)
