@@ -67,17 +67,19 @@ def matmul_pretransposed(x: jax.Array, xt: jax.Array, w: jax.Array) -> jax.Array
 
     The same mathematics as autodiff's x^T g (a dot with a transposed left operand), from an
     operand laid out for a plain product, which XLA's CPU backend runs on a faster GEMM path.
-    No gradient flows to x or xt (the training images).
+    x's gradient is g @ w^T, as autodiff's (XLA drops it when nothing uses it, as for FC1's
+    input images); xt, a copy of x for the gradient only, gets none.
     """
     return x @ w
 
 
 def _matmul_pretransposed_fwd(x, xt, w):
-    return x @ w, xt
+    return x @ w, (xt, w)
 
 
-def _matmul_pretransposed_bwd(xt, g):
-    return None, None, xt @ g
+def _matmul_pretransposed_bwd(res, g):
+    xt, w = res
+    return g @ w.T, None, xt @ g
 
 
 matmul_pretransposed.defvjp(_matmul_pretransposed_fwd, _matmul_pretransposed_bwd)
