@@ -86,7 +86,8 @@ def test_science_fields_unchanged():
     expected = [(k, v) for k, v in cfg.to_dict().items() if k not in NON_SCIENCE]
     assert list(cfg.science().items()) == expected
     assert set(cfg.science()) == set(FIELDS) - NON_SCIENCE
-    assert cfg.science()["steps"] == 10_000_000 and cfg.science()["skip_zero_pixels"] == "batch"
+    assert cfg.science()["steps"] == 10_000_000 and cfg.science()["skip_zero_pixels"] == "subset"
+    assert cfg.science()["fc1_weight_grad"] == "pretransposed"
     # the non-science fields leave science() alone; a science field changes it
     other = TrainConfig(out="elsewhere", overwrite=True, chunk=64, full_save_secs=1.0, progress=False,
                         cache_dir="c", idx_dir="i", time_limit=5.0, monitor=False, keep_params="none")

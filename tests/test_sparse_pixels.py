@@ -63,7 +63,8 @@ def test_column_sets(setup):
         nonzero = np.flatnonzero(np.any(xb != 0, axis=0))
         assert set(per[b]) - set(nonzero) == (set() if len(nonzero) == per.shape[1] else {per[b][-1]})
         assert set(nonzero) <= set(per[b]) and not xb[:, per[b][len(nonzero):]].any()  # padding: zero columns
-    stacked = engine.pixel_columns(TrainConfig(out="u"), np.stack([perm, engine.batch_perm(TrainConfig(out="u"), 5)]), x)
+    per_cfg = TrainConfig(out="u", skip_zero_pixels="batch")
+    stacked = engine.pixel_columns(per_cfg, np.stack([perm, engine.batch_perm(per_cfg, 5)]), x)
     assert stacked.ndim == 3 and stacked.shape[:2] == (2, 5) and stacked.shape[2] >= per.shape[1]
     assert engine.pixel_columns(TrainConfig(out="u", skip_zero_pixels="off"), perm, x) is None
     assert engine.pixel_columns(TrainConfig(out="u", reshuffle=True), perm, x).tolist() == sub.tolist()
@@ -192,6 +193,7 @@ def test_old_run_directory_resumes_dense(tmp_path, mnist, capsys, small_run):
     for layer, leaves in ckpt.load_params(d, 120).items():
         for k, a in leaves.items():
             np.testing.assert_array_equal(a, ckpt.load_params(ref, 120)[layer][k])  # dense, bitwise
-    new = small_run  # helpers.SMALL at the defaults: skip_zero_pixels=batch
-    assert json.loads((new / "config.json").read_text())["config"]["skip_zero_pixels"] == "batch"
+    new = small_run  # helpers.SMALL at the defaults: skip_zero_pixels=subset, fc1_weight_grad=pretransposed
+    new_cfg = json.loads((new / "config.json").read_text())["config"]
+    assert (new_cfg["skip_zero_pixels"], new_cfg["fc1_weight_grad"]) == ("subset", "pretransposed")
     assert not np.array_equal(ckpt.load_params(new, 120)["fc1"]["kernel"], ckpt.load_params(ref, 120)["fc1"]["kernel"])

@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 from grokjax.cliutil import THREAD_VARS, OneLineParser
-from grokjax.train.config import ConfigError, TrainConfig, split_fields
+from grokjax.train.config import FC1_WEIGHT_GRAD, SKIP_ZERO_PIXELS, ConfigError, TrainConfig, split_fields
+
+_DEFAULTS = TrainConfig(out="unused")
 
 PINNED_ENV = "GROKJAX_BENCH_PINNED"
 
@@ -35,7 +37,7 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 def _modes(text: str) -> tuple[str, ...]:
     out = tuple(m.strip() for m in text.split(",") if m.strip())
-    bad = [m for m in out if m not in ("batch", "subset", "off")]
+    bad = [m for m in out if m not in SKIP_ZERO_PIXELS]
     if bad:
         raise argparse.ArgumentTypeError(f"modes are batch, subset and off, got {text!r}")
     return out
@@ -90,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="device of the torch reference")
     p.add_argument("--gemm-n", type=int, default=2048, help="side of the square GEMM that measures the floor")
     p.add_argument("--wd", type=float, default=0.0, help="weight decay of both contenders")
-    p.add_argument("--skip-zero-pixels", choices=("batch", "subset", "off"), default="batch",
+    p.add_argument("--skip-zero-pixels", choices=SKIP_ZERO_PIXELS, default=_DEFAULTS.skip_zero_pixels,
                    help="FC1's pixel skipping for the JAX contenders (the main row, seeds, sweep, variants)")
+    p.add_argument("--fc1-weight-grad", choices=FC1_WEIGHT_GRAD, default=_DEFAULTS.fc1_weight_grad,
+                   help="how the JAX contenders take FC1's weight gradient (as --skip-zero-pixels)")
     p.add_argument("--modes", type=_modes, default=None,
                    help="other skip-zero-pixels modes timed as 1-seed contenders (default: the other two)")
     p.add_argument("--sweep", type=_sweep, default=None, metavar="SEEDSxWDS",
@@ -168,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     from grokjax.data import load_mnist  # noqa: PLC0415
     from grokjax.train.engine import batch_perm, init_state, make_data  # noqa: PLC0415
 
-    cfg = TrainConfig(out="unused", wd=args.wd, progress=False, skip_zero_pixels=args.skip_zero_pixels)
+    cfg = TrainConfig(out="unused", wd=args.wd, progress=False, skip_zero_pixels=args.skip_zero_pixels,
+                      fc1_weight_grad=args.fc1_weight_grad)
     modes = args.modes if args.modes is not None else tuple(
-        m for m in ("batch", "subset", "off") if m != args.skip_zero_pixels)
+        m for m in SKIP_ZERO_PIXELS if m != args.skip_zero_pixels)
     extra = dict(modes=modes, sweep=args.sweep, variants=tuple(args.variant))
     if args.quick:
         opts = core.BenchOptions(windows=2, window_steps=10, seeds=args.seeds or (1, 2), gemm_n=256,

@@ -289,7 +289,7 @@ def run_benchmark(cfg: TrainConfig, mnist: dict, opts: BenchOptions,
     return {
         "machine": info, "load_after": [round(x, 2) for x in os.getloadavg()],
         "options": dataclasses.asdict(opts), "flops_per_step": flops, "gemm": gemm,
-        "skip_zero_pixels": cfg.skip_zero_pixels, "fc1_columns": widths, "flops_per_step_reduced": reduced,
+        "skip_zero_pixels": cfg.skip_zero_pixels, "fc1_weight_grad": cfg.fc1_weight_grad, "fc1_columns": widths, "flops_per_step_reduced": reduced,
         "jax": jax_s, "reference": ref_s, "reference_name": reference_name,
         "ratio": jax_s["median"] / ref_s["median"] if ref_s else None,
         "floor_fraction": jax_s["median"] / gemm["floor_steps_per_s"],
@@ -323,7 +323,8 @@ def format_table(res: dict) -> str:
         "",
         f"| {'contender':<30} | {'steps/s':>9} | {'min-max':^17} | {'IQR':^15} | note",
         f"|{'-' * 32}|{'-' * 11}|{'-' * 19}|{'-' * 17}|------",
-        row("JAX scan chunk (1 seed)", res["jax"], f"{res['skip_zero_pixels']}: {res['floor_fraction']:.0%} of "
+        row("JAX scan chunk (1 seed)", res["jax"], f"{res['skip_zero_pixels']}, {res['fc1_weight_grad']}: "
+            f"{res['floor_fraction']:.0%} of "
             f"dense floor, {res['floor_fraction_reduced']:.0%} of reduced"),
     ]
     if res["reference"]:

@@ -161,14 +161,15 @@ class TrainConfig:
     # count with a pixel zero in the batch); subset: the pixels nonzero anywhere in the training
     # subset (also what --reshuffle uses); off: dense. A run directory started before this field
     # existed resumes with off.
-    skip_zero_pixels: str = _field("batch", "skip FC1's zero input pixels (exact): batch, subset or off")
+    # subset is the default: narrowed once per chunk, it is the fastest (BENCHMARKS.md, E24).
+    skip_zero_pixels: str = _field("subset", "skip FC1's zero input pixels (exact): subset, batch or off")
     # How FC1's weight gradient x^T g is computed: autodiff (the dot XLA emits, with a transposed
     # left operand) or pretransposed (x^T laid out once per scan chunk from the fixed batches,
     # then a plain product; with --reshuffle, transposed at every step). The same mathematics;
     # the rounding differs (another GEMM path on CPU). A run directory started before this field
-    # existed resumes with autodiff.
-    fc1_weight_grad: str = _field("autodiff", "FC1's weight gradient: autodiff or pretransposed (the same "
-                                  "mathematics, another GEMM path)")
+    # existed resumes with autodiff. pretransposed is the default: +8-12 % on CPU (E25).
+    fc1_weight_grad: str = _field("pretransposed", "FC1's weight gradient: pretransposed or autodiff (the "
+                                  "same mathematics, another GEMM path)")
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
