@@ -9,8 +9,10 @@ With `skip_zero_pixels` the step multiplies only FC1's input columns that are no
 (`pixel_columns`, computed on the host and passed to the step as `cols`); parameters and
 optimizer state keep their full size between chunks. With the one subset-wide set, a chunk cuts
 FC1's kernel and its AdamW moments to those rows for its whole scan (`_narrow_state`) and writes
-them back at its end; with per-batch sets, each step gathers its rows and scatters its gradient. A sweep (`make_train_chunk(..., wds=...)`) gives each
-replica its own weight decay.
+them back at its end; with per-batch sets, each step gathers its rows and scatters its gradient.
+With `fc1_weight_grad=pretransposed`, FC1's weight gradient is a plain product with the batch
+transposed once per chunk (`model.matmul_pretransposed`). A sweep (`make_train_chunk(...,
+wds=...)`) gives each replica its own weight decay.
 
 The protocol (subset, init, loss, optimizer, batch cycle, evaluation) is docs/protocol.md.
 """
@@ -266,8 +268,9 @@ def make_train_chunk(cfg: TrainConfig, n_seeds: int | None = None, *, wds=None, 
     With skip_zero_pixels=subset (and the fixed cycle) the scan runs on the narrowed state: FC1's
     kernel rows `cols` only, the other rows left out at weight decay 0 (they never change) or
     carried beside to be decayed. The products are those of the per-step row gather it replaced
-    (whose 150-step params and moments it matched bit for bit, WD 0 and 0.01); the row gather, the full-size gradient scatter and a
-    quarter of FC1's AdamW work are gone from every step.
+    (whose 150-step params and moments it matched bit for bit, WD 0 and 0.01); the row gather,
+    the full-size gradient scatter and a quarter of FC1's AdamW work are gone from every step.
+    With fc1_weight_grad=pretransposed the fixed batches are also transposed once per chunk.
     """
     nb = cfg.batches_per_epoch
     step = make_step(cfg)
