@@ -171,18 +171,18 @@ def _apply_update(opt: optax.GradientTransformation, state: TrainState, x, y, co
     return TrainState(params, opt_state, state.step + 1, state.key), loss
 
 
-def _narrow_state(state: TrainState, rows: jax.Array, rest: jax.Array | None) -> TrainState:
+def _narrow_state(state: TrainState, rows: jax.Array, rest: jax.Array) -> TrainState:
     """`state` with FC1's kernel, and its AdamW mu and nu, cut to the kernel rows `rows`.
 
-    With `rest` (the other rows), those rows ride along as params["fc1"]["rest"] (and in mu and
-    nu): their gradient is exactly zero, so AdamW only decays them, element for element as in
-    the full-size step. Without it they are left out: at weight decay 0 they never change.
+    The other rows, `rest`, ride along as params["fc1"]["rest"] (and in mu and nu): their
+    gradient is exactly zero, so AdamW only decays them, element for element as in the
+    full-size step (at weight decay 0 they never change). They are carried at every weight
+    decay so that the compiled program does not depend on its value: left out at WD 0 only,
+    a sharded sweep's WD-0 replicas differed in the last bit from a separate WD-0 run.
     """
     def cut(tree):
         kernel = tree["fc1"]["kernel"]
-        fc1 = {**tree["fc1"], "kernel": jnp.take(kernel, rows, axis=0)}
-        if rest is not None:
-            fc1["rest"] = jnp.take(kernel, rest, axis=0)
+        fc1 = {**tree["fc1"], "kernel": jnp.take(kernel, rows, axis=0), "rest": jnp.take(kernel, rest, axis=0)}
         return {**tree, "fc1": fc1}
 
     adam, *others = state.opt_state
@@ -190,12 +190,10 @@ def _narrow_state(state: TrainState, rows: jax.Array, rest: jax.Array | None) ->
     return TrainState(cut(state.params), opt_state, state.step, state.key)
 
 
-def _widen_state(narrow: TrainState, full: TrainState, rows: jax.Array, rest: jax.Array | None) -> TrainState:
+def _widen_state(narrow: TrainState, full: TrainState, rows: jax.Array, rest: jax.Array) -> TrainState:
     """The inverse of `_narrow_state`: `narrow`'s rows written back into `full`'s FC1 kernels."""
     def put(n, f):
-        kernel = f["fc1"]["kernel"].at[rows].set(n["fc1"]["kernel"])
-        if rest is not None:
-            kernel = kernel.at[rest].set(n["fc1"]["rest"])
+        kernel = f["fc1"]["kernel"].at[rows].set(n["fc1"]["kernel"]).at[rest].set(n["fc1"]["rest"])
         fc1 = {k: v for k, v in n["fc1"].items() if k != "rest"}
         return {**n, "fc1": {**fc1, "kernel": kernel}}
 
@@ -266,10 +264,10 @@ def make_train_chunk(cfg: TrainConfig, n_seeds: int | None = None, *, wds=None, 
     tests/test_train.py holds them to 1e-13 relative).
 
     With skip_zero_pixels=subset (and the fixed cycle) the scan runs on the narrowed state: FC1's
-    kernel rows `cols` only, the other rows left out at weight decay 0 (they never change) or
-    carried beside to be decayed. The products are those of the per-step row gather it replaced
-    (whose 150-step params and moments it matched bit for bit, WD 0 and 0.01); the row gather,
-    the full-size gradient scatter and a quarter of FC1's AdamW work are gone from every step.
+    kernel rows `cols` only, the other rows carried beside to be decayed (unchanged at WD 0).
+    The products are those of the per-step row gather it replaced (whose 150-step params and
+    moments it matched bit for bit, WD 0 and 0.01); the row gather and the full-size gradient
+    scatter are gone from every step.
     With fc1_weight_grad=pretransposed the fixed batches are also transposed once per chunk.
     """
     nb = cfg.batches_per_epoch
@@ -318,7 +316,6 @@ def make_train_chunk(cfg: TrainConfig, n_seeds: int | None = None, *, wds=None, 
         narrow_state, widen_state = _narrow_state, _widen_state
     # The subset column set (one set for every step and replica) narrows FC1 for the whole chunk.
     narrow = cfg.skip_zero_pixels == "subset" and not cfg.reshuffle
-    decays = wds is not None or cfg.wd != 0
 
     @functools.partial(jax.jit, static_argnames="length", donate_argnums=0, compiler_options=compiler_options)
     def chunk(state, perm, data, length: int, cols=None):
@@ -329,10 +326,9 @@ def make_train_chunk(cfg: TrainConfig, n_seeds: int | None = None, *, wds=None, 
                 return step(s, perm, data, cols, wd)
         elif narrow:
             xb, yb, xbt = batches(perm, data, cols)
-            rest = None
-            if decays:  # the rows outside cols, in order (cols is ascending and unique)
-                keep = jnp.ones(N_IN, bool).at[cols].set(False)
-                rest = jnp.nonzero(keep, size=N_IN - cols.shape[0])[0].astype(cols.dtype)
+            # the rows outside cols, in order (cols is ascending and unique)
+            keep = jnp.ones(N_IN, bool).at[cols].set(False)
+            rest = jnp.nonzero(keep, size=N_IN - cols.shape[0])[0].astype(cols.dtype)
 
             def body(s, _):
                 return narrow_step(s, xb, yb, xbt, wd)
