@@ -421,6 +421,44 @@ def test_window_tables_group_by_run_length_and_show_centred_rows():
     assert set(t4["steps"]) == {10 ** 6, 10 ** 7}
 
 
+def test_paper_comparison_puts_each_value_beside_the_papers():
+    from grokjax.analysis import paper  # noqa: PLC0415
+
+    parts = [_run_tables(f"s{seed}", seed, 10 ** 7, collapse=True, centred=True) for seed in (0, 1)]
+    decayed = _run_tables("wd", 0, 10 ** 7, collapse=True, centred=True)
+    decayed[0]["wd"], decayed[1]["wd"] = 0.01, 0.01
+    parts.append(decayed)
+    layers = pd.concat([p[0] for p in parts], ignore_index=True)
+    steps = pd.concat([p[1] for p in parts], ignore_index=True)
+    # seed 1's FC2 alpha differs, so the WD-0 group has a spread
+    layers.loc[(layers["run"] == "s1") & (layers["layer"] == "fc2"), "alpha"] = 2.0
+    tables = report.build_tables(layers, steps)
+    cmp, md = tables["paper_comparison"]
+    wd0 = cmp[cmp["wd"] == 0.0].set_index(["table", "layer", "metric", "phase"])
+    t1 = tables["table1_alpha"][0]
+    t1 = t1[t1["wd"] == 0.0].set_index(["layer", "metric", "phase"])
+    for phase, paper_phase in (("pre", "pre"), ("nominal", "pre"), ("grok", "grok"), ("anti", "anti")):
+        r = wd0.loc[("Table 1", "fc2", "alpha", phase)]
+        assert r["value_mean"] == pytest.approx(3.0) and r["value_std"] == pytest.approx(np.sqrt(2.0)) and r["n"] == 2
+        assert r["paper_mean"] == paper.PAPER[("Table 1", "0", "fc2", "alpha")][paper_phase][0]
+        assert r["difference"] == pytest.approx(3.0 - r["paper_mean"])
+        assert wd0.loc[("Table 1", "fc1", "alpha_centred", phase), "value_mean"] == 6.0
+        assert wd0.loc[("Table 1", "fc1", "alpha", phase), "value_mean"] == t1.loc[("fc1", "alpha", phase), "mean"]
+    assert wd0.loc[("Table 2", "fc1", "traps", "anti"), "paper_mean"] == 6.33
+    assert wd0.loc[("Table 2", "fc2", "traps_centred", "anti"), "paper_text"] == "1.00 ± 0.00"
+    assert wd0.loc[("Table 4", "fc1", "mp_ks", "anti"), "paper_mean"] == 0.3044
+    assert "traps_k_mean" not in set(cmp["metric"])  # the paper reports no such count
+    assert not (cmp["table"].eq("Table 4") & cmp["metric"].eq("traps_centred")).any()
+    # WD > 0: the paper has Table 2 only, with its own numbers
+    pos = cmp[cmp["wd"] == 0.01]
+    assert set(pos["table"]) == {"Table 2"}
+    assert (pos.loc[(pos["layer"] == "fc1") & (pos["phase"] == "anti"), "paper_mean"] == 2.0).all()
+    assert "WD = 0, 10,000,000 steps, engine native" in md and "WD = 0.01, 10,000,000 steps" in md
+    assert "| Table 1 | FC2 α | 3.00 ± 1.41 | 3.00 ± 1.41 | 4.6 ± 0.5 |" in md
+    assert "| Table 4 | FC1 KS statistic | 0.0100 ± 0.0000 | – | 0.0120 |" in md
+    assert "Anti-grokking (collapse): this project" in md
+
+
 # --------------------------------------------------------------------------------------
 # KS of the MP fit: how sigma enters the Q = 1 (FC2) reference law
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from grokjax.analysis import phase_tables
+from grokjax.analysis import paper, phase_tables
 from grokjax.analysis.phases import (NO_GROKKING, PHASE_TITLES, PHASES, PRE_STATUSES, WARNING_STATUS_MEANINGS,
                                      PhaseOptions, detect_phases, early_warnings, nearest_step, phase_steps,
                                      phase_title, warning_counts)
@@ -214,8 +214,9 @@ def build_tables(layers: pd.DataFrame, steps: pd.DataFrame,
     Names: phases, table1_alpha and table2_traps (`grokjax.analysis.phase_tables`: the phase
     checkpoint's value beside the median and IQR over the phase window, the paper's nominal
     10^5-step column, raw and mean-aware rows where the layer table has them),
-    table4_mp_fc1 (native engine only: WW has no KS test), early_warning, and
-    early_warning_counts (statuses, false alarms included, per run and per (wd, steps)).
+    table4_mp_fc1 (native engine only: WW has no KS test), early_warning,
+    early_warning_counts (statuses, false alarms included, per run and per (wd, steps)), and
+    paper_comparison (Tables 1, 2 and 4 beside the paper's numbers: `grokjax.analysis.paper`).
     Runs are grouped by (weight decay, run length).
     """
     ph = run_phases(steps, options)
@@ -234,6 +235,8 @@ def build_tables(layers: pd.DataFrame, steps: pd.DataFrame,
                         warning_counts(warn, keys=("wd", "steps", "engine", "layer", "signal")).assign(group="wd")]
                        ) if len(warn) else pd.DataFrame()
     out["early_warning_counts"] = (counts, warning_counts_markdown(counts))
+    cmp = paper.compare({name: out[name][0] for name in ("table1_alpha", "table2_traps", "table4_mp_fc1")})
+    out["paper_comparison"] = (cmp, paper.comparison_markdown(cmp, ph))
     return out
 
 
@@ -326,7 +329,8 @@ def make_report(root: str | Path, *, options=None, out_dir: str | Path | None = 
 
     Outputs in `out_dir` (default `<root>/analysis`): all_layers and all_steps
     (.parquet + .csv; the per-run caches stay in each `<run>/analysis`), phases.csv,
-    table1_alpha.csv, table2_traps.csv, table4_mp_fc1.csv, early_warning.csv, report.md,
+    table1_alpha.csv, table2_traps.csv, table4_mp_fc1.csv, early_warning.csv,
+    early_warning_counts.csv, paper_comparison.csv, report.md,
     summary.txt and figures/*.png.
 
     Every input is checked first (`grokjax.analysis.pipeline.read_run`); everything is written to a
