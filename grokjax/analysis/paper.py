@@ -99,23 +99,12 @@ def compare(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLS)
 
 
-def _ours(r) -> str:
-    if r.n == 0 or not np.isfinite(r.value_mean):
-        return "–"
-    if r.metric == "mp_pvalue":
-        fmt = "{:.3g}"
-    else:
-        fmt = {"mp_ks": "{:.4f}", "rand_sigma_mp": "{:.3f}"}.get(r.metric, "{:.2f}")
-        if r.metric.startswith("traps") and r.n == 1:
-            fmt = "{:.0f}"
-    txt = fmt.format(r.value_mean)
-    return txt if r.n == 1 else f"{txt} ± {fmt.format(r.value_std)}"
-
-
 def comparison_markdown(cmp: pd.DataFrame, phases_df: pd.DataFrame | None = None) -> str:
     """One table per (wd, steps, engine): per row, this project's value at each phase beside
     the paper's. The third phase is titled "final (no collapse)" when none of the group's runs
     collapsed (from `phases_df`, a `report.run_phases` table)."""
+    from grokjax.analysis.report import _fmt  # noqa: PLC0415 (report imports this module)
+
     lines = ["### Against the paper: Tables 1, 2 and 4 beside its numbers", "",
              "The paper's numbers as printed (Tables 1 and 2: mean ± std over its seeds; Table 4: one run), read "
              f"at its nominal steps (pre-grokking {PAPER_STEPS['pre']}, grokking {PAPER_STEPS['grok']}, "
@@ -140,7 +129,7 @@ def comparison_markdown(cmp: pd.DataFrame, phases_df: pd.DataFrame | None = None
             at = {r.phase: r for r in rows.itertuples(index=False)}
             any_row = next(iter(at.values()))
             paper = {p: PAPER[(table, wd_kind(wd), layer, any_row.paper_metric)][p][2] for p in PAPER_STEPS}
-            cell = {p: _ours(at[p]) if p in at else "–" for p in COLUMNS}
+            cell = {p: _fmt(at[p].value_mean, at[p].value_std, at[p].n, metric) if p in at else "–" for p in COLUMNS}
             label = f"{LABELS.get(layer, layer)} {METRIC_LABELS.get(metric, metric)}"
             lines.append(f"| {table} | {label} | {cell['pre']} | {cell['nominal']} | {paper['pre']} | "
                          f"{cell['grok']} | {paper['grok']} | {cell['anti']} | {paper['anti']} |")

@@ -114,7 +114,7 @@ def _fmt(mean: float, std: float, n: int, metric: str) -> str:
         txt = f"{mean:.3g}"
         return txt if n == 1 else f"{txt} ± {std:.2g}"
     digits = 4 if metric == "mp_ks" else (3 if metric == "rand_sigma_mp" else 2)
-    if metric == "traps" and n == 1:
+    if metric.startswith("traps") and n == 1:  # traps, traps_centred: counts
         digits = 0
     return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
