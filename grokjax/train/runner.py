@@ -145,10 +145,37 @@ def xla_cpu_threads() -> int | None:
     return n or None
 
 
+def cpu_model() -> str:
+    """The host CPU as /proc/cpuinfo names it: vendor, family, model, stepping and model name.
+
+    Runs are chaotic: the same command on another CPU model drifts in the low bits after a few
+    thousand steps, so every segment records this (its start or resume event).
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info: dict[str, str] = {}
+            for ln in f:
+                if not ln.strip():
+                    break  # the first processor's block is enough
+                k, _, v = ln.partition(":")
+                info.setdefault(k.strip(), v.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    if "cpu family" not in info:
+        return info.get("model name") or platform.processor() or platform.machine()
+    return (f"{info.get('vendor_id', '?')} family {info['cpu family']} model {info.get('model', '?')} "
+            f"stepping {info.get('stepping', '?')} ({info.get('model name', '?')})")
+
+
+def _segment_fields() -> dict[str, object]:
+    """What a start or resume event records of the machine the segment runs on."""
+    return {"cpu": cpu_model(), "host": platform.node(), "xla_cpu_threads": xla_cpu_threads()}
+
+
 def _device_info() -> dict[str, object]:
     devs = jax.devices()
     return {"platform": devs[0].platform, "device_kind": devs[0].device_kind, "count": len(devs),
-            "cpu": platform.processor() or platform.machine(), "host": platform.node(),
+            "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "host": platform.node(),
             "xla_cpu_threads": xla_cpu_threads()}
 
 
@@ -645,6 +672,8 @@ def _restore_or_init(cfg: TrainConfig, cfgs: list[TrainConfig], replicas: list[_
     templates = [_state_tree(s, p, 0.0) for s, p in zip(states, perms)]
     restored = _restore(replicas, templates[mine], axis.group)
     if restored is None:
+        for r in replicas:
+            r.event(event="start", step=0, **_segment_fields())
         return _Start(0, states, [0.0] * len(replicas))
     start, trees = restored
     for tree, p in zip(trees, perms[mine]):
@@ -661,7 +690,7 @@ def _restore_or_init(cfg: TrainConfig, cfgs: list[TrainConfig], replicas: list[_
     reason = _resume_reason(replicas, start)
     print(f"resuming {cfg.out} from step {start} of {cfg.steps} ({reason})", file=sys.stderr)
     for r in replicas:
-        r.event(event="resume", step=int(start), reason=reason)
+        r.event(event="resume", step=int(start), reason=reason, **_segment_fields())
     return _Start(start, states, [float(t["wall"]) for t in trees])
 
 
