@@ -15,7 +15,8 @@ Layouts (on a machine with at least 2 cores; the pinned ones use cores 0 and 1):
   devices2  one process with 2 CPU devices, the 2-seed sweep sharded one replica a device
   pinned2   two processes, each pinned to one core (taskset -c i, PJRT_NPROC=1)
   pinned2x2 two pinned processes, each a vmapped 2-seed sweep (4 runs at once)
-  dp2       one run, each batch split over 2 CPU devices (--data_parallel 2)
+
+One run with each batch split over two devices is measured by experiments/data_parallel.py.
 
 The machine must be quiet: anything else running changes the numbers. The load average before
 and after each layout is printed and recorded.
@@ -48,7 +49,6 @@ def _layouts(steps: int) -> dict[str, list[tuple[list[str], dict[str, str], str]
         "devices2": [([*n, "--seeds", "0,1"], DEVICES2, "devices2")],
         "pinned2": [(pin(0) + [*n, "--seed", "0"], one, "pin0"), (pin(1) + [*n, "--seed", "1"], one, "pin1")],
         "pinned2x2": [(pin(0) + [*n, "--seeds", "0,1"], one, "pin0"), (pin(1) + [*n, "--seeds", "2,3"], one, "pin1")],
-        "dp2": [([*n, "--seed", "0", "--data_parallel", "2"], {}, "dp2")],
     }
 
 
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--from_step", type=int, default=5000, help="steady state starts at this step")
-    ap.add_argument("--layouts", default="single,vmap2,devices2,pinned2,pinned2x2,dp2")
+    ap.add_argument("--layouts", default="single,vmap2,devices2,pinned2,pinned2x2")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     table = _layouts(a.steps)
