@@ -1,0 +1,104 @@
+"""Checks numbers stated in results/README.md against the committed files they come from.
+
+    python results/check_numbers.py        # exit 0: every checked sentence agrees; 1: lists each that does not
+
+Each check computes a value from the record (metrics.jsonl, analysis/steps.csv, the seeds
+outputs) and asserts that the README states it in the expected words. Add a check whenever a
+number is added to the text.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+README = HERE / "README.md"
+
+
+def _metrics(run: Path) -> pd.DataFrame:
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return pd.DataFrame([r for r in rows if "test/acc" in r]).sort_values("step").reset_index(drop=True)
+
+
+def _steps(run: Path) -> pd.DataFrame:
+    s = pd.read_csv(run / "analysis" / "steps.csv")
+    return s[s["test/acc"].notna()].sort_values("step").reset_index(drop=True)
+
+
+def _at(df: pd.DataFrame, step: int, col: str) -> float:
+    return float(df.loc[df["step"] == step, col].iloc[0])
+
+
+def checks() -> list[tuple[str, str]]:
+    """(what, expected text) pairs."""
+    out = []
+    run = HERE / "wd0_1e7"
+    m, s = _metrics(run), _steps(run)
+    te, tr, st = m["test/acc"].to_numpy(), m["train/acc"].to_numpy(), m["step"].to_numpy()
+    ip = int(np.argmax(te))
+    peak, peak_step = te[ip], int(st[ip])
+    out.append(("peak", f"test accuracy {peak:.4f} at {peak_step:,}"))
+    after = np.arange(ip + 1, len(te))
+    imin = after[np.argmin(te[after])]
+    out.append(("collapse minimum", f"{100 * (peak - te[imin]):.1f} points, to {te[imin]:.4f} at {st[imin]:,}"))
+    drop5 = st[after[te[after] <= peak - 0.05 + 1e-12][0]]
+    out.append(("collapse onset (5 points)", f"{drop5:,} (first evaluation ≥ 5 points below the peak)"))
+    # train accuracy 1.0 from its first 1.0 to 5e6, with the exceptions named
+    first1 = int(st[np.argmax(tr >= 1.0)])
+    below = [(int(a), b) for a, b in zip(st, tr) if first1 < a <= 5_000_000 and b < 1.0]
+    exc = ", ".join(f"{b:.3f}".rstrip("0") + f" at {a:,}" for a, b in below)
+    out.append(("train accuracy", f"train accuracy 1.0 at every evaluation from {first1:,} to 5.0e6, except {exc}"))
+    # Table 1's FC1 row at this run's phase edges: pre 14,125, peak, minimum
+    pre = 14125
+    cols = {"raw": "native/alpha_fc1", "centred": "native/alpha_centred_fc1"}
+    for kind, c in cols.items():
+        v = [_at(s, k, c) for k in (pre, peak_step, int(st[imin]))]
+        out.append((f"Table 1 FC1 {kind}", " / ".join(f"{x:.2f}" for x in v) + f" {kind}"))
+    raw_up = _at(s, peak_step, cols["raw"]) > _at(s, pre, cols["raw"])
+    out.append(("FC1 raw alpha rises to the peak", "raw: no (it rises from pre-grokking to the peak" if raw_up
+                else "raw alpha falls to the peak"))
+    # the lead gap of the late signals: persistent onsets (3 evaluations) after the peak
+    def onset(flags):
+        run_, start = 0, None
+        for k, f in zip(s["step"], flags):
+            if k < peak_step:
+                continue
+            run_, start = (run_ + 1, start if run_ else k) if f else (0, None)
+            if run_ >= 3:
+                return int(start)
+        return None
+    late = [onset(s["native/alpha_fc1"] < 2), onset(s["native/alpha_centred_fc1"] < 2),
+            onset(s["native/traps_centred_fc1"] >= 1)]
+    gaps = [(x - drop5) / 1e6 for x in late]
+    out.append(("late-signal gap", f"{min(gaps):.1f}-{max(gaps):.1f} million steps after the drop began"))
+    # centred vs raw alpha decline from 1.07e6 to 10^7, FC1 and FC2
+    k0 = int(s.loc[(s["step"] - 1.07e6).abs().idxmin(), "step"])
+    for layer in ("fc2", "fc1"):
+        r0, r1 = _at(s, k0, f"native/alpha_{layer}"), _at(s, 10**7, f"native/alpha_{layer}")
+        c0, c1 = _at(s, k0, f"native/alpha_centred_{layer}"), _at(s, 10**7, f"native/alpha_centred_{layer}")
+        faster = (c0 - c1) > (r0 - r1)
+        want = "falls faster than its raw one" if layer == "fc2" else "does not"
+        if faster != (layer == "fc2"):
+            want = f"{layer}: centred decline {c0 - c1:.2f} vs raw {r0 - r1:.2f}"
+        out.append((f"{layer} centred vs raw decline", f"{c0:.2f} → {c1:.2f} against {r0:.2f} → {r1:.2f}"))
+        out.append((f"{layer} centred faster?", want))
+    return out
+
+
+def main() -> int:
+    text = README.read_text()
+    flat = " ".join(text.split())
+    bad = [(what, want) for what, want in checks() if " ".join(want.split()) not in flat]
+    for what, want in bad:
+        print(f"results/README.md does not state {what}: expected '{want}'")
+    n = len(checks())
+    print(f"{n - len(bad)} of {n} checked statements agree with the files")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
