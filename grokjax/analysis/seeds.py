@@ -233,15 +233,15 @@ def comparison_markdown(cmp: pd.DataFrame) -> str:
 
 
 def verdict(grid: pd.DataFrame) -> pd.DataFrame:
-    """Per (wd, signal, rule, collapse): runs, how many warned/late/missed/false_alarm/quiet, and
+    """Per (wd, final step, signal, rule, collapse) (runs of different lengths are never pooled): runs, how many warned/late/missed/false_alarm/quiet, and
     the range of lead steps and points already lost over the runs where the signal fired."""
     if grid.empty:
         return pd.DataFrame()
     out = []
-    for key, g in grid.groupby(["wd", "signal", "rule", "collapse"], sort=True):
+    for key, g in grid.groupby(["wd", "final_step", "signal", "rule", "collapse"], sort=True):
         fired = g[np.isfinite(g["signal_step"])]
         counts = g["outcome"].value_counts()
-        out.append(dict(zip(["wd", "signal", "rule", "collapse"], key), runs=len(g),
+        out.append(dict(zip(["wd", "final_step", "signal", "rule", "collapse"], key), runs=len(g),
                         **{k: int(counts.get(k, 0)) for k in ("warned", "late", "missed", "false_alarm", "quiet")},
                         lead_min=g["lead_steps"].min(), lead_max=g["lead_steps"].max(),
                         lost_pp_min=fired["lost_pp"].min(), lost_pp_max=fired["lost_pp"].max()))
@@ -322,16 +322,21 @@ def make_figures(steps: pd.DataFrame, grid: pd.DataFrame, out_dir: Path) -> list
         m = np.full((len(labels), len(runs)), np.nan)
         for r in g.itertuples(index=False):
             m[labels.index(f"{r.signal} ({r.rule})"), runs.index(r.run)] = r.lost_pp
-        fig, ax = plt.subplots(figsize=(2 + 1.3 * len(runs), 6))
-        im = ax.imshow(m, cmap="magma_r", vmin=0, vmax=max(30.0, float(np.nanmax(m)) if np.isfinite(m).any() else 30))
+        fig, ax = plt.subplots(figsize=(5 + 1.6 * len(runs), 6.5))
+        im = ax.imshow(m, cmap="magma_r", aspect="auto",
+                       vmin=0, vmax=max(30.0, float(np.nanmax(m)) if np.isfinite(m).any() else 30))
         for (i, j), v in np.ndenumerate(m):
             ax.text(j, i, "never" if not np.isfinite(v) else f"{v:.1f}", ha="center", va="center", fontsize=7,
                     color="tab:blue" if not np.isfinite(v) else ("w" if v > 15 else "k"))
-        ax.set_xticks(range(len(runs)), [f"{r}\n(WD {g.loc[g['run'] == r, 'wd'].iloc[0]:g})" for r in runs],
-                      fontsize=7)
+        ticks = []
+        for r in runs:
+            row = g[g["run"] == r].iloc[0]
+            ticks.append(f"{r}\nWD {row['wd']:g}, to {row['final_step']:.2g}")
+        ax.set_xticks(range(len(runs)), ticks, fontsize=7, rotation=30, ha="right")
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        ax.set_title("test points already lost when each signal fires (from the peak)\n"
-                     "a signal warns before a 'drop X' collapse when this is below X", fontsize=9)
+        ax.set_title("Test points already lost when each signal fires (searched from the peak).\n"
+                     "It warns of a 'drop X' collapse when this is below X; 'never': not up to the run's last step.",
+                     fontsize=8)
         fig.colorbar(im, ax=ax, label="points below the peak")
         written.append(out_dir / "early_warning_grid.png")
         fig.tight_layout()
