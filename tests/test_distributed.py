@@ -240,3 +240,35 @@ def test_slurm_templates_render_and_parse(root, script, task):
     assert args.distributed == "auto" and args.lr == 1e-3 and args.progress is False
     assert args.out == ("sweeps/x" if task is None else "sweeps/x/shard1")
     assert args.seeds == [0, 1, 2, 3] and (args.wds == [0.001] if task else len(args.wds) == 4)
+
+
+def test_a_lagging_monitor_ends_cleanly(tmp_path, root):
+    """Process 1's monitor lags on purpose (a test-only delay per record), so that it defers
+    steps and reads their params checkpoints while closing: process 0 waits for it before
+    leaving, both exit 0, every replica's monitor record is complete, and nothing reports a
+    collective error."""
+    port = _free_port()
+    out = tmp_path / "out"
+    logs = [tmp_path / f"p{i}.log" for i in range(2)]
+    procs = []
+    try:
+        for i in range(2):
+            env = _env()
+            env["GROKJAX_TEST_MONITOR_DELAY"] = "0.5" if i == 1 else "0"
+            procs.append(_start(root, out, i, port, ["--monitor", "true", "--log_points_per_decade", "10",
+                                                     "--keep_params", "all"], logs[i], env))
+        for p in procs:
+            p.wait(timeout=TIMEOUT)
+    finally:
+        _kill(procs)
+    errs = [f.read_text() for f in logs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    # the lag made process 1's monitor read checkpoints while closing (its backfill)
+    assert "computed from their params checkpoints after falling behind" in errs[1], errs[1][-2000:]
+    for text in errs:
+        assert "Gloo" not in text and "WARNING: monitor" not in text and "Traceback" not in text, text[-2000:]
+    for name in RUNS:
+        metric_steps = [r["step"] for r in _records(out / name)]
+        record_steps = sorted(json.loads(ln)["step"] for ln in
+                              (out / name / "monitor" / "records.jsonl").read_text().splitlines())
+        assert record_steps == metric_steps, name

@@ -254,3 +254,19 @@ def test_paper_text_takes_the_record_rows_and_recomputes_only_the_measures(monit
         pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True), check_dtype=False)
     default = _table(monitored, True)[1]
     assert not np.allclose(default["progress/circuit"], from_record[1]["progress/circuit"])  # it is the variant
+
+
+def test_params_are_read_in_the_record_process(small_run):
+    """A backfill reads its checkpoint in the record process (a plain single-process read), and
+    gets exactly what a direct read gives; a missing one is a one-line error there."""
+    from grokjax.analysis import monitor
+
+    step = ckpt.list_param_steps(small_run)[-1]
+    got = monitor._WORKER.call("params", str(small_run), step)
+    want = ckpt.load_params(small_run, step)
+    assert got.keys() == want.keys()
+    for layer in want:
+        for k in want[layer]:
+            assert np.array_equal(got[layer][k], want[layer][k])
+    with pytest.raises(RuntimeError, match="CheckpointError: no params checkpoint"):
+        monitor._WORKER.call("params", str(small_run), 10**9)

@@ -193,7 +193,7 @@ class _RecordWorker:
         return value
 
     def call(self, kind: str, *args):
-        """A request to the record process: 'pid', 'priority', or 'record' (see record_worker)."""
+        """A request to the record process: 'pid', 'priority', 'params' or 'record' (see record_worker)."""
         with self._lock:
             return self._request(kind, *args)
 
@@ -230,6 +230,9 @@ class _RecordWorker:
 
 
 _WORKER = _RecordWorker()
+# Tests only: seconds each record waits first (a monitor made slow on purpose, to test how a
+# sweep over several processes ends when one process's monitor lags).
+_TEST_DELAY = float(os.environ.get("GROKJAX_TEST_MONITOR_DELAY", "0") or 0)
 atexit.register(_WORKER.shutdown)
 
 
@@ -352,7 +355,9 @@ class Monitor:
         s = self._backfill.pop(0)
         if s not in ckpt.list_param_steps(self.dir):  # removed since the start
             return
-        rec, spectra = self._record(ckpt.load_params(self.dir, s), s)
+        # read in the record process, never here: in a sweep over several processes a read in
+        # the trainer would be a collective with the other processes (see record_worker)
+        rec, spectra = self._record(_WORKER.call("params", str(self.dir), s), s)
         rundir.write_spectra(self.dir, s, spectra)
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()
@@ -373,6 +378,8 @@ class Monitor:
 
     def _one(self, step: int, params: dict) -> None:
         t0 = time.perf_counter()
+        if _TEST_DELAY:
+            time.sleep(_TEST_DELAY)  # tests only: a monitor that lags behind the training
         rec, spectra = self._record(params, step)
         rundir.write_spectra(self.dir, step, spectra)
         self._file.write(json.dumps(rec) + "\n")

@@ -6,6 +6,10 @@ one pickled `("ok", value)` or `("error", "Type: message")` on stdout:
 
   ("pid", ())           its process id
   ("priority", ())      its nice value
+  ("params", (run_dir, step)) the params checkpoint at `step`, read by `grokjax.ckpt.load_params`
+                        here: a plain single-process read, whatever the trainer is part of
+                        (in a sweep over several processes, Orbax in the trainer would make it a
+                        collective, which fails once another process has finished)
   ("record", (params, step, run_seed, key, inputs))
                         `monitor.compute_record(params, ...)` with the inputs named `key`;
                         `inputs` is sent with the first request of a key (None afterwards),
@@ -50,6 +54,10 @@ def serve(nice: int, stdin=None, stdout=None) -> int:
                 value = os.getpid()
             elif kind == "priority":
                 value = os.getpriority(os.PRIO_PROCESS, 0)
+            elif kind == "params":
+                from grokjax.ckpt import load_params  # noqa: PLC0415  (Orbax only when a backfill asks)
+
+                value = load_params(*args)
             elif kind == "record":
                 params, step, run_seed, key, given = args
                 if given is not None:

@@ -133,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
 
         group = initialize(coordinator_address=join["coordinator_address"], num_processes=join["num_processes"],
                            process_id=join["process_id"], timeout=join["initialization_timeout"])
+    code = _train(cfg, seeds, wds, group)
+    if group is not None and code is not None:
+        code = group.finish(code)  # every process closes before any leaves (see Group.finish)
+    return EXIT_ERROR if code is None else code
+
+
+def _train(cfg, seeds, wds, group) -> int | None:
+    """Runs `runner.run` and says how it ended; returns the exit code, or None when another
+    process of the sweep failed (the group's last exchange cannot happen then)."""
     from grokjax.ckpt import CheckpointError  # noqa: PLC0415  (heavy imports after validation)
     from grokjax.data import DataError  # noqa: PLC0415
     from grokjax.train.distributed import PeerError  # noqa: PLC0415
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except PeerError as e:
         print(f"run.py: error: {e}; rerun the same command in every process to resume", file=sys.stderr)
-        return EXIT_ERROR
+        return None
     except KeyboardInterrupt:
         print("run.py: interrupted; rerun the same command to resume from the last full state", file=sys.stderr)
         return 130

@@ -7,6 +7,13 @@ before training), the stop decision at each chunk boundary, the full-state decis
 evaluation step, the resume step, and a failure message when one process stops with an error.
 Every process makes these calls in the same order, so the n-th exchange of each process is the
 same question.
+
+How a sweep ends: each process closes its own replicas first (metrics, checkpoints, and its
+monitors, whose backfill reads params checkpoints in the monitor's own record process, a plain
+single-process read), then all of them meet in one last exchange (`Group.finish`) and leave
+jax.distributed together, so no process and not the coordinator goes away while another still
+works. A process that stopped with an error tells the others (`Group.abort`); they stop at their
+next exchange with `PeerError` and exit 1 without that last meeting.
 """
 
 from __future__ import annotations
@@ -94,6 +101,24 @@ class Group:
             raise ConfigError(f"process {odd[0]} was given a different configuration than process 0 "
                               f"(hash {digests[odd[0]][:12]} vs {digests[0][:12]}); start every process "
                               "with the same flags")
+
+    def finish(self, code: int) -> int:
+        """The sweep's last exchange: waits until every process has finished its closing work
+        (run directories closed, monitors drained), then leaves jax.distributed with all the
+        others, so that no process, and not the coordinator, goes away while another still works.
+
+        Every process calls it once, with the exit code it is about to return. Returns the code
+        to exit with: `code`, or 1 when another process ended with an error and this one did not
+        (each process still prints its own outcome). When a process stopped with an error
+        (`abort`), there is no common ending: `code` is returned at once.
+        """
+        try:
+            codes = [int(c) for c in self.gather(str(int(code)))]
+        except PeerError:
+            return code  # a process stopped with an error (said by it): no common ending to wait for
+        jax.distributed.shutdown()
+        others = [c for p, c in enumerate(codes) if p != self.index and c not in (0, 75)]
+        return 1 if code in (0, 75) and others else code
 
     def abort(self, message: str) -> None:
         """Tells the other processes that this one stops with an error (they raise PeerError)."""

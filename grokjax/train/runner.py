@@ -842,6 +842,8 @@ def _report_monitors(replicas: list[_Replica], stop: _StopRequest) -> None:
             left = m.backfill_left
             print(f"monitor: {m.seconds:.1f} s of HTSR computed beside training "
                   f"({100 * m.seconds / max(stop.elapsed, 1e-9):.1f}% of this segment's wall time)"
+                  + (f"; {m.deferred} computed from their params checkpoints after falling behind"
+                     if m.deferred else "")
                   + (f"; {len(m.errors)} failed, see above" if m.errors else "")
                   + (f"; {left} steps still without a record (`python -m grokjax.analysis.monitor {r.dir}` computes them; "
                      "the analysis computes them from the checkpoints otherwise)" if left else ""),
