@@ -5,7 +5,8 @@
 # "Several runs at once").
 #
 #   experiments/campaign.sh run UNTIL     # train until UNTIL (a `date -d` time), then pause
-#   experiments/campaign.sh export        # copy every run's compact record into results/
+#   experiments/campaign.sh export        # copy every run's compact record into results/, and
+#                                         # write results/campaign_1e7/SEGMENTS.md (every segment's CPU)
 #   experiments/campaign.sh status        # the step each run has reached
 #
 # Slot 0 (core 0) trains wd0.01_seed0, wd0_seed2, wd0.01_seed2 in turn; slot 1 (core 1) trains
@@ -66,7 +67,10 @@ case "${1:-}" in
       "$PY" experiments/run.py --export "$RUNS/$n" "$tmp"
       rm -rf "$EXPORTS/$n.old"; [ -d "$EXPORTS/$n" ] && mv "$EXPORTS/$n" "$EXPORTS/$n.old"
       mv "$tmp" "$EXPORTS/$n" && rm -rf "$EXPORTS/$n.old"
-    done ;;
+    done
+    # every segment of every run: steps, speed, CPU and XLA threads (from the exported events)
+    dirs=(); for r in $ALL; do n=$(name "$r"); [ -d "$EXPORTS/$n" ] && dirs+=("$EXPORTS/$n"); done
+    "$PY" experiments/segments.py "${dirs[@]}" > "$EXPORTS/SEGMENTS.md" ;;
   status)
     for r in $ALL; do
       n=$(name "$r")
