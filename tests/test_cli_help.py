@@ -8,6 +8,8 @@ import pytest
 
 from grokjax.train.cli import build_parser
 from grokjax.train.config import NON_SCIENCE_FIELDS, TrainConfig
+from grokjax.train.runner import kept_param_steps
+from grokjax.train.schedule import eval_steps
 
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 NON_SCIENCE = {"out", "overwrite", "chunk", "full_save_secs", "progress", "cache_dir", "idx_dir", "time_limit",
@@ -70,6 +72,17 @@ def test_steps_help_gives_the_default_and_the_time(help_text):
     assert "1e7" in block and "10^7" in block, block
     assert "steps/s" in block and "GPU" in block, block
     assert "(default: 10000000)" in block, block
+
+
+def test_keep_params_defaults_to_log_and_its_counts_are_the_readmes(help_text):
+    """The README's disk table: at 10^7 steps `log` keeps 217 of the 299 evaluated steps' params."""
+    assert TrainConfig().keep_params == "log"
+    block = _blocks(help_text)["--keep_params"]
+    assert "(default: log)" in block and "ablation" in block, block
+    cfg = TrainConfig()
+    steps = eval_steps(cfg.steps, cfg.log_points_per_decade, cfg.authors_grid)
+    counts = {k: len(kept_param_steps(dataclasses.replace(cfg, keep_params=k), steps)) for k in ("all", "log", "none")}
+    assert counts == {"all": 299, "log": 217, "none": 0}
 
 
 def test_help_command_exits_zero(root):

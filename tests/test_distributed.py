@@ -190,8 +190,9 @@ def test_sigterm_pauses_every_replica_at_one_step_and_resumes(root, tmp_path, sw
         _kill(procs)
     errs = [f.read_text() for f in logs]
     assert [p.returncode for p in procs] == [75, 75], errs
-    pauses = {json.loads(line)["step"] for name in RUNS
-              for line in (out / name / "events.jsonl").read_text().splitlines()}
+    events = [json.loads(line) for name in RUNS for line in (out / name / "events.jsonl").read_text().splitlines()]
+    assert sorted(e["event"] for e in events) == ["pause"] * len(RUNS) + ["start"] * len(RUNS)
+    pauses = {e["step"] for e in events if e["event"] == "pause"}
     assert len(pauses) == 1 and 0 < pauses.pop() < 300
     codes, errs = _two(root, out, tmp_path, tag="second")
     assert codes == [0, 0], errs

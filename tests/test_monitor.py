@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from grokjax.analysis import htsr, pipeline, monitor, progress
+from grokjax.analysis import htsr, meanaware, monitor, pipeline, progress
 
 from grokjax import ckpt, rundir
 from grokjax.train.config import TrainConfig
@@ -99,7 +99,7 @@ def test_compute_record_spectra_without_the_k_shuffle_pass(monkeypatch, mnist):
               for k, s in (("fc1", (784, 200)), ("fc2", (200, 200)), ("fc3", (200, 10)))}
     inputs = progress.load_inputs(100, 0, 0, mnist=mnist)
     rec, spectra = monitor.compute_record(params, step=7, run_seed=0, inputs=inputs)
-    monkeypatch.setattr(htsr, "extended_weights", lambda *a, **k: (_ for _ in ()).throw(ValueError("planted")))
+    monkeypatch.setattr(meanaware, "extended_weights", lambda *a, **k: (_ for _ in ()).throw(ValueError("planted")))
     rec2, spectra2 = monitor.compute_record(params, step=7, run_seed=0, inputs=inputs)
     assert all("extended_error" in r for r in rec2["layers"])
     assert spectra.keys() == spectra2.keys()

@@ -2,35 +2,30 @@
 measure what the network does without them.
 
 The operation follows WeightWatcher 0.8.0's `remove_traps.py` (not the version the paper
-used, 0.7.5.5, which only counts traps); it is written here on numpy and on the native
-engine's own pieces (`grokjax.analysis.htsr`), so that the traps removed are exactly the ones counted:
+used, 0.7.5.5, which only counts traps), on the native engine's own trap count, so that the
+traps removed are exactly the ones counted:
 
-1. Normalise W as the trap count does: the count rescales the W^rand eigenvalues to mean 1,
-   i.e. it looks at W_scale * W with W_scale = sqrt(#evals / sum(evals)) (`htsr.fit_mp`).
-2. Shuffle W's elements with the permutation the count draws (`permutation` replays
-   `htsr._shuffled` on the same legacy RandomState, draw for draw): W^rand.
-3. SVD of the normalised W^rand. Its modes whose squared singular value lies above the MP bulk
-   edge plus the Tracy-Widom margin (`tw_threshold` of `htsr.fit_mp`) are the traps. The
-   count itself is taken from the same singular values and the same fit as the analysis
-   (`htsr._squared_svals`, `htsr.fit_mp`), and the top-k modes of the SVD are the traps, so
-   k is the analysis' count bit for bit.
-4. Each trap mode sigma u v^T is mapped back through the inverse permutation to W's own
+1. `htsr.shuffle_fit` draws W^rand with the count's own permutations (the same generator
+   state, WW's extra shuffle included), fits the MP bulk of the pooled ESD and counts the
+   traps; the count rescales the eigenvalues to mean 1, i.e. it looks at W_scale * W.
+2. The SVD of the normalised first shuffle W_scale * W^rand: its top-k modes, k = the traps
+   that shuffle holds (`RandESD.traps_per_draw`), are the traps, so k is the analysis' count
+   bit for bit.
+3. Each trap mode sigma u v^T is mapped back through the inverse permutation to W's own
    element positions, and the normalisation is undone: the trap's footprint T in W.
-5. Variants: 'noise' (WeightWatcher's) W' = W - T + R per trap, R Gaussian with exactly T's
+4. Variants: 'noise' (WeightWatcher's) W' = W - T + R per trap, R Gaussian with exactly T's
    mean and standard deviation (a standard normal draw centred and scaled to mean 0, std 1
    first, as WeightWatcher does); 'subtract' W' = W - T; and the reference 'mean',
    W' = W - mean(W), with no trap search at all. 'noise' keeps the traps' energy and
-   spreads it over all entries, so the W^rand bulk widens (by half in eigenvalue for eight
-   planted entries at 2.5x the top singular value); 'subtract' leaves the bulk as it was.
-   Up to the grokking peak, this project's FC2 "trap" is the weights' mean (shuffling keeps
-   the mean, which makes a rank-1 outlier): `trap_details` reports each trap's overlap with
-   the uniform vector to tell the two apart.
+   spreads it over all entries, so the W^rand bulk widens; 'subtract' leaves the bulk as it
+   was. A trap that is the weights' mean (docs/htsr.md, "The mean spike") has singular
+   vectors close to the uniform vector: `trap_details` reports that overlap.
 
 Control: k modes chosen at random among the bulk modes of the same W^rand (those below the
 threshold), removed in the same way and with the same variant, k = the number of traps.
 
-The centred count (`htsr.rand_spectrum(..., centred=True)`, `traps_centred` of
-`htsr.extended_metrics`): the same permutations applied to W - mean(W), so the mean's rank-1
+The centred count (`htsr.shuffle_fit(..., centred=True)`, `traps_centred` of
+`meanaware.extended_metrics`): the same permutations applied to W - mean(W), so the mean's rank-1
 outlier is gone before the fit; `find_traps(..., centred=True)` finds those traps, and their
 footprints are removed from W (its mean stays). The variants 'noise_centred' and
 'subtract_centred' remove them.
@@ -60,25 +55,28 @@ below the changed layer are kept), so every trap step is affordable even for a 1
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
-import multiprocessing
 import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import scipy.linalg
-from tqdm.auto import tqdm
+import matplotlib
 
-from grokjax import ckpt
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import scipy.linalg  # noqa: E402
 
-from grokjax.analysis import htsr, phases
-from grokjax.analysis.pipeline import (AnalysisError, AnalysisOptions, analyze_run, checkpoint_seed, gather,
-                                       quiet_worker_stderr, read_run, weights_of)
-from grokjax.rundir import LAYERS, find_runs
+from grokjax import ckpt  # noqa: E402
+from grokjax.analysis import htsr, phases, pool  # noqa: E402
+from grokjax.analysis.htsr import permutation, permute  # noqa: E402,F401  (the ablation's shuffle, re-exported)
+from grokjax.analysis.pipeline import (AnalysisError, AnalysisOptions, analyze_run, checkpoint_seed,  # noqa: E402
+                                       weights_of)
+from grokjax.analysis.runs import Run, find_named_runs, read_run, read_runs  # noqa: E402
+from grokjax.data import load_mnist, select_subset, to_inputs  # noqa: E402
+from grokjax.rundir import LAYERS  # noqa: E402
 
 VARIANTS = ("noise", "subtract", "mean", "noise_centred", "subtract_centred")
 # variant -> (count, how the footprint is removed); 'mean' searches no traps.
@@ -171,23 +169,6 @@ class TrapModes:
 # The operation on one matrix
 
 
-def permutation(size: int, rng: np.random.RandomState) -> np.ndarray:
-    """The flat permutation `htsr._shuffled` applies when it draws from rng in this state.
-
-    `RandomState.shuffle` draws the same numbers for any 1-D array of a given length, so
-    shuffling the indices 0..size-1 gives p with shuffled.ravel() == W.ravel()[p]; rng
-    advances exactly as in the trap count.
-    """
-    p = np.arange(size, dtype=np.int64)
-    rng.shuffle(p)
-    return p
-
-
-def permute(W: np.ndarray, perm: np.ndarray) -> np.ndarray:
-    """W^rand: W's elements (C order) rearranged by the flat permutation perm."""
-    return np.asarray(W).ravel()[perm].reshape(np.shape(W))
-
-
 def unpermute(A: np.ndarray, perm: np.ndarray) -> np.ndarray:
     """The inverse of `permute`: puts each element of a shuffled matrix back where it came from."""
     out = np.empty(A.size, dtype=A.dtype)
@@ -196,52 +177,35 @@ def unpermute(A: np.ndarray, perm: np.ndarray) -> np.ndarray:
 
 
 def find_traps(W, rng: np.random.RandomState | int, *, centred: bool = False) -> TrapModes:
-    """The trap modes of W, drawing the shuffles exactly as the native trap count does.
+    """The trap modes of W, from the shuffles the native trap count draws (`htsr.shuffle_fit`).
 
     Args:
         W: the weight matrix in the orientation the analysis sees (a kernel, (in, out)).
         rng: a legacy RandomState in the state the analysis reaches this layer with (advanced
-            as `htsr._traps` advances it, discarded extra shuffle included), or an int seed
-            (`RandomState(seed)`, as `htsr.analyze_matrix(W, seed=...)`).
-        centred: the centred count: the same permutations applied to W - mean(W)
-            (`htsr.rand_spectrum(W, rng, centred=True)`).
+            as `htsr.analyze_matrix` advances it, WW's discarded extra shuffle included), or
+            an int seed (`RandomState(seed)`, as `htsr.analyze_matrix(W, seed=...)`).
+        centred: the centred count: the same permutations applied to W - mean(W).
 
     Returns:
         TrapModes. When the MP fit fails, status is 'failed', traps NaN and nothing is removable.
     """
-    W = htsr._as_matrix(W)
-    rng = htsr._as_rng(rng)
     # One BLAS thread, as the native engine runs its SVDs (the same singular values, and
     # much faster on a busy machine).
     with htsr.blas_thread_limit(1):
-        return _find_traps(W, rng, centred)
-
-
-def _find_traps(W: np.ndarray, rng: np.random.RandomState, centred: bool) -> TrapModes:
-    N, M = max(W.shape), min(W.shape)
-    perms = tuple(permutation(W.size, rng) for _ in range(htsr.n_shuffles_for(M)))
-    # The count's own extra shuffle (its softrank columns): only the draws matter.
-    rng.shuffle(np.empty(W.size))
-    shuffled = [permute(W, p) for p in perms]
-    if centred:
-        mu = np.mean(W)
-        shuffled = [Wr - mu for Wr in shuffled]
-    evals = [htsr._squared_svals(Wr) for Wr in shuffled]
-    mp = htsr.fit_mp(np.sort(np.concatenate(evals)), N / M, M)
-    ok = mp["status"] == "success"
-    if ok:
-        # The same product and comparison as fit_mp's count, shuffle by shuffle.
-        scale2 = mp["W_scale"] * mp["W_scale"]
-        per_shuffle = tuple(int(np.count_nonzero(scale2 * ev > mp["tw_threshold"])) for ev in evals)
-        if sum(per_shuffle) != mp["num_spikes"]:
-            raise AblationError(f"per-shuffle trap counts {per_shuffle} do not add up to {mp['num_spikes']}")
-        U, s, Vt = scipy.linalg.svd(mp["W_scale"] * shuffled[0], full_matrices=False)
-    else:
-        per_shuffle = tuple(0 for _ in perms)
-        U, s, Vt = np.empty((W.shape[0], 0)), np.empty(0), np.empty((0, W.shape[1]))
-    return TrapModes(shape=W.shape, perms=perms, W_scale=float(mp["W_scale"]), bulk_max=float(mp["bulk_max_rescaled"]),
-                     threshold=float(mp["tw_threshold"]), sigma_mp=float(mp["sigma_mp"]), centred=centred,
-                     traps=float(mp["num_spikes"]), traps_per_shuffle=per_shuffle, status=mp["status"], U=U, s=s, Vt=Vt)
+        rand = htsr.shuffle_fit(W, rng, centred=centred, ww_extra_draw=True)
+        per_shuffle = rand.traps_per_draw()
+        mp = rand.fit
+        if rand.ok:
+            if sum(per_shuffle) != mp["num_spikes"]:
+                raise AblationError(f"per-shuffle trap counts {per_shuffle} do not add up to {mp['num_spikes']}")
+            U, s, Vt = scipy.linalg.svd(mp["W_scale"] * rand.mats[0], full_matrices=False)
+        else:
+            shape = rand.mats[0].shape
+            U, s, Vt = np.empty((shape[0], 0)), np.empty(0), np.empty((0, shape[1]))
+    return TrapModes(shape=rand.mats[0].shape, perms=rand.perms, W_scale=float(mp["W_scale"]),
+                     bulk_max=float(mp["bulk_max_rescaled"]), threshold=float(mp["tw_threshold"]),
+                     sigma_mp=float(mp["sigma_mp"]), centred=centred, traps=float(mp["num_spikes"]),
+                     traps_per_shuffle=per_shuffle, status=mp["status"], U=U, s=s, Vt=Vt)
 
 
 def mode_footprint(modes: TrapModes, j: int) -> np.ndarray:
@@ -275,7 +239,7 @@ def remove_modes(W, modes: TrapModes, indices: Sequence[int], *, variant: str,
         raise AblationError(f"variant must be 'noise' or 'subtract' for mode removal, got {variant!r}")
     if variant == "noise" and noise_rng is None:
         raise AblationError("the 'noise' variant needs noise_rng")
-    W = htsr._as_matrix(W)
+    W = htsr.as_matrix(W)
     if W.shape != modes.shape:
         raise AblationError(f"W has shape {W.shape}, the modes were found on {modes.shape}")
     out = W.copy()
@@ -317,7 +281,7 @@ def remove_traps(W, rng: np.random.RandomState | int, *, variant: str = "noise",
 
 def remove_mean(W) -> np.ndarray:
     """The reference ablation: W - mean(W)."""
-    W = htsr._as_matrix(W)
+    W = htsr.as_matrix(W)
     return W - np.mean(W)
 
 
@@ -412,8 +376,6 @@ class Evaluator:
 
 def load_eval_data(config: Mapping, mnist: Mapping[str, np.ndarray] | None = None) -> dict[str, tuple]:
     """{'train': (x, y) of the run's training subset, 'test': (x, y) of all 10,000 test images}."""
-    from grokjax.data import load_mnist, select_subset, to_inputs  # noqa: PLC0415
-
     mnist = mnist if mnist is not None else load_mnist(verbose=False)
     idx = select_subset(mnist["y_train"], int(config.get("n_per_class", 100)), int(config.get("data_seed", 0)))
     return {"train": (to_inputs(mnist["x_train"][idx]), np.asarray(mnist["y_train"][idx])),
@@ -545,7 +507,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(run_dir: str, run_seed: int, config: dict, n_draws: int) -> None:
-    quiet_worker_stderr()
+    pool.quiet_worker_stderr()
     _WORKER.update(run_dir=run_dir, run_seed=run_seed, n_draws=n_draws, data=load_eval_data(config))
     warnings.filterwarnings("ignore", category=RuntimeWarning)
 
@@ -560,25 +522,14 @@ def _task(step: int) -> dict:
         raise AblationError(f"{_WORKER['run_dir']} step {step}: {e}") from None
 
 
-def _run_tasks(run, steps: list[int], options: AblationOptions) -> list[dict]:
-    """Ablates the steps in spawned worker processes (Orbax restores stay out of the caller)."""
-    results = []
-    if not steps:
-        return results
-    bar = tqdm(total=len(steps), unit="ckpt", desc=f"{run.name} ablation", disable=not options.progress_bar,
-               dynamic_ncols=True, mininterval=1.0)
-    ctx = multiprocessing.get_context("spawn")
-    try:
-        with cf.ProcessPoolExecutor(max_workers=min(options.workers, len(steps)), mp_context=ctx,
-                                    initializer=_init_worker,
-                                    initargs=(str(run.path), run.seed, run.config, options.n_draws)) as pool:
-            results = gather(pool, _task, [(s,) for s in steps], bar)
-    finally:
-        bar.close()
-    return results
+def _run_tasks(run: Run, steps: list[int], options: AblationOptions) -> list[dict]:
+    """Ablates the steps in the analysis' worker pool (Orbax restores stay out of the caller)."""
+    return pool.run_tasks(_task, [(s,) for s in steps], initializer=_init_worker,
+                          initargs=(str(run.path), run.seed, run.config, options.n_draws), workers=options.workers,
+                          desc=f"{run.name} ablation", progress_bar=options.progress_bar)
 
 
-def ablate_run(run_dir: str | os.PathLike, *, options: AblationOptions | None = None,
+def ablate_run(run_dir: str | os.PathLike | Run, *, options: AblationOptions | None = None,
                analysis: AnalysisOptions | None = None, name: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The trap ablation of one run (see the module docstring).
 
@@ -595,12 +546,12 @@ def ablate_run(run_dir: str | os.PathLike, *, options: AblationOptions | None = 
         ckpt.CheckpointError: an unreadable checkpoint.
     """
     options = options or AblationOptions()
-    run = read_run(run_dir, name)
+    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir, name)
     # The native counts, from the run's analysis cache when it is current (the report has
     # just written it when called from spectra.py, so --rerun does not recompute it twice).
     analysis = dataclasses.replace(analysis or AnalysisOptions(), engine="native", reuse=True,
                                    progress_bar=options.progress_bar)
-    layers, _ = analyze_run(run.path, analysis, name=run.name)
+    layers, _ = analyze_run(run, analysis)
     native = layers[layers["engine"] == "native"]
     counts = {(int(r.step), r.layer): float(r.traps) for r in native.itertuples(index=False)}
     traps_by_step: dict[int, float] = {}
@@ -635,31 +586,25 @@ def ablate_run(run_dir: str | os.PathLike, *, options: AblationOptions | None = 
     return table, traps
 
 
-def _run_names(root: Path, run_dirs: list[Path]) -> dict[str, Path]:
-    """Run names as the report gives them: the path relative to root (or the directory name)."""
-    return {(d.relative_to(root).as_posix() if d != root else d.resolve().name) or d.resolve().name: d
-            for d in run_dirs}
-
-
 def ablate_runs(root: str | os.PathLike, *, out_dir: str | os.PathLike | None = None,
                 options: AblationOptions | None = None, analysis: AnalysisOptions | None = None,
-                figures: bool = True) -> dict:
+                figures: bool = True, runs: dict[str, Run] | None = None) -> dict:
     """`ablate_run` on every run under root; writes ablation.csv, ablation_traps.csv and
     figures/fig_ablation.png into out_dir (default `<root>/analysis`).
+
+    Args:
+        runs: the runs under root as `grokjax.analysis.runs.read_runs` gives them (the report's,
+            `make_report(...)["runs"]`); None: found and read here.
 
     Returns:
         dict with out_dir, table, traps and figure (the PNG path or None).
     """
     root = Path(root)
-    run_dirs = find_runs(root)
-    if not run_dirs:
-        raise AnalysisError(f"no run directories (with config.json) under {root}")
-    names = _run_names(root, run_dirs)
-    for name, d in names.items():
-        read_run(d, name)  # fail early on a run without checkpoints
+    if runs is None:
+        runs = read_runs(find_named_runs(root))  # every run checked before any long computation
     tables, traps = [], []
-    for name, d in names.items():
-        t, tr = ablate_run(d, options=options, analysis=analysis, name=name)
+    for run in runs.values():
+        t, tr = ablate_run(run, options=options, analysis=analysis)
         tables.append(t)
         traps.append(tr)
     table, trap_table = pd.concat(tables, ignore_index=True), pd.concat(traps, ignore_index=True)
@@ -675,11 +620,6 @@ def plot_ablation(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Test accuracy against step, one panel per run: the original network, all traps
     removed (both variants), the control (mean +- std over the random bulk-mode draws) and
     the mean removed. Step 0 is left out (log axis)."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
     runs = list(dict.fromkeys(table["run"]))
     fig, axes = plt.subplots(len(runs), 1, figsize=(7.5, 3.6 * len(runs)), squeeze=False)
     for ax, run in zip(axes[:, 0], runs):

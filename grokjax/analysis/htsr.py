@@ -1,70 +1,31 @@
 """Native HTSR engine: power-law alpha and correlation traps, numpy/scipy only.
 
-This module re-implements the parts of WeightWatcher 0.7.5.5 (the version the paper used)
-that the project reports, so that ~200 checkpoints x 3 layers can be analysed in seconds
-instead of minutes. The reference is the installed WeightWatcher source; the numbered
-notes below say which WW function each piece mirrors.
+It re-implements the parts of WeightWatcher 0.7.5.5 (the version the paper used) that the
+project reports, so that ~300 checkpoints x 3 layers are analysed in seconds instead of
+minutes; docs/htsr.md says which WeightWatcher function each piece mirrors, what differs on
+purpose (the MP sigma search evaluated in one pass; NaN + status instead of -1; the KS test)
+and how the engines are seeded.
 
-1. ESD (`combined_eigenvalues`): the squared singular values of W (the eigenvalues of
-   W^T W, *not* divided by N), from `scipy.linalg.svd(compute_uv=False)` on a float64
-   copy -- WW's `svd_method='accurate'` path -- keeping the top M = min(shape).
-
-2. Power-law fit (`fit_powerlaw` -> `pl_fit` -> `WWFit.fit_power_law`): eigenvalues
-   <= 1e-5 (absolute) are dropped; for every candidate xmin = x_i except the largest
-   eigenvalue, alpha_i = 1 + k / sum_j ln(x_j / x_i) over the k-point tail, and
-   D_i = max |1 - (x_j/x_i)^(1-alpha_i) - t/k| (t = 0..k-1), or D_i = 1 when alpha_i <= 1.
-   xmin is the first argmin of D. WW loops over candidates; here the tail sums come from
-   one cumulative sum and all D_i from one (blocked) 2-D array, with an exact WW-style
-   recomputation for near-ties so that the argmin (and hence xmin) is WW's.
-
-3. `fix_fingers='clip_xmax'` (`fit_clipped_powerlaw`), reproduced statement by statement:
-   max_fingers is reset to 10 unless it is >= half the number of eigenvalues; the loop
-   drops the top idx = 2, 3, ..., max_fingers-1 eigenvalues (never just 1), stops at the
-   first fit whose alpha is more than `finger_thresh` below the *unclipped* alpha
-   (num_fingers = idx - 1) or whose alpha is <= 2 (no fingers clipped); then, always,
-   up to three "check" fits on the top idx+1..idx+3 removed are run and only logged in
-   WW -- but they can raise. Any fit on fewer than 2 eigenvalues raises in WW (argmin of
-   an empty sequence), which is why a 10-eigenvalue layer such as FC3 fails in WW. Such
-   a failure is reported here as status 'failed' with NaN fit columns, while raw_alpha
-   keeps the unclipped fit.
-
-4. Correlation traps (`apply_random_esd` + `random_eigenvalues` + `mp_fit`): W^rand is an
-   elementwise permutation of W's entries (legacy `RandomState.shuffle` on the C-order
-   flattened copy, W in its given orientation); for M < 100 five shuffles are pooled.
-   WW then draws one more (discarded) shuffle for its softrank/distance columns; this
-   engine advances the generator by that shuffle too, so a `RandomState(s)` here walks the
-   same stream as WW's global RNG after `np.random.seed(s)`.
-   The pooled ESD is rescaled to mean 1 and a Marchenko-Pastur sigma is fitted by
-   WW's residual (see `fit_mp`); traps = rescaled eigenvalues > lambda_+ + sqrt(TW) with
-   TW = Q^-1/2 lambda_+^(2/3) M^(-2/3). For Q = 1 WW fits the singular values to a
-   quarter circle of fixed support [0, 2] whose height is 1/sigma^2.
-
-What differs from WW on purpose: the MP sigma search (WW refits a scikit-learn KDE at
-each of ~215 objective calls; the KDE does not depend on sigma, so here it is computed
-once and the same residual is evaluated on the same grid in one vectorised pass, then
-polished with the same `scipy.optimize.fmin` from the same start point), failures are
-NaN + status instead of -1, and the KS test of the MP fit (`mp_ks_test`), which WW does
-not have.
-
-Seeding: `analyze_matrix(W, seed=s)` shuffles with `np.random.RandomState(s)`, i.e. the
-same permutations WW uses for a one-layer model after `np.random.seed(s)`.
-`analyze_weights(weights, seed=s)` gives layer i its own generator
-`RandomState(SeedSequence([s, i]))`, so a layer's shuffles do not depend on the other
-layers; pass `rng=np.random.RandomState(s)` instead to walk one stream through the layers
-in WW's order (this reproduces WW's multi-layer `analyze()` after `np.random.seed(s)`).
-
-Beyond WW: `rand_spectrum` exposes the W^rand eigenvalues and MP fit behind the trap count
-(`shuffle_spectra` walks a model's layers as `analyze_weights(rng=...)` does), `mp_density`
-is the fitted law's density, and `extended_metrics` / `extended_weights` separate a growing
-mean of W's entries (a rank-1 spike that a shuffle keeps) from heavy, localised entries:
-centred trap counts and alphas, the trap count averaged over K seeded shuffles, and the
-trap's overlap with the uniform vector.
+* `esd(W)`: the squared singular values of W (eigenvalues of W^T W, not divided by N).
+* `fit_power_law(evals)`: WeightWatcher's power-law MLE with KS-chosen xmin and its
+  `fix_fingers='clip_xmax'`.
+* `shuffle_fit(W, rng)`: the one primitive behind every correlation-trap count and shuffled
+  spectrum: W^rand (an elementwise permutation of W, WeightWatcher's shuffle, 5 pooled
+  shuffles when min(shape) < 100), its pooled ESD and the Marchenko-Pastur fit (`fit_mp`)
+  whose spikes are the traps (`RandESD`). `shuffle_esd`, `rand_spectrum`, `shuffle_spectra`,
+  `analyze_matrix`'s trap columns, `grokjax.analysis.meanaware` and the trap ablation all
+  call it.
+* `analyze_matrix(W)`, `analyze_weights(weights)`: one row per layer with the columns of
+  `ROW_COLUMNS`. A `RandomState(s)` walked through the layers reproduces WeightWatcher's
+  `analyze()` after `np.random.seed(s)`.
+* `mp_ks_test`: the KS test of W^rand's ESD against the fitted law (not in WeightWatcher).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -185,7 +146,7 @@ class _Fit:
 # ESD and shuffles
 
 
-def _as_matrix(W: Any) -> np.ndarray:
+def as_matrix(W: Any) -> np.ndarray:
     """Checks that W is a finite 2-D array and returns it as float64 (copied like WW)."""
     W = np.asarray(W)
     if W.ndim != 2:
@@ -215,7 +176,7 @@ def esd(W: Any) -> np.ndarray:
     Returns:
         The M = min(W.shape) squared singular values (no 1/N normalisation), float64.
     """
-    return _squared_svals(_as_matrix(W))
+    return _squared_svals(as_matrix(W))
 
 
 def _as_rng(rng: np.random.RandomState | int) -> np.random.RandomState:
@@ -232,19 +193,27 @@ def n_shuffles_for(M: int) -> int:
     return SMALL_M_SHUFFLES if M < SMALL_M else 1
 
 
-def _shuffled(W: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
-    """One W^rand: WW's flatten (C order) -> RandomState.shuffle -> reshape."""
-    flat = W.flatten()
-    rng.shuffle(flat)
-    return flat.reshape(W.shape)
+def permutation(size: int, rng: np.random.RandomState) -> np.ndarray:
+    """The flat permutation WW's shuffle applies when it draws from rng in this state.
+
+    WW shuffles `W.flatten()` with the legacy generator; `RandomState.shuffle` draws the
+    same numbers for any 1-D array of a given length, so shuffling the indices 0..size-1
+    gives p with W^rand.ravel() == W.ravel()[p], and rng advances exactly as WW's does.
+    """
+    p = np.arange(size, dtype=np.int64)
+    rng.shuffle(p)
+    return p
+
+
+def permute(W: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """W^rand: W's elements (C order) rearranged by the flat permutation perm."""
+    return np.asarray(W).ravel()[perm].reshape(np.shape(W))
 
 
 def shuffle_esd(W: Any, rng: np.random.RandomState | int, *, n_shuffles: int | None = None) -> np.ndarray:
-    """ESD of the elementwise-shuffled matrix W^rand, pooled over shuffles like WW.
-
-    With a `RandomState` in the same state as WW's global RNG, the permutations (and so
-    the eigenvalues) are WW's: WW calls `np.random.shuffle` on `W.flatten()`, which is the
-    legacy generator's shuffle, and the number of draws depends only on W.size.
+    """ESD of the elementwise-shuffled matrix W^rand, pooled over shuffles like WW
+    (`shuffle_fit(...).evals`; with a `RandomState` in the state of WW's global RNG, WW's
+    eigenvalues).
 
     Args:
         W: the weight matrix, in the orientation WW sees (the flattening order matters).
@@ -254,14 +223,7 @@ def shuffle_esd(W: Any, rng: np.random.RandomState | int, *, n_shuffles: int | N
     Returns:
         The sorted pooled eigenvalues, n_shuffles * M of them.
     """
-    W = _as_matrix(W)
-    rng = _as_rng(rng)
-    if n_shuffles is None:
-        n_shuffles = n_shuffles_for(min(W.shape))
-    if n_shuffles < 1:
-        raise ValueError(f"n_shuffles must be >= 1, got {n_shuffles}")
-    pooled = [_squared_svals(_shuffled(W, rng)) for _ in range(n_shuffles)]
-    return np.sort(np.concatenate(pooled))
+    return shuffle_fit(W, rng, n_shuffles=n_shuffles).evals
 
 
 # --------------------------------------------------------------------------------------
@@ -608,15 +570,9 @@ def mp_ks_test(evals_rand: Any, sigma: float, Q: float) -> dict:
     method 'auto': the exact Kolmogorov distribution at these n), i.e. P(D_n >= D) for n
     iid draws from F_MP.
 
-    Read the statistic first. The p-value assumes independent samples. Eigenvalues repel
-    each other, so their empirical CDF is smoother than an iid sample's, and sigma was
-    fitted on the same data: the p-value is indicative only. It also depends steeply on n
-    at a given D: the paper's Table 4 pairs D = 0.3044 with p = 1.877e-5, which is the KS
-    p-value of about n = 60 samples (P(D_60 >= 0.3044) = 1.98e-5), while the n = 200
-    eigenvalues of FC1's W^rand would give p = 6.1e-17 at the same D. So the paper's
-    p-value was not computed from one 200-eigenvalue ESD as here (perhaps from a subset or
-    binned values); compare D across tables, not p. p is large for pure-noise matrices and
-    tiny when the shuffled ESD is far from MP (e.g. heavy-tailed entries).
+    Read the statistic first: eigenvalues are not independent and sigma is fitted on the
+    same data, so the p-value is indicative only, and it falls steeply with n at a given D
+    (docs/htsr.md, "KS test", on the paper's Table 4 p-value).
 
     Args:
         evals_rand: the W^rand eigenvalues in original units.
@@ -633,6 +589,132 @@ def mp_ks_test(evals_rand: Any, sigma: float, Q: float) -> dict:
 
 
 # --------------------------------------------------------------------------------------
+# W^rand: the one primitive behind every trap count and shuffled spectrum
+
+
+@dataclasses.dataclass(frozen=True)
+class RandESD:
+    """Shuffles of one matrix (W^rand), their pooled ESD and its Marchenko-Pastur fit.
+
+    Made by `shuffle_fit`; every trap count of this package (`analyze_matrix`'s `traps`,
+    the mean-aware counts of `grokjax.analysis.meanaware`, the trap ablation's modes) and
+    every shuffled spectrum (`shuffle_esd`, `rand_spectrum`, `shuffle_spectra`) is one.
+
+    Attributes:
+        N, M: max and min of W's shape.
+        w_mean: mean of W's entries (what `centred()` subtracts).
+        centred: whether `mats` are shuffles of W - w_mean (the same permutations).
+        perms: one flat permutation per pooled shuffle (`permutation`).
+        mats: the shuffled matrices, W's shape: permute(W, perms[k]) (minus w_mean if centred).
+        draw_evals: per shuffle, its squared singular values, ascending.
+    """
+
+    N: int
+    M: int
+    w_mean: float
+    centred: bool
+    perms: tuple[np.ndarray, ...]
+    mats: tuple[np.ndarray, ...]
+    draw_evals: tuple[np.ndarray, ...]
+
+    @property
+    def Q(self) -> float:
+        return self.N / self.M
+
+    @property
+    def n_shuffles(self) -> int:
+        return len(self.perms)
+
+    @functools.cached_property
+    def evals(self) -> np.ndarray:
+        """The pooled eigenvalues of all shuffles, original units, ascending."""
+        return np.sort(np.concatenate(self.draw_evals))
+
+    @functools.cached_property
+    def fit(self) -> dict:
+        """`fit_mp` of the pooled eigenvalues (its num_spikes is the trap count)."""
+        return fit_mp(self.evals, self.Q, self.M)
+
+    @property
+    def ok(self) -> bool:
+        return self.fit["status"] == "success"
+
+    @property
+    def traps(self) -> float:
+        """The pooled trap count (WW's rand_num_spikes); NaN when the fit failed."""
+        return self.fit["num_spikes"]
+
+    @property
+    def threshold(self) -> float:
+        """The trap threshold lambda_+ + sqrt(TW) in original units (NaN if the fit failed)."""
+        return float(self.fit["tw_threshold"] / self.fit["W_scale"] ** 2) if self.ok else np.nan
+
+    def traps_per_draw(self) -> tuple[int, ...]:
+        """How many of the traps each shuffle holds: the fit's own product and comparison,
+        shuffle by shuffle (they add up to `traps`); zeros when the fit failed."""
+        if not self.ok:
+            return tuple(0 for _ in self.perms)
+        scale2 = self.fit["W_scale"] * self.fit["W_scale"]
+        return tuple(int(np.count_nonzero(scale2 * ev > self.fit["tw_threshold"])) for ev in self.draw_evals)
+
+    def centred_copy(self) -> RandESD:
+        """The same permutations applied to W - mean(W) (the centred count); self if centred."""
+        if self.centred:
+            return self
+        return _draws(self.N, self.M, self.w_mean, self.perms, tuple(m - self.w_mean for m in self.mats), True)
+
+    def spectrum(self) -> dict:
+        """The `rand_spectrum` dict of these shuffles."""
+        return _spectrum_dict(self.evals, self.N, self.M, self.fit)
+
+
+def _draws(N: int, M: int, w_mean: float, perms: tuple, mats: tuple, centred: bool) -> RandESD:
+    return RandESD(N=N, M=M, w_mean=w_mean, centred=centred, perms=perms, mats=mats,
+                   draw_evals=tuple(_squared_svals(m) for m in mats))
+
+
+def shuffle_fit(W: Any, rng: np.random.RandomState | int, *, n_shuffles: int | None = None, centred: bool = False,
+                ww_extra_draw: bool = False) -> RandESD:
+    """Draws W^rand as WeightWatcher does, and gives its pooled ESD and MP fit (`RandESD`).
+
+    With a `RandomState` in the state of WW's global RNG, the permutations, the eigenvalues,
+    the fit and the trap count are WW's (docs/htsr.md, "Correlation traps").
+
+    Args:
+        W: the weight matrix, in the orientation WW sees (the flattening order matters).
+        rng: a legacy `np.random.RandomState` (advanced in place) or an int seed.
+        n_shuffles: pooled shuffles; default WW's rule (`n_shuffles_for`: 5 if M < 100, else 1).
+        centred: shuffle W - mean(W) instead of W, with the same permutations.
+        ww_extra_draw: after the pooled shuffles, advance rng by the one more (discarded)
+            shuffle WW draws for its softrank columns, as `analyze_matrix` does.
+
+    Raises:
+        ValueError: W not a finite, non-empty 2-D array; n_shuffles < 1.
+    """
+    W = as_matrix(W)
+    rng = _as_rng(rng)
+    N, M = max(W.shape), min(W.shape)
+    if n_shuffles is None:
+        n_shuffles = n_shuffles_for(M)
+    if n_shuffles < 1:
+        raise ValueError(f"n_shuffles must be >= 1, got {n_shuffles}")
+    perms = tuple(permutation(W.size, rng) for _ in range(n_shuffles))
+    if ww_extra_draw:
+        rng.shuffle(np.empty(W.size))  # only the draws matter
+    w_mean = np.mean(W)
+    mats = tuple(permute(W, p) for p in perms)
+    if centred:
+        mats = tuple(m - w_mean for m in mats)
+    return _draws(N, M, w_mean, perms, mats, centred)
+
+
+def _spectrum_dict(evals: np.ndarray, N: int, M: int, mp: dict) -> dict:
+    threshold = float(mp["tw_threshold"] / mp["W_scale"] ** 2) if mp["status"] == "success" else np.nan
+    return dict(N=N, M=M, Q=N / M, n_shuffles=evals.size // M, max_rand_eval=float(evals[-1]),
+                tw_margin=float(mp["tw_threshold"] - mp["bulk_max_rescaled"]), evals=evals, threshold=threshold, **mp)
+
+
+# --------------------------------------------------------------------------------------
 # Per-layer and per-model analysis
 
 # The columns of a row of analyze_matrix / analyze_weights, in order.
@@ -646,19 +728,14 @@ RAND_COLUMNS = ("traps", "traps_per_shuffle", "n_shuffles", "rand_sigma_mp", "ra
 
 def _traps(W: np.ndarray, rng: np.random.RandomState) -> dict:
     """Correlation-trap columns of one layer; advances rng exactly as WW's analyze()."""
-    N, M = max(W.shape), min(W.shape)
-    Q = N / M
-    n_shuffles = n_shuffles_for(M)
-    rand_evals = shuffle_esd(W, rng, n_shuffles=n_shuffles)
-    # WW's second, discarded shuffle (its ww_softrank / rand_distance); only the draws matter.
-    rng.shuffle(np.empty(W.size))
-    mp = fit_mp(rand_evals, Q, M)
-    row = dict(n_shuffles=n_shuffles, max_rand_eval=float(np.max(rand_evals)), rand_sigma_mp=mp["sigma_mp"],
+    rand = shuffle_fit(W, rng, ww_extra_draw=True)
+    mp = rand.fit
+    row = dict(n_shuffles=rand.n_shuffles, max_rand_eval=float(np.max(rand.evals)), rand_sigma_mp=mp["sigma_mp"],
                rand_bulk_max=mp["bulk_max"], rand_bulk_min=mp["bulk_min"], traps=mp["num_spikes"],
-               traps_per_shuffle=mp["num_spikes"] / n_shuffles, mp_ks=np.nan, mp_pvalue=np.nan,
+               traps_per_shuffle=mp["num_spikes"] / rand.n_shuffles, mp_ks=np.nan, mp_pvalue=np.nan,
                mp_status=mp["status"])
     if mp["status"] == "success":
-        row.update(mp_ks_test(rand_evals, mp["sigma_mp"], Q))
+        row.update(mp_ks_test(rand.evals, mp["sigma_mp"], rand.Q))
     return row
 
 
@@ -687,7 +764,7 @@ def analyze_matrix(W: Any, *, name: str = "", options: HTSROptions | None = None
         ValueError: if W is not a finite, non-empty 2-D array.
     """
     options = options or HTSROptions()
-    W = _as_matrix(W)
+    W = as_matrix(W)
     with blas_thread_limit(options.blas_threads):
         return _analyze(W, name, options, rng if rng is not None else np.random.RandomState(seed))
 
@@ -735,43 +812,19 @@ def analyze_weights(weights: Mapping[str, Any], *, options: HTSROptions | None =
 
 
 # --------------------------------------------------------------------------------------
-# W^rand as a public spectrum, and the extended (mean-aware) per-layer metrics
-
-# SeedSequence tag of the extra shuffles of `extended_metrics` (shuffles 1..K-1).
-_K_SHUFFLE_TAG = 0x4B53
-
-
-def _shuffle_draws(W: np.ndarray, rng: np.random.RandomState, n_shuffles: int) -> list[np.ndarray]:
-    """n_shuffles W^rand matrices drawn as `shuffle_esd` draws them (same permutations)."""
-    return [_shuffled(W, rng) for _ in range(n_shuffles)]
-
-
-def _mp_of_draws(mats: list[np.ndarray], Q: float, M: int) -> dict:
-    """Pooled ESD of some W^rand matrices and its `fit_mp`, plus the per-draw top eigenvalues."""
-    per_draw = [_squared_svals(m) for m in mats]
-    evals = np.sort(np.concatenate(per_draw))
-    mp = fit_mp(evals, Q, M)
-    top = np.array([e[-1] for e in per_draw])
-    scale2 = mp["W_scale"] ** 2
-    return dict(evals=evals, top_per_draw=top, threshold=float(mp["tw_threshold"] / scale2)
-                if mp["status"] == "success" else np.nan, **mp)
+# W^rand spectra for figures and records
 
 
 def rand_spectrum(W: Any, rng: np.random.RandomState | int, *, n_shuffles: int | None = None,
                   centred: bool = False) -> dict:
-    """The W^rand eigenvalues and their Marchenko-Pastur fit, as the trap count uses them.
-
-    With the same generator state, the permutations, the eigenvalues and the fit are those
-    of `analyze_matrix`'s trap columns (`shuffle_esd` + `fit_mp`): `rand_spectrum(W, s)`
-    gives `analyze_matrix(W, seed=s)`'s `traps` as `num_spikes`. `analyze_matrix` then
-    draws one more, discarded, shuffle (WW's); this function does not.
+    """The W^rand eigenvalues and their Marchenko-Pastur fit, as the trap count uses them
+    (`shuffle_fit(...).spectrum()`; unlike `analyze_matrix`, no extra WW shuffle is drawn).
 
     Args:
         W: the weight matrix, in the orientation WW sees (the flattening order matters).
         rng: a legacy `np.random.RandomState` (advanced in place) or an int seed.
         n_shuffles: pooled shuffles; default WW's rule (5 if min(shape) < 100, else 1).
-        centred: shuffle W - mean(W) instead of W, with the same permutations (the
-            global mean is the one structure a shuffle keeps; see `extended_metrics`).
+        centred: shuffle W - mean(W) instead of W, with the same permutations.
 
     Returns:
         dict with evals (pooled eigenvalues, original units, ascending), N, M, Q,
@@ -781,18 +834,7 @@ def rand_spectrum(W: Any, rng: np.random.RandomState | int, *, n_shuffles: int |
         trap threshold in original units: tw_threshold / W_scale^2, NaN if the fit failed)
         and tw_margin (sqrt(TW), rescaled units).
     """
-    W = _as_matrix(W)
-    rng = _as_rng(rng)
-    N, M = max(W.shape), min(W.shape)
-    if n_shuffles is None:
-        n_shuffles = n_shuffles_for(M)
-    if n_shuffles < 1:
-        raise ValueError(f"n_shuffles must be >= 1, got {n_shuffles}")
-    mats = _shuffle_draws(W, rng, n_shuffles)
-    if centred:
-        mu = np.mean(W)
-        mats = [m - mu for m in mats]
-    return pooled_spectrum(np.concatenate([_squared_svals(m) for m in mats]), N, M)
+    return shuffle_fit(W, rng, n_shuffles=n_shuffles, centred=centred).spectrum()
 
 
 def pooled_spectrum(evals: Any, N: int, M: int) -> dict:
@@ -807,214 +849,21 @@ def pooled_spectrum(evals: Any, N: int, M: int) -> dict:
         The `rand_spectrum` keys; n_shuffles = len(evals) // M.
     """
     evals = np.sort(np.asarray(evals, dtype=np.float64).ravel())
-    mp = fit_mp(evals, N / M, M)
-    threshold = float(mp["tw_threshold"] / mp["W_scale"] ** 2) if mp["status"] == "success" else np.nan
-    return dict(N=N, M=M, Q=N / M, n_shuffles=evals.size // M, max_rand_eval=float(evals[-1]),
-                tw_margin=float(mp["tw_threshold"] - mp["bulk_max_rescaled"]), evals=evals, threshold=threshold, **mp)
+    return _spectrum_dict(evals, N, M, fit_mp(evals, N / M, M))
 
 
 def shuffle_spectra(weights: Mapping[str, Any], seed: int) -> dict[str, dict]:
     """Per layer, the W^rand spectrum behind the trap count of
     `analyze_weights(weights, rng=np.random.RandomState(seed))`.
 
-    Walks RandomState(seed) through the layers, in the mapping's order, as that call does: a
-    layer's pooled shuffles (`rand_spectrum`), then the one extra, discarded shuffle WW draws.
-    The SVDs run on one BLAS thread, as that call's (default `HTSROptions.blas_threads`). So
-    each layer's `num_spikes` is that row's `traps`, and `evals` the eigenvalues it counts.
+    Walks RandomState(seed) through the layers, in the mapping's order, as that call does
+    (`shuffle_fit` with WW's extra draw), on one BLAS thread (the default
+    `HTSROptions.blas_threads`). So each layer's `num_spikes` is that row's `traps`, and
+    `evals` the eigenvalues it counts.
 
     Returns:
-        layer name -> `rand_spectrum` dict (evals: the pooled eigenvalues, ascending; the
-        `fit_mp` keys; threshold; ...).
+        layer name -> `rand_spectrum` dict.
     """
     rng = np.random.RandomState(seed)
-    out = {}
     with blas_thread_limit(HTSROptions().blas_threads):
-        for name, W in weights.items():
-            W = _as_matrix(W)
-            out[name] = rand_spectrum(W, rng)
-            rng.shuffle(np.empty(W.size))  # WW's discarded shuffle, as in analyze_matrix
-    return out
-
-
-def _uniform_overlaps(A: np.ndarray) -> tuple[float, float]:
-    """|<u, 1/sqrt(n)>| for the top left and right singular vectors of A (via the small Gram)."""
-    rows, cols = A.shape
-    if rows >= cols:
-        _, vecs = np.linalg.eigh(A.T @ A)
-        v = vecs[:, -1]
-        u = A @ v
-    else:
-        _, vecs = np.linalg.eigh(A @ A.T)
-        u = vecs[:, -1]
-        v = A.T @ u
-    u, v = u / np.linalg.norm(u), v / np.linalg.norm(v)
-    return float(abs(np.sum(u)) / np.sqrt(rows)), float(abs(np.sum(v)) / np.sqrt(cols))
-
-
-def k_shuffle_rng(seed: int, k: int) -> np.random.RandomState:
-    """The generator of `extended_metrics`'s extra shuffle k >= 1: RandomState(SeedSequence([tag, seed, k]))."""
-    return np.random.RandomState(np.random.SeedSequence([_K_SHUFFLE_TAG, int(seed), int(k)]).generate_state(4))
-
-
-EXTENDED_COLUMNS = ("w_mean", "w_std", "mean_over_std", "traps_raw", "traps_k_mean", "traps_centred",
-                    "traps_centred_k_mean", "k_shuffles", "rand_sigma_mp_raw", "rand_sigma_mp_centred",
-                    "rand_edge_ratio_raw", "rand_edge_ratio_centred", "trap_uniform_overlap",
-                    "trap_uniform_overlap_u", "trap_uniform_overlap_v", "lambda_max_centred", "alpha_centred",
-                    "alpha_dcentred")
-
-
-def extended_metrics(W: Any, *, seed: int, k_shuffles: int = 10, rng: np.random.RandomState | None = None,
-                     options: HTSROptions | None = None, rand_out: dict | None = None) -> dict:
-    """Mean-aware HTSR metrics of one weight matrix, as one flat dict of floats.
-
-    Why: shuffling W's entries keeps their mean mu, and mu * 1 1^T has one singular value
-    |mu| sqrt(N M), so a growing mean puts one eigenvalue of about mu^2 M (in units of
-    W^T W / N) above the MP edge of W^rand. WeightWatcher counts it as a correlation trap,
-    although it is no localised heavy entry; its singular vectors are close to the uniform
-    vector. The same rank-1 spike sits in W's own ESD and lowers the power-law alpha. These
-    columns separate the two:
-
-    * w_mean, w_std, mean_over_std: of W's entries (std with ddof 0).
-    * traps_raw: the WeightWatcher-compatible count of the first shuffle (equal to
-      `analyze_matrix`'s `traps` for the same generator state: `rng`, or RandomState(seed)).
-    * traps_centred: the count from the same permutation(s) applied to W - mean(W).
-    * traps_k_mean, traps_centred_k_mean: the two counts averaged over k_shuffles
-      independently seeded draws: draw 0 is the one above, draw k >= 1 uses
-      `k_shuffle_rng(seed, k)`. Each draw is a full WW-compatible count (it pools 5
-      shuffles when min(shape) < 100, as WW does), so the means are on the same scale as
-      `traps`. NaN if any draw's MP fit failed.
-    * rand_sigma_mp_raw / _centred: the fitted MP sigma of draw 0 (rescaled units);
-      rand_edge_ratio_raw / _centred: the largest rescaled W^rand eigenvalue of draw 0
-      over the fitted bulk edge lambda_+ (a trap needs it above 1 + sqrt(TW)/lambda_+).
-    * trap_uniform_overlap_u / _v: for the top trap of draw 0 (the largest eigenvalue,
-      which is a trap whenever traps_raw > 0), |<u, 1/sqrt(n)>| of its left and right
-      singular vectors in W's orientation (1 for the uniform vector, ~1/sqrt(n) for a
-      localised one); trap_uniform_overlap is the larger of the two. NaN without a trap.
-    * lambda_max_centred, alpha_centred: the top eigenvalue and the power-law alpha
-      (`fit_power_law` with `options`' finger fix, clip_xmax by default) of the ESD of
-      W - mean(W); alpha_dcentred: the same for the double-centred W (row and column means
-      removed, grand mean added back). A failed fit is NaN, as in `fit_power_law`.
-    * k_shuffles: K, as a float.
-
-    How the MP fit handles the mean spike: it does not remove it. `fit_mp` is WW's: the
-    pooled eigenvalues are rescaled to mean 1 with the spike included, so the bulk's mean
-    is 1 - lambda_spike / sum(lambda) and the fitted sigma_mp is biased low, to about
-    sqrt(1 - lambda_spike / sum(lambda)) = 1 / sqrt(1 + (mu / std)^2) for a noise bulk
-    (0.96 at mu/std = 0.3, 0.90 at 0.5, for Q > 1); the KDE residual is fitted to the
-    bulk's shape (the spike adds the same residual for every sigma whose edge lies below
-    it), so the threshold still follows the bulk and the spike is counted. For Q = 1 (FC2)
-    WW's quarter circle has a fixed support [0, 2] in singular values and sigma only sets
-    its height, so sigma stays near 1 while the rescaled bulk shrinks: the threshold
-    (4 sigma^2 + sqrt(TW)) then sits above the shrunken bulk, and the raw count is, if
-    anything, conservative. A very large spike also coarsens the sigma
-    grid, which is laid out from the largest eigenvalue (step 0.01 s0), and can push the
-    bulk's sigma below the grid's start (0.05 s0) once the spike exceeds ~400x the edge.
-    The centred columns avoid both: the mean is removed before the shuffle, so the fit
-    sees the bulk alone.
-
-    Cost: 2 K SVDs of W^rand and 2 K MP fits (x5 when min(shape) < 100), plus two SVDs
-    and power-law fits: about 0.3-0.5 s for a 784 x 200 matrix with K = 10 on one core.
-
-    Args:
-        W: 2-D weight matrix, any orientation (the shuffle flattens it in C order).
-        seed: int; seeds draw 0 when rng is None and keys draws 1..K-1.
-        k_shuffles: K >= 1.
-        rng: a legacy RandomState for draw 0 instead of RandomState(seed), advanced as
-            `analyze_matrix` advances it (the pooled shuffles, then WW's discarded one), so
-            a stream walked through the layers matches `analyze_weights(rng=...)`.
-        options: HTSROptions for the power-law fits and the BLAS thread limit.
-        rand_out: if given, receives draw 0's pooled W^rand eigenvalues (ascending, original
-            units) under the key "evals": with `rng` walked as `shuffle_spectra` walks it,
-            exactly that function's `evals`, without drawing them a second time.
-
-    Returns:
-        dict with the `EXTENDED_COLUMNS` keys, floats.
-    """
-    options = options or HTSROptions()
-    if k_shuffles < 1:
-        raise ValueError(f"k_shuffles must be >= 1, got {k_shuffles}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    W = _as_matrix(W)
-    with blas_thread_limit(options.blas_threads):
-        return _extended(W, int(seed), int(k_shuffles), rng, options, rand_out)
-
-
-def _extended(W: np.ndarray, seed: int, k_shuffles: int, rng: np.random.RandomState | None,
-              options: HTSROptions, rand_out: dict | None = None) -> dict:
-    """extended_metrics' body, for a validated float64 W."""
-    N, M = max(W.shape), min(W.shape)
-    Q, n_pool = N / M, n_shuffles_for(M)
-    mu, sd = float(np.mean(W)), float(np.std(W))
-    raw_counts, centred_counts = [], []
-    first: dict[str, Any] = {}
-    for k in range(k_shuffles):
-        gen = (rng if rng is not None else np.random.RandomState(seed)) if k == 0 else k_shuffle_rng(seed, k)
-        mats = _shuffle_draws(W, gen, n_pool)
-        if k == 0 and rng is not None:
-            gen.shuffle(np.empty(W.size))  # WW's discarded shuffle, as in analyze_matrix
-        raw = _mp_of_draws(mats, Q, M)
-        cen = _mp_of_draws([m - mu for m in mats], Q, M)
-        raw_counts.append(raw["num_spikes"])
-        centred_counts.append(cen["num_spikes"])
-        if k == 0:
-            first = dict(raw=raw, cen=cen, mats=mats)
-            if rand_out is not None:
-                rand_out["evals"] = raw["evals"]
-
-    def edge_ratio(fit: dict) -> float:
-        return float(fit["evals"][-1] * fit["W_scale"] ** 2 / fit["bulk_max_rescaled"])
-
-    raw, cen = first["raw"], first["cen"]
-    ov_u = ov_v = np.nan
-    if raw["status"] == "success" and raw["num_spikes"] > 0:
-        top = first["mats"][int(np.argmax(raw["top_per_draw"]))]
-        ov_u, ov_v = _uniform_overlaps(top)
-    fit_kw = dict(fix_fingers=options.fix_fingers, max_fingers=options.max_fingers,
-                  finger_thresh=options.finger_thresh, evals_thresh=options.evals_thresh)
-    centred_W = W - mu
-    evals_c = _squared_svals(centred_W)
-    dcentred_W = W - W.mean(axis=0, keepdims=True) - W.mean(axis=1, keepdims=True) + mu
-    return dict(
-        w_mean=mu, w_std=sd, mean_over_std=mu / sd if sd > 0 else np.nan,
-        traps_raw=float(raw["num_spikes"]), traps_k_mean=float(np.mean(raw_counts)),
-        traps_centred=float(cen["num_spikes"]), traps_centred_k_mean=float(np.mean(centred_counts)),
-        k_shuffles=float(k_shuffles),
-        rand_sigma_mp_raw=float(raw["sigma_mp"]), rand_sigma_mp_centred=float(cen["sigma_mp"]),
-        rand_edge_ratio_raw=edge_ratio(raw), rand_edge_ratio_centred=edge_ratio(cen),
-        trap_uniform_overlap=float(np.nanmax([ov_u, ov_v])) if np.isfinite(ov_u) else np.nan,
-        trap_uniform_overlap_u=ov_u, trap_uniform_overlap_v=ov_v,
-        lambda_max_centred=float(evals_c[-1]),
-        alpha_centred=float(fit_power_law(evals_c, **fit_kw)["alpha"]),
-        alpha_dcentred=float(fit_power_law(_squared_svals(dcentred_W), **fit_kw)["alpha"]),
-    )
-
-
-def extended_weights(weights: Mapping[str, Any], *, seed: int, k_shuffles: int = 10,
-                     rng: np.random.RandomState | None = None, options: HTSROptions | None = None,
-                     rand_out: dict | None = None) -> dict[str, dict]:
-    """`extended_metrics` over the layers of a model, seeded like `analyze_weights`.
-
-    Layer i's draw 0 uses `layer_rng(seed, i)`, or, when rng is given, the one stream
-    walked through the layers in WW's order (then draw 0 of every layer is the
-    permutation `analyze_weights(weights, rng=RandomState(s))` counts, for rng =
-    RandomState(s)). Draws k >= 1 of layer i use `k_shuffle_rng(seed_i, k)` with
-    seed_i = SeedSequence([seed, i]).generate_state(1)[0], independent across layers.
-
-    With `rand_out` (a dict), rand_out[name] receives layer name's draw-0 W^rand eigenvalues
-    (see `extended_metrics`); with `rng` = RandomState(s) they are `shuffle_spectra(weights,
-    s)[name]["evals"]`, bit for bit.
-
-    Returns:
-        layer name -> `extended_metrics` dict.
-    """
-    out = {}
-    for i, (name, W) in enumerate(weights.items()):
-        seed_i = int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0])
-        gen = rng if rng is not None else layer_rng(seed, i)
-        spectra: dict | None = {} if rand_out is not None else None
-        out[name] = extended_metrics(W, seed=seed_i, k_shuffles=k_shuffles, rng=gen, options=options,
-                                     rand_out=spectra)
-        if rand_out is not None:
-            rand_out[name] = spectra["evals"]
-    return out
+        return {name: shuffle_fit(W, rng, ww_extra_draw=True).spectrum() for name, W in weights.items()}

@@ -4,7 +4,7 @@ At each evaluation step the trainer hands the parameters (host numpy) to a `Moni
 worker thread runs exactly what the analysis runs on a checkpoint
 (`grokjax.analysis.pipeline.analyze_checkpoint` with the native engine: alpha with clip_xmax, raw
 alpha, fingers, xmin, D, the WeightWatcher-compatible trap count, rand_sigma_mp, the MP KS
-test, the mean-aware and K-shuffle columns of `htsr.extended_metrics`, the progress measures
+test, the mean-aware and K-shuffle columns of `meanaware.extended_metrics`, the progress measures
 and the norms) and keeps the spectra the figures need. Files, under `<run>/monitor/` (names,
 formats, readers and writers are `grokjax.rundir`'s: `read_records`, `write_spectra`,
 `read_spectra`):

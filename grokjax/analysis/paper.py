@@ -11,7 +11,7 @@ group's runs (the 'checkpoint' column of Tables 1, 2 and 4).
 
 A paper row is compared with the WeightWatcher-compatible metric it reports (`alpha`,
 `traps`) and with its mean-aware variant (`alpha_centred`, `traps_centred`: the spectrum of
-W − mean(W), see `grokjax.analysis.htsr.extended_metrics`), where the layer table has it. The
+W − mean(W), see `grokjax.analysis.meanaware.extended_metrics`), where the layer table has it. The
 paper gives Table 2 for WD = 0 and for WD > 0 (one row set for every positive weight
 decay), Tables 1 and 4 for WD = 0 only; a group without paper numbers is left out.
 """
@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 
-from grokjax.analysis.phase_tables import NOMINAL_TITLE
+from grokjax.analysis.phase_tables import NOMINAL_TITLE, format_cell
 from grokjax.analysis.phases import PHASE_TITLES, phase_title
 
 # Our phase columns, and the paper's phase each one is compared with.
@@ -103,8 +102,6 @@ def comparison_markdown(cmp: pd.DataFrame, phases_df: pd.DataFrame | None = None
     """One table per (wd, steps, engine): per row, this project's value at each phase beside
     the paper's. The third phase is titled "final (no collapse)" when none of the group's runs
     collapsed (from `phases_df`, a `report.run_phases` table)."""
-    from grokjax.analysis.report import _fmt  # noqa: PLC0415 (report imports this module)
-
     lines = ["### Against the paper: Tables 1, 2 and 4 beside its numbers", "",
              "The paper's numbers as printed (Tables 1 and 2: mean ± std over its seeds; Table 4: one run), read "
              f"at its nominal steps (pre-grokking {PAPER_STEPS['pre']}, grokking {PAPER_STEPS['grok']}, "
@@ -129,7 +126,7 @@ def comparison_markdown(cmp: pd.DataFrame, phases_df: pd.DataFrame | None = None
             at = {r.phase: r for r in rows.itertuples(index=False)}
             any_row = next(iter(at.values()))
             paper = {p: PAPER[(table, wd_kind(wd), layer, any_row.paper_metric)][p][2] for p in PAPER_STEPS}
-            cell = {p: _fmt(at[p].value_mean, at[p].value_std, at[p].n, metric) if p in at else "–" for p in COLUMNS}
+            cell = {p: format_cell(at[p].value_mean, at[p].value_std, at[p].n, metric) if p in at else "–" for p in COLUMNS}
             label = f"{LABELS.get(layer, layer)} {METRIC_LABELS.get(metric, metric)}"
             lines.append(f"| {table} | {label} | {cell['pre']} | {cell['nominal']} | {paper['pre']} | "
                          f"{cell['grok']} | {paper['grok']} | {cell['anti']} | {paper['anti']} |")

@@ -11,7 +11,7 @@ at 10^5 steps, the paper's nominal pre-grokking point, with the quarter decade b
 its window.
 
 Rows are the raw WeightWatcher-compatible metrics plus, when the layer table has them, the
-mean-aware ones of `grokjax.analysis.htsr.extended_metrics` (`alpha_centred`, `traps_k_mean`,
+mean-aware ones of `grokjax.analysis.meanaware.extended_metrics` (`alpha_centred`, `traps_k_mean`,
 `traps_centred`); rows whose column is absent or all NaN are left out. Runs are grouped by
 (weight decay, run length): runs of different lengths are never pooled into one ±.
 """
@@ -38,6 +38,20 @@ TABLE2_ROWS = (("fc1", "traps", "FC1 traps"), ("fc2", "traps", "FC2 traps"),
                ("fc1", "traps_k_mean", "FC1 traps, mean of K shuffles"),
                ("fc2", "traps_k_mean", "FC2 traps, mean of K shuffles"),
                ("fc1", "traps_centred", "FC1 traps, W − mean"), ("fc2", "traps_centred", "FC2 traps, W − mean"))
+
+
+def format_cell(mean: float, std: float, n: int, metric: str) -> str:
+    """A table cell: the mean alone for one run, else mean ± std; digits by metric (traps of
+    one run as counts, the KS statistic to 4, sigma_mp to 3, the p-value to 3 significant)."""
+    if n == 0 or not np.isfinite(mean):
+        return "–"
+    if metric == "mp_pvalue":
+        txt = f"{mean:.3g}"
+        return txt if n == 1 else f"{txt} ± {std:.2g}"
+    digits = 4 if metric == "mp_ks" else (3 if metric == "rand_sigma_mp" else 2)
+    if metric.startswith("traps") and n == 1:  # traps, traps_centred: counts
+        digits = 0
+    return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def available_rows(layers: pd.DataFrame, rows) -> tuple:

@@ -393,7 +393,7 @@ def persistent_onset(steps, flags, *, n: int = 3, start: float = -math.inf) -> f
 
 
 # (signal name, step-table metric, comparison): the raw signals, then the centred ones,
-# which are used only when their columns exist (see grokjax.analysis.htsr.extended_metrics).
+# which are used only when their columns exist (see grokjax.analysis.meanaware.extended_metrics).
 WARNING_SIGNALS = (("alpha<2", "alpha", "lt"), ("traps>0", "traps", "gt0"),
                    ("alpha_centred<2", "alpha_centred", "lt"), ("traps_centred>0", "traps_centred", "gt0"))
 _OPTIONAL_SIGNALS = {"alpha_centred<2", "traps_centred>0"}
@@ -413,7 +413,7 @@ def early_warnings(step_df: pd.DataFrame, phases: dict, *, layers=("fc1", "fc2",
       checkpoints of this engine): 'alpha<2': `<engine>/alpha_<layer>` < alpha_crit;
       'traps>0': `<engine>/traps_<layer>` > 0; and, when the step table has the columns,
       'alpha_centred<2' and 'traps_centred>0' on `<engine>/alpha_centred_<layer>` and
-      `<engine>/traps_centred_<layer>` (W - mean(W), see `grokjax.analysis.htsr.extended_metrics`);
+      `<engine>/traps_centred_<layer>` (W - mean(W), see `grokjax.analysis.meanaware.extended_metrics`);
     * `lead_steps` = drop_step - warn_step and `lead_decades` = log10(drop_step / warn_step),
       positive when the signal came first; NaN when there was no collapse or no signal;
     * `status`: 'warned' (signal at or before the drop), 'late' (after the drop),

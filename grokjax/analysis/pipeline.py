@@ -34,35 +34,24 @@ and only new or changed checkpoints are computed.
 
 from __future__ import annotations
 
-import atexit
-import concurrent.futures as cf
-import contextlib
 import dataclasses
 import hashlib
-import io
 import json
-import logging
-import math
-import multiprocessing
 import os
 import re
-import sys
-import threading
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from grokjax import ckpt, rundir
-from grokjax.analysis import htsr, phases, preflight, progress, wwadapter
+from grokjax.analysis import htsr, meanaware, phases, pool, preflight, progress, wwadapter
 from grokjax.analysis.preflight import AnalysisError  # noqa: F401  (raised here; importers take it from either module)
 from grokjax.analysis.htsr import HTSROptions
 from grokjax.analysis.progress import ProgressOptions
-from grokjax.cliutil import THREAD_VARS
+from grokjax.analysis.runs import Run, read_run  # noqa: F401  (read_run: the run layer, re-exported)
 from grokjax.rundir import LAYERS
 
 MONITOR_K_SHUFFLES = 10  # grokjax.analysis.monitor.K_SHUFFLES
@@ -90,7 +79,7 @@ class AnalysisOptions:
             the progress measures (when `progress` is the default too) of steps that the in-loop
             monitor recorded from its record instead of the checkpoint.
         k_shuffles: shuffles averaged in the native engine's mean-aware columns
-            (`htsr.extended_metrics`: traps_k_mean, traps_centred, alpha_centred, ...); 0: none.
+            (`meanaware.extended_metrics`: traps_k_mean, traps_centred, alpha_centred, ...); 0: none.
         ww_stride: WW runs on every ww_stride-th checkpoint plus the first, the last and
             the phase steps (WW costs ~2.5-6 s per checkpoint, the native engine ~0.1 s).
         workers: worker processes (checkpoints are always read in workers, never here).
@@ -125,48 +114,6 @@ class AnalysisOptions:
     def engines(self) -> tuple[str, ...]:
         """The engines to run, native first."""
         return ("native", "ww") if self.engine == "both" else (self.engine,)
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """What the analysis needs to know about a run directory."""
-
-    path: Path
-    name: str
-    config: dict  # the TrainConfig fields
-    created: str
-    metrics: pd.DataFrame  # one row per valid evaluated step, sorted
-    steps: tuple[int, ...]  # checkpoints to analyse (complete, with a metrics record)
-    skipped: dict = dataclasses.field(default_factory=dict)  # step -> why its checkpoint is unusable
-    fingerprints: dict = dataclasses.field(default_factory=dict)  # step -> SHA-256 of its checkpoint
-    recorded: dict = dataclasses.field(default_factory=dict)  # step -> in-loop monitor record
-
-    @property
-    def seed(self) -> int:
-        return int(self.config.get("seed", 0))
-
-    @property
-    def wd(self) -> float:
-        return float(self.config.get("wd", math.nan))
-
-
-def read_run(run_dir: str | os.PathLike, name: str | None = None, *, strict: bool = False) -> Run:
-    """Checks and reads a run directory (`grokjax.analysis.preflight.check_run`).
-
-    The problems that leave a part out are issued as `AnalysisWarning`s (raised as one
-    AnalysisError with `strict`).
-
-    Raises:
-        AnalysisError: the run cannot be analysed (one line per problem).
-    """
-    d = Path(run_dir)
-    check = preflight.check_run(d)
-    if check.errors:
-        raise AnalysisError("\n".join(check.errors))
-    preflight.report(check.warnings, strict)
-    return Run(path=d, name=name or d.name, config=check.config, created=check.created, metrics=check.metrics,
-               steps=check.steps, skipped=dict(check.skipped), fingerprints=dict(check.fingerprints),
-               recorded=dict(check.recorded))
 
 
 def _one_line(text: str, limit: int = 400) -> str:
@@ -219,15 +166,15 @@ def monitor_compatible(options: AnalysisOptions) -> bool:
 
 def _with_extended(rows: list[dict], weights: dict, seed: int, options: AnalysisOptions,
                    rand_out: dict | None = None) -> list[dict]:
-    """Adds `htsr.extended_weights` (mean-aware, K-shuffle columns) to the native rows.
+    """Adds `meanaware.extended_weights` (mean-aware, K-shuffle columns) to the native rows.
 
     Draw 0 walks the same RandomState(seed) stream as the native rows, so its `traps_raw`
     equals their `traps`, and its W^rand eigenvalues (into `rand_out`, per layer) are
     `htsr.shuffle_spectra(weights, seed)`'s.
     """
     try:
-        ext = htsr.extended_weights(weights, seed=seed, k_shuffles=options.k_shuffles,
-                                    rng=np.random.RandomState(seed), options=options.htsr, rand_out=rand_out)
+        ext = meanaware.extended_weights(weights, seed=seed, k_shuffles=options.k_shuffles,
+                                         rng=np.random.RandomState(seed), options=options.htsr, rand_out=rand_out)
     except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
         return [dict(r, extended_error=f"{type(e).__name__}: {e}") for r in rows]
     return [dict(r, **{k: v for k, v in ext.get(r["name"], {}).items() if k not in r}) for r in rows]
@@ -279,71 +226,10 @@ def analyze_checkpoint(params: dict, *, step: int, run_seed: int, options: Analy
 _WORKER: dict = {}
 
 
-class _QuietLoopErrors(io.TextIOBase):
-    """A worker's stderr without the "RuntimeError: Event loop is closed" tracebacks that
-    Orbax's threads print, at any later moment, after a failed restore (the failure itself
-    is returned as a result). Everything else is passed through, line by line."""
-
-    _END = "RuntimeError: Event loop is closed"
-
-    def __init__(self, stream) -> None:
-        super().__init__()
-        self._stream = stream
-        self._partial: dict[int, str] = {}  # per writing thread: tracebacks of two threads interleave
-        self._held: dict[int, list[str]] = {}
-        self._lock = threading.Lock()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        me = threading.get_ident()
-        with self._lock:
-            *lines, self._partial[me] = (self._partial.get(me, "") + text).split("\n")
-            held = self._held.setdefault(me, [])
-            for line in lines:
-                if held or line.startswith("Traceback (most recent call last):"):
-                    held.append(line)
-                    if not line.startswith((" ", "Traceback")):  # the exception line ends the block
-                        if line.strip() != self._END:
-                            self._stream.write("\n".join(held) + "\n")
-                        held.clear()
-                else:
-                    self._stream.write(line + "\n")
-            self._stream.flush()
-        return len(text)
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-
-def _exit_without_finalizing() -> None:
-    """Ends a worker at exit before the interpreter is finalized: finalization puts the
-    original stderr back, and Orbax's threads may still print tracebacks then."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def quiet_worker_stderr() -> None:
-    """In a worker process that restores checkpoints: Orbax's late "Event loop is closed"
-    tracebacks never reach the user (failures are returned as results), whether they are
-    printed or logged, and the process ends without interpreter finalization."""
-    original = sys.stderr
-    sys.stderr = _QuietLoopErrors(original)
-    # Handlers made at import (absl's, through Orbax) hold the original stream: asyncio's
-    # "Exception in callback ... Event loop is closed" reaches them through logging.
-    for logger in (logging.getLogger(), logging.getLogger("absl")):
-        for h in logger.handlers:
-            if isinstance(h, logging.StreamHandler) and h.stream in (original, sys.__stderr__):
-                h.setStream(sys.stderr)
-    atexit.register(_exit_without_finalizing)
-
-
 def _init_worker(run_dir: str, run_seed: int, options: AnalysisOptions, input_spec: dict | None) -> None:
     """Per-process state. Workers load the images themselves (from the offline MNIST cache),
     so that nothing large travels through the spawn pipe."""
-    quiet_worker_stderr()
+    pool.quiet_worker_stderr()
     inputs = progress.load_inputs(**input_spec) if input_spec is not None else {}
     _WORKER.update(run_dir=run_dir, run_seed=run_seed, options=options, inputs=inputs)
     warnings.filterwarnings("ignore", category=RuntimeWarning)
@@ -364,62 +250,12 @@ def _task(step: int, engines: tuple[str, ...], with_progress: bool) -> tuple[lis
     return layers, row
 
 
-@contextlib.contextmanager
-def _single_threaded_blas() -> Iterator[None]:
-    """Sets the BLAS thread variables to 1 for spawned workers (restored afterwards)."""
-    old = {k: os.environ.get(k) for k in THREAD_VARS}
-    os.environ.update({k: "1" for k in THREAD_VARS})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _run_tasks(run: Run, tasks: list[tuple[int, tuple[str, ...], bool]], options: AnalysisOptions,
                input_spec: dict | None) -> list[tuple[list[dict], dict]]:
-    """Runs the checkpoint tasks in `options.workers` spawned worker processes.
-
-    Checkpoints are never restored in the calling process: Orbax's threads stay out of it
-    (after a failed restore they print asyncio tracebacks at random moments), and each
-    worker starts with one BLAS thread. Workers are spawned, not forked (the caller may hold
-    JAX threads), so a script calling this needs the usual `if __name__ == "__main__":` guard.
-    """
-    results: list = []
-    if not tasks:
-        return results
-    bar = tqdm(total=len(tasks), unit="ckpt", desc=run.name, disable=not options.progress_bar,
-               dynamic_ncols=True, mininterval=1.0)
-    ctx = multiprocessing.get_context("spawn")
-    try:
-        # BLAS reads its thread count from the environment at import, so the variables are
-        # set before the workers start.
-        with _single_threaded_blas(), cf.ProcessPoolExecutor(
-                max_workers=min(options.workers, len(tasks)), mp_context=ctx, initializer=_init_worker,
-                initargs=(str(run.path), run.seed, options, input_spec)) as pool:
-            results = gather(pool, _task, tasks, bar)
-    finally:
-        bar.close()
-    return results
-
-
-def gather(pool: cf.Executor, fn, tasks, bar) -> list:
-    """`fn(*task)` for each task in the pool, results in completion order, the bar advanced per
-    result; on any failure the tasks not yet started are cancelled and the error is raised."""
-    futures = [pool.submit(fn, *t) for t in tasks]
-    results = []
-    try:
-        for fut in cf.as_completed(futures):
-            results.append(fut.result())
-            bar.update()
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        raise
-    return results
+    """Runs the checkpoint tasks in the analysis' worker pool (`grokjax.analysis.pool`)."""
+    return pool.run_tasks(_task, tasks, initializer=_init_worker,
+                          initargs=(str(run.path), run.seed, options, input_spec), workers=options.workers,
+                          desc=run.name, progress_bar=options.progress_bar)
 
 
 # --------------------------------------------------------------------------------------
@@ -445,7 +281,7 @@ def cache_key(run: Run, options: AnalysisOptions) -> dict:
         "htsr": dataclasses.asdict(options.htsr),
         "progress": dataclasses.asdict(options.progress),
         "k_shuffles": options.k_shuffles,
-        "code": _source_hash(htsr, progress),
+        "code": _source_hash(htsr, meanaware, progress),
         "ww_version": wwadapter.ww_version(),
         "ww_code": _source_hash(wwadapter),
         "run": {"config": run.config, "created": run.created},
@@ -563,28 +399,40 @@ def _assemble(run: Run, layer_rows: pd.DataFrame, computed: pd.DataFrame, engine
     return layers, steps[front + [c for c in steps.columns if c not in front]]
 
 
-def analyze_run(run_dir: str | os.PathLike | Run, options: AnalysisOptions | None = None, *,
-                name: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Analyses every usable params checkpoint of a run (see the module docstring).
+@dataclasses.dataclass(frozen=True)
+class AnalysisPlan:
+    """What `analyze_run` reuses and what it computes for one run (`plan_run`).
 
-    A checkpoint that cannot be restored is skipped with an AnalysisWarning (its row has
-    status 'unreadable'); with `options.strict` it is an AnalysisError, raised before the
-    cache is written.
-
-    Args:
-        run_dir: a run directory (config.json, metrics.jsonl, checkpoints/params/<step>),
-            or a `Run` from `read_run` (its checks are not repeated).
-        options: AnalysisOptions.
-        name: the value of the `run` column (default: the directory name).
-
-    Returns:
-        (layer table, step table), see the module docstring.
-
-    Raises:
-        AnalysisError: the run cannot be analysed (see `read_run`), or a problem with `strict`.
+    Attributes:
+        run: the run, as read.
+        key, digest, cache_dir: the cache key of these options (`cache_key`), its digest and
+            the cache folder, `<run>/analysis`.
+        cached_ok: the steps with status 'ok' in the cache found (empty without one).
+        have_layers: cached layer rows these options ask for (and whose checkpoint is unchanged).
+        other_layers: cached layer rows of engines or steps not asked for this time (kept in
+            the cache: WW rows are costly).
+        have_computed: cached computed step columns (`COMPUTED_STEP_COLUMNS`, time/ww).
+        from_monitor: results read from the in-loop monitor's record, in `_task`'s shape.
+        tasks: (step, engines, with_progress) for the workers: what only a checkpoint gives.
+        input_spec: `progress.load_inputs` arguments when a task computes progress measures.
     """
-    options = options or AnalysisOptions()
-    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir, name, strict=options.strict)
+
+    run: Run
+    key: dict
+    digest: str
+    cache_dir: Path
+    cached_ok: frozenset
+    have_layers: pd.DataFrame
+    other_layers: pd.DataFrame
+    have_computed: pd.DataFrame
+    from_monitor: list
+    tasks: list
+    input_spec: dict | None
+
+
+def plan_run(run: Run, options: AnalysisOptions) -> AnalysisPlan:
+    """Decides, per step and engine, what comes from the cache, what from the in-loop monitor's
+    record and what a worker computes from the checkpoint; reads nothing but the cache."""
     cache_dir = run.path / rundir.ANALYSIS_DIR
     key = cache_key(run, options)
     digest = _digest(key)
@@ -641,7 +489,19 @@ def analyze_run(run_dir: str | os.PathLike | Run, options: AnalysisOptions | Non
         cfg = run.config
         input_spec = dict(n_per_class=int(cfg.get("n_per_class", 100)), data_seed=int(cfg.get("data_seed", 0)),
                           seed=run.seed, n_fixed=options.progress.n_fixed)
-    results = from_monitor + _run_tasks(run, tasks, options, input_spec)
+    return AnalysisPlan(run=run, key=key, digest=digest, cache_dir=cache_dir, cached_ok=frozenset(cached_ok),
+                        have_layers=have_layers, other_layers=other_layers, have_computed=have_computed,
+                        from_monitor=from_monitor, tasks=tasks, input_spec=input_spec)
+
+
+def merge_run(plan: AnalysisPlan, results: list[tuple[list[dict], dict]],
+              options: AnalysisOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Merges the cached rows with `results` (the monitor's and the workers', `_task`'s shape),
+    drops the steps whose checkpoint failed to restore (an AnalysisWarning, an AnalysisError
+    with `options.strict`), builds the two tables (`_assemble`) and writes the cache when it
+    changed."""
+    run, have_layers = plan.run, plan.have_layers
+    other_layers, have_computed = plan.other_layers, plan.have_computed
     failed = {row["step"]: row["error"] for _, row in results if "error" in row}
     if failed:
         preflight.report([f"step {s} skipped: {_one_line(msg, 300)}" for s, msg in sorted(failed.items())],
@@ -668,10 +528,38 @@ def analyze_run(run_dir: str | os.PathLike | Run, options: AnalysisOptions | Non
     layer_df["step"] = layer_df["step"].astype(np.int64)
     layers, steps = _assemble(run, layer_df, computed, options.engines)
     # A cache that would only be written again as it is stays untouched.
-    if options.write and (tasks or cached_ok != set(int(s) for s in computed["step"])):
+    if options.write and (plan.tasks or plan.cached_ok != set(int(s) for s in computed["step"])):
         # Rows of engines not asked for this time stay in the cache (WW rows are costly).
         kept = _assemble(run, other_layers.astype({"step": np.int64}), computed, ())[0] if len(other_layers) else None
-        _write_cache(cache_dir, key, digest, pd.concat([layers, kept], ignore_index=True) if kept is not None
-                     else layers, steps, run.fingerprints, options.strict)
-    steps.attrs["computed_checkpoints"] = len(tasks)
+        _write_cache(plan.cache_dir, plan.key, plan.digest, pd.concat([layers, kept], ignore_index=True)
+                     if kept is not None else layers, steps, run.fingerprints, options.strict)
+    steps.attrs["computed_checkpoints"] = len(plan.tasks)
     return layers, steps
+
+
+def analyze_run(run_dir: str | os.PathLike | Run, options: AnalysisOptions | None = None, *,
+                name: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Analyses every usable params checkpoint of a run (see the module docstring):
+    `plan_run`, the planned tasks in the worker pool, then `merge_run`.
+
+    A checkpoint that cannot be restored is skipped with an AnalysisWarning (its row has
+    status 'unreadable'); with `options.strict` it is an AnalysisError, raised before the
+    cache is written.
+
+    Args:
+        run_dir: a run directory (config.json, metrics.jsonl, checkpoints/params/<step>),
+            or a `Run` from `read_run` (its checks are not repeated).
+        options: AnalysisOptions.
+        name: the value of the `run` column (default: the directory name).
+
+    Returns:
+        (layer table, step table), see the module docstring.
+
+    Raises:
+        AnalysisError: the run cannot be analysed (see `read_run`), or a problem with `strict`.
+    """
+    options = options or AnalysisOptions()
+    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir, name, strict=options.strict)
+    plan = plan_run(run, options)
+    results = plan.from_monitor + _run_tasks(run, plan.tasks, options, plan.input_spec)
+    return merge_run(plan, results, options)

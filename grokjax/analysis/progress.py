@@ -33,6 +33,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from grokjax.data import load_mnist, select_subset, to_inputs
 from grokjax.rundir import LAYERS
 
 # Constant first words of the SeedSequences, so that these streams never coincide with
@@ -243,8 +244,6 @@ def load_inputs(n_per_class: int, data_seed: int, seed: int, n_fixed: int = 200,
         n_fixed: size of the fixed subset.
         mnist: preloaded MNIST arrays (default: `grokjax.data.load_mnist()`, offline cache).
     """
-    from grokjax.data import load_mnist, select_subset, to_inputs  # noqa: PLC0415
-
     mnist = mnist if mnist is not None else load_mnist(verbose=False)
     idx = select_subset(mnist["y_train"], n_per_class, data_seed)
     x_all = to_inputs(mnist["x_train"][idx])

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from grokjax.analysis import paper, phase_tables
+from grokjax.analysis import outdir, paper, phase_tables
+from grokjax.analysis.figures import make_figures
+from grokjax.analysis.phase_tables import format_cell
 from grokjax.analysis.phases import (NO_GROKKING, PHASE_TITLES, PHASES, PRE_STATUSES, WARNING_STATUS_MEANINGS,
                                      PhaseOptions, detect_phases, early_warnings, nearest_step, phase_steps,
                                      phase_title, warning_counts)
-from grokjax.rundir import find_runs
+from grokjax.analysis.pipeline import AnalysisError, AnalysisOptions, analyze_run, write_table
+from grokjax.analysis.runs import find_named_runs, read_runs
+from grokjax.ckpt import CheckpointError
 
 RUN_KEYS = ("run", "wd", "seed")
 # (layer, column, row label) of each table; Table 4 is FC1's MP fit of W^rand (paper App. D).
@@ -107,18 +112,6 @@ def summarize_phases(long: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def _fmt(mean: float, std: float, n: int, metric: str) -> str:
-    if n == 0 or not np.isfinite(mean):
-        return "–"
-    if metric == "mp_pvalue":
-        txt = f"{mean:.3g}"
-        return txt if n == 1 else f"{txt} ± {std:.2g}"
-    digits = 4 if metric == "mp_ks" else (3 if metric == "rand_sigma_mp" else 2)
-    if metric.startswith("traps") and n == 1:  # traps, traps_centred: counts
-        digits = 0
-    return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def markdown_table(summary: pd.DataFrame, rows, title: str, collapsed=None) -> str:
     """The paper's layout: one line per (wd, steps, engine, row label), one column per phase;
     `collapsed` (the runs' flags) titles the third column "final (no collapse)" when none did."""
@@ -134,7 +127,7 @@ def markdown_table(summary: pd.DataFrame, rows, title: str, collapsed=None) -> s
                     continue
                 r = r.iloc[0]
                 n_max = max(n_max, int(r["n"]))
-                cells.append(_fmt(float(r["mean"]), float(r["std"]), int(r["n"]), col))
+                cells.append(format_cell(float(r["mean"]), float(r["std"]), int(r["n"]), col))
             lines.append(f"| {wd:g} | {int(n_steps):,} | {engine} | {label} | " + " | ".join(cells) + f" | {n_max} |")
     return "\n".join(lines) + "\n"
 
@@ -274,15 +267,6 @@ def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], out_dir: str | Pat
     return md
 
 
-def _run_names(root: Path, run_dirs: list[Path]) -> dict[str, Path]:
-    """Run names: the path relative to the input root ('.' becomes the directory name)."""
-    names = {}
-    for d in run_dirs:
-        rel = d.relative_to(root).as_posix() if d != root else d.resolve().name
-        names[rel or d.resolve().name] = d
-    return names
-
-
 def _at(layers: pd.DataFrame, engine: str, layer: str, col: str, step: float) -> float:
     if not np.isfinite(step):
         return math.nan
@@ -333,7 +317,8 @@ def make_report(root: str | Path, *, options=None, out_dir: str | Path | None = 
     early_warning_counts.csv, paper_comparison.csv, report.md,
     summary.txt and figures/*.png.
 
-    Every input is checked first (`grokjax.analysis.pipeline.read_run`); everything is written to a
+    Every input is checked first (`grokjax.analysis.runs.read_runs`; the result's `runs` are
+    those `Run` values, for the trap ablation); everything is written to a
     staging folder next to `out_dir` and moved into place at the end (`grokjax.analysis.outdir`), so
     a failure leaves the previous outputs as they were.
 
@@ -342,22 +327,16 @@ def make_report(root: str | Path, *, options=None, out_dir: str | Path | None = 
             line per problem), any input problem with `options.strict`, an `out_dir` that is
             not a writable folder, or outputs that cannot be written.
     """
-    from grokjax.analysis import outdir  # noqa: PLC0415
-    from grokjax.analysis.pipeline import AnalysisError, AnalysisOptions  # noqa: PLC0415
-    from grokjax.ckpt import CheckpointError  # noqa: PLC0415
-
     options = options or AnalysisOptions()
     root = Path(root)
     out_dir = Path(out_dir) if out_dir is not None else root / "analysis"
-    run_dirs = find_runs(root)
-    if not run_dirs:
-        raise AnalysisError(f"no run directories (with config.json) under {root}")
+    named = find_named_runs(root)
     try:
         staging = outdir.stage(out_dir)
     except OSError as e:
         raise AnalysisError(e.strerror or str(e)) from None
     try:
-        return _report_into(staging, out_dir, root, run_dirs, options, figures, phase_options)
+        return _report_into(staging, out_dir, named, options, figures, phase_options)
     except OSError as e:
         raise AnalysisError(f"cannot write the outputs for {out_dir} ({e.strerror or e}); "
                             "the previous outputs are unchanged") from None
@@ -367,23 +346,10 @@ def make_report(root: str | Path, *, options=None, out_dir: str | Path | None = 
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _report_into(staging: Path, out_dir: Path, root: Path, run_dirs: list[Path], options, figures: bool,
+def _report_into(staging: Path, out_dir: Path, named: dict[str, Path], options: AnalysisOptions, figures: bool,
                  phase_options: PhaseOptions | None) -> dict:
     """make_report's work: every output goes to `staging`, then `outdir.publish`."""
-    import time  # noqa: PLC0415
-
-    from grokjax.analysis import outdir  # noqa: PLC0415
-    from grokjax.analysis.pipeline import AnalysisError, analyze_run, read_run, write_table  # noqa: PLC0415
-
-    names = _run_names(root, run_dirs)
-    runs, errors = {}, []
-    for name, d in names.items():  # every input checked before any long computation
-        try:
-            runs[name] = read_run(d, name, strict=options.strict)
-        except AnalysisError as e:
-            errors.append(str(e))
-    if errors:
-        raise AnalysisError("\n".join(errors))
+    runs = read_runs(named, strict=options.strict)  # every input checked before any long computation
     all_layers, all_steps, timings = [], [], {}
     for name, run in runs.items():
         t0 = time.perf_counter()
@@ -405,10 +371,8 @@ def _report_into(staging: Path, out_dir: Path, root: Path, run_dirs: list[Path],
     (staging / "summary.txt").write_text(text + "\n")
     written = []
     if figures and len(phases_df):
-        from grokjax.analysis.figures import make_figures  # noqa: PLC0415
-
-        written = make_figures(steps, phases_df, {n: names[n] for n in phases_df["run"]}, staging / "figures")
+        written = make_figures(steps, phases_df, {n: runs[n].path for n in phases_df["run"]}, staging / "figures")
     # Without --figures this time, the figures of the previous analysis stay as they were.
     outdir.publish(staging, out_dir, keep=() if figures else ("figures/",))
     return {"out_dir": out_dir, "report": out_dir / "report.md", "summary": text, "timings": timings,
-            "figures": [out_dir / p.relative_to(staging) for p in written], "tables": tables}
+            "figures": [out_dir / p.relative_to(staging) for p in written], "tables": tables, "runs": runs}
