@@ -33,15 +33,23 @@ largest absolute error in points.
 from __future__ import annotations
 
 import math
+import shutil
+import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-from scipy import stats
+import matplotlib
 
-from grokjax.analysis import paper, report
-from grokjax.analysis.phases import PersistentSignal, detect_phases
-from grokjax.analysis.preflight import AnalysisError
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from grokjax.analysis import outdir, paper, report  # noqa: E402
+from grokjax.analysis.phase_tables import format_cell  # noqa: E402
+from grokjax.analysis.phases import PersistentSignal, detect_phases  # noqa: E402
+from grokjax.analysis.preflight import AnalysisError  # noqa: E402
+from grokjax.cliutil import OneLineParser  # noqa: E402
 
 ENGINE = "native"
 COLLAPSES = (("drop2", 2.0), ("drop5", 5.0), ("drop10", 10.0), ("drop25", 25.0), ("below0.5", None))
@@ -225,7 +233,7 @@ def comparison_markdown(cmp: pd.DataFrame) -> str:
         lines += [f"WD = {wd:g}, runs of {int(n_steps):,} steps:", "",
                   "| Table | Layer, metric | phase | this project | n | paper v1 | paper v2 |", "|---|---|---|---|---|---|---|"]
         for r in grp.itertuples(index=False):
-            ours = report._fmt(r.value_mean, r.value_std, r.n, r.metric)
+            ours = format_cell(r.value_mean, r.value_std, r.n, r.metric)
             label = f"{paper.LABELS.get(r.layer, r.layer)} {paper.METRIC_LABELS.get(r.metric, r.metric)}"
             lines.append(f"| {r.table} | {label} | {r.phase} | {ours} | {r.n} | {r.paper_text} | {r.paper_v2_text} |")
         lines.append("")
@@ -258,11 +266,6 @@ def _runs_by_wd(steps: pd.DataFrame) -> dict[float, list[str]]:
 def make_figures(steps: pd.DataFrame, grid: pd.DataFrame, out_dir: Path) -> list[Path]:
     """fig1_seeds.png (accuracies), alpha_seeds.png, traps_seeds.png (every run drawn) and
     early_warning_grid.png; returns the paths written."""
-    import matplotlib  # noqa: PLC0415 (the figures' backend is chosen only when figures are drawn)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
     out_dir.mkdir(parents=True, exist_ok=True)
     by_wd = _runs_by_wd(steps)
     colors = {run: f"C{i}" for i, run in enumerate(sorted(steps["run"].unique()))}
@@ -351,10 +354,6 @@ def write_seeds_report(folders, out_dir, *, figures: bool = True) -> dict[str, P
     `report.build_tables`), paper_comparison_v1_v2.csv, early_warning_grid.csv,
     early_warning_verdict.csv, alpha_correlation.csv, alpha_prediction.csv and the figures.
     """
-    import shutil  # noqa: PLC0415
-
-    from grokjax.analysis import outdir  # noqa: PLC0415
-
     layers, steps = read_analyses(folders)
     tables, cmp = tables_over_seeds(layers, steps)
     grid = warning_grid(steps)
@@ -385,11 +384,6 @@ def write_seeds_report(folders, out_dir, *, figures: bool = True) -> dict[str, P
 
 def main(argv=None) -> int:
     """`python analysis/seeds.py ANALYSIS_FOLDER... --out FOLDER` (see the module docstring)."""
-    import argparse  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
-    from grokjax.cliutil import OneLineParser  # noqa: PLC0415
-
     ap = OneLineParser(prog="seeds.py", description="Tables 1, 2, 4 over seeds and the early-warning grid, from "
                        "analysis folders written by analysis/spectra.py.")
     ap.add_argument("folders", nargs="+", type=Path, help="analysis folders (each with all_steps.parquet)")
