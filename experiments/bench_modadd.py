@@ -1,5 +1,5 @@
-"""Steps/s of the modular-addition training step: JAX (last-position fast path and full forward,
-float64 and float32) against the PyTorch reference (`grokjax.bench.torch_modadd`), one full-batch
+"""Steps/s of the modular-addition training step: JAX (the last-position fast path, the same with
+per-token tables, and the full forward; float64 and float32) against the PyTorch reference (`grokjax.bench.torch_modadd`), one full-batch
 update per step at Nanda et al.'s defaults.
 
 Windows are interleaved (A B C ... A B C ...) so that a change in the machine's load hits every
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
           f"on {jax.devices()[0].platform}; load average before: {os.getloadavg()}")
     contenders = {}
     for dtype in ("float64", "float32"):
-        for fwd in ("last", "full"):
+        for fwd in step.FORWARDS:
             contenders[f"jax {dtype} {fwd}"] = _jax_window(dtype, fwd, n)
     if not args.only_jax:
         for t in threads:

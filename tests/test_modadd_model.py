@@ -107,8 +107,9 @@ def test_fast_path_equals_full_forward_on_every_pair(scale):
     full = np.asarray(model.forward(params, tokens))
     last = np.asarray(model.forward_last(params, tokens))
     assert full.shape == (113**2, 3, 114) and last.shape == (113**2, 114)
-    err = np.abs(full[:, -1] - last).max() / np.abs(full[:, -1]).max()
-    assert err <= 1e-12, err
+    for fast in (last, np.asarray(model.forward_last_tables(params, tokens))):
+        err = np.abs(full[:, -1] - fast).max() / np.abs(full[:, -1]).max()
+        assert err <= 1e-12, err
     # The check has teeth: the first position's logits are not the last's.
     assert np.abs(full[:, 0] - last).max() > 0.1 * np.abs(last).max()
 
@@ -117,12 +118,13 @@ def test_fast_path_gradient_equals_full_forward_gradient():
     params = _peaky(model.init_params(jax.random.PRNGKey(6), CFG), 2.0)
     split = data.make_split(CFG)
     tokens, labels = jnp.asarray(split.train_tokens), jnp.asarray(split.train_labels)
-    g_last = jax.grad(step.loss_fn)(params, tokens, labels, "last")
     g_full = jax.grad(step.loss_fn)(params, tokens, labels, "full")
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_full), jax.tree.leaves(g_last)):
-        a, b = np.asarray(a), np.asarray(b)
-        assert np.abs(a - b).max() <= 1e-12 * np.abs(a).max(), jax.tree_util.keystr(path)
-        assert np.abs(a).max() > 0, jax.tree_util.keystr(path)  # every parameter gets a gradient
+    for fwd in ("last", "tables"):
+        g_fast = jax.grad(step.loss_fn)(params, tokens, labels, fwd)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_full), jax.tree.leaves(g_fast)):
+            a, b = np.asarray(a), np.asarray(b)
+            assert np.abs(a - b).max() <= 1e-12 * np.abs(a).max(), (fwd, jax.tree_util.keystr(path))
+            assert np.abs(a).max() > 0, jax.tree_util.keystr(path)  # every parameter gets a gradient
 
 
 def test_attention_is_causal():
@@ -143,6 +145,6 @@ def test_attention_is_causal():
 ])
 def test_bad_tokens_are_refused(tokens, msg):
     params = model.init_params(jax.random.PRNGKey(0), CFG)
-    for fn in (model.forward, model.forward_last):
+    for fn in (model.forward, model.forward_last, model.forward_last_tables):
         with pytest.raises(ValueError, match=msg):
             fn(params, tokens)

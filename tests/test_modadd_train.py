@@ -46,7 +46,7 @@ def test_first_update_has_lr_zero_and_only_moves_the_moments():
     assert rel_diff(_host(s2.params), p0) > 1e-5
 
 
-@pytest.mark.parametrize("fwd", ["last", "full"])
+@pytest.mark.parametrize("fwd", ["last", "tables", "full"])
 def test_scan_chunks_equal_a_plain_loop(fwd):
     dev = data.to_device(data.make_split(SMALL))
     one = jax.jit(step.make_step(SMALL, fwd))
@@ -75,6 +75,8 @@ def test_replica_sweep_equals_separate_runs():
         assert rel_diff(_host(jax.tree.map(lambda a: a[i], stacked.params)), _host(alone.params)) <= 1e-12
     with pytest.raises(ValueError, match="one weight decay per replica"):
         step.make_train_chunk(SMALL, n_seeds=2, wds=wds)
+    with pytest.raises(ValueError, match="forward must be one of"):
+        step.make_train_chunk(SMALL, "middle")
 
 
 def test_float32_runs_in_float32():
@@ -139,7 +141,7 @@ def test_parity_with_torch_reference(torch_one_thread):
     assert m["train/loss"] < 0.5 * np.log(114)  # it learned something in 200 steps
 
 
-@pytest.mark.parametrize("fwd", ["last", "full"])
+@pytest.mark.parametrize("fwd", ["last", "tables", "full"])
 def test_small_parity_and_its_teeth(fwd, torch_one_thread):
     """On a small model: parity for both forwards, and a changed weight decay, warm-up or beta2 is caught."""
     split = data.make_split(SMALL)

@@ -16,6 +16,10 @@ Parameters (string keys; y = x @ W throughout):
 These are the transposes of Nanda et al.'s (d_out, d_in) tensors (their W_E is (d_model,
 vocab), their W_Q (heads, d_head, d_model)); the values are the same.
 
+`forward` computes every position (the reference); `forward_last` only what the loss needs,
+the last position's logits; `forward_last_tables` the same with the keys, values and query
+taken from per-token tables. The three agree to ~1e-15 relative in float64.
+
 Init, as Nanda et al.'s `torch.randn(...) / sqrt(n)`: every weight is N(0, 1/d_model), except
 the unembedding, N(0, 1/vocab); the MLP biases start at zero. Draws are float64, then cast,
 so the float32 model starts from the same numbers rounded.
@@ -134,6 +138,36 @@ def forward_last(params: dict, tokens: jax.Array) -> jax.Array:
     scores = jnp.einsum("bhk,bphk->bhp", q, kk) / math.sqrt(params["W_Q"].shape[-1])
     z = jnp.einsum("bhp,bphk->bhk", jax.nn.softmax(scores, axis=-1), v)
     r = last + jnp.einsum("bhk,hkd->bd", z, params["W_O"])
+    fc1, fc2 = params["fc1"], params["fc2"]
+    r = r + nn.relu(r @ fc1["kernel"] + fc1["bias"]) @ fc2["kernel"] + fc2["bias"]
+    return r @ params["unembed"]
+
+
+def forward_last_tables(params: dict, tokens: jax.Array) -> jax.Array:
+    """`forward_last` with the keys, values and query computed once per vocabulary entry.
+
+    Position i's input is embed[token] + pos_embed[i], so its key and value (and, at the
+    last position, its query) are rows of the table (embed + pos_embed[i]) @ W, gathered by
+    token: vocab rows per position instead of batch rows, and the same products row by
+    row. The attention scores and the weighted sum of values are elementwise products
+    summed over d_head and over positions. Equal to `forward(params, tokens)[:, -1]` up to
+    the order of summation (tests/test_modadd_model.py).
+    """
+    n = _check_tokens(tokens, params["pos_embed"].shape[0])
+    d = params["embed"].shape[1]
+    _, h, k = params["W_Q"].shape
+
+    def rows(i, name):
+        table = (params["embed"] + params["pos_embed"][i]) @ params[name].reshape(d, h * k)
+        return jnp.take(table, tokens[:, i], axis=0).reshape(-1, h, k)
+
+    kk = jnp.stack([rows(i, "W_K") for i in range(n)], axis=1)  # (batch, n, heads, d_head)
+    v = jnp.stack([rows(i, "W_V") for i in range(n)], axis=1)
+    q = rows(n - 1, "W_Q")
+    last = jnp.take(params["embed"] + params["pos_embed"][n - 1], tokens[:, -1], axis=0)
+    scores = jnp.sum(q[:, None] * kk, axis=-1) / math.sqrt(k)  # (batch, n, heads)
+    z = jnp.sum(jax.nn.softmax(scores, axis=1)[..., None] * v, axis=1)  # (batch, heads, d_head)
+    r = last + z.reshape(z.shape[0], h * k) @ params["W_O"].reshape(h * k, d)
     fc1, fc2 = params["fc1"], params["fc2"]
     r = r + nn.relu(r @ fc1["kernel"] + fc1["bias"]) @ fc2["kernel"] + fc2["bias"]
     return r @ params["unembed"]

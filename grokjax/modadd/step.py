@@ -20,9 +20,12 @@ import optax
 
 from grokjax.modadd.config import ModAddConfig
 from grokjax.modadd.data import Split
-from grokjax.modadd.model import forward, forward_last, init_params
+from grokjax.modadd.model import forward, forward_last, forward_last_tables, init_params
 
-FORWARDS = ("last", "full")
+# The forwards a step can train with: the last-position fast path, the same with per-token
+# tables for keys, values and query, and the full forward over every position (the reference).
+FORWARDS = ("last", "tables", "full")
+_LAST = {"last": forward_last, "tables": forward_last_tables}
 
 
 class TrainState(NamedTuple):
@@ -77,7 +80,7 @@ def init_state(cfg: ModAddConfig, seed: int | None = None) -> TrainState:
 def _logits(params, tokens, fwd: str) -> jax.Array:
     if fwd not in FORWARDS:
         raise ValueError(f"forward must be one of {FORWARDS}, got {fwd!r}")
-    return forward_last(params, tokens) if fwd == "last" else forward(params, tokens)[:, -1]
+    return _LAST[fwd](params, tokens) if fwd in _LAST else forward(params, tokens)[:, -1]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -95,7 +98,8 @@ def make_step(cfg: ModAddConfig, fwd: str = "last") -> Callable[..., tuple[Train
     """One full-batch update `step(state, data, wd=None) -> (state, loss before the update)`.
 
     `data` is a `Split` of device arrays; `wd` a per-replica weight decay (None: cfg.wd);
-    `fwd` 'last' (the fast path) or 'full' (every position, the reference).
+    `fwd` one of `FORWARDS`: 'last' (the fast path), 'tables' (the fast path with per-token
+    tables) or 'full' (every position, the reference).
     """
     if fwd not in FORWARDS:
         raise ValueError(f"forward must be one of {FORWARDS}, got {fwd!r}")
