@@ -1,6 +1,6 @@
 """Steps/s of the modular-addition training step: JAX (the last-position fast path, the same with
-per-token tables, and the full forward; float64 and float32) against the PyTorch reference (`grokjax.bench.torch_modadd`), one full-batch
-update per step at Nanda et al.'s defaults.
+per-token tables, and the full forward; float64 and float32) against the PyTorch reference
+(`grokjax.bench.torch_modadd`), one full-batch update per step at Nanda et al.'s defaults.
 
 Windows are interleaved (A B C ... A B C ...) so that a change in the machine's load hits every
 contender alike; each contender reports the median and the min-max of its windows' steps/s and

@@ -1,4 +1,4 @@
-"""Modular addition analysis: the 8 matrices and the per-head view, the embedding's Fourier energy, HTSR against WeightWatcher."""
+"""Modular addition analysis: the 8 matrices, the per-head view, the Fourier energy, HTSR against WeightWatcher."""
 
 import jax
 import numpy as np

@@ -1,4 +1,4 @@
-"""Analysis of the modular-addition transformer's weights: its 8 matrices, their HTSR rows, the embedding's Fourier energy.
+"""The modular-addition transformer's weights: its 8 matrices, their HTSR rows, the embedding's Fourier energy.
 
 Numpy only: it reads a parameter tree (`grokjax.modadd.model`'s layout, numpy or device
 arrays) and never imports the training code. The 8 matrices are those of the paper's

@@ -5,7 +5,9 @@ last-position logits over all p + 1 tokens with a float64 log-softmax
 (`cross_entropy_high_precision`), then torch.optim.AdamW(lr, weight_decay, betas) with the
 learning rate of update t set to lr * min(t / warmup, 1) (their LambdaLR). Steps run in a
 jitted `lax.scan` over chunks with the state donated and the split resident on the device,
-as the MLP's engine does; the state has the engine's `TrainState` fields.
+as the MLP's engine does; the state has the engine's `TrainState` fields. The loss reads
+only the last position, so the step trains through a fast path that computes only what that
+position needs (`FORWARDS`; `DEFAULT_FORWARD`); the full forward is kept as the reference.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from grokjax.modadd.model import forward, forward_last, forward_last_tables, ini
 # The forwards a step can train with: the last-position fast path, the same with per-token
 # tables for keys, values and query, and the full forward over every position (the reference).
 FORWARDS = ("last", "tables", "full")
+# The fastest of them on CPU (experiments/bench_modadd.py, docs/modadd.md); all three agree to ~1e-15.
+DEFAULT_FORWARD = "tables"
 _LAST = {"last": forward_last, "tables": forward_last_tables}
 
 
@@ -89,12 +93,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1))
 
 
-def loss_fn(params, tokens, labels, fwd: str = "last") -> jax.Array:
+def loss_fn(params, tokens, labels, fwd: str = DEFAULT_FORWARD) -> jax.Array:
     """The training loss of `params` on (tokens, labels): `cross_entropy` of the last-position logits."""
     return cross_entropy(_logits(params, tokens, fwd), labels)
 
 
-def make_step(cfg: ModAddConfig, fwd: str = "last") -> Callable[..., tuple[TrainState, jax.Array]]:
+def make_step(cfg: ModAddConfig, fwd: str = DEFAULT_FORWARD) -> Callable[..., tuple[TrainState, jax.Array]]:
     """One full-batch update `step(state, data, wd=None) -> (state, loss before the update)`.
 
     `data` is a `Split` of device arrays; `wd` a per-replica weight decay (None: cfg.wd);
@@ -113,7 +117,7 @@ def make_step(cfg: ModAddConfig, fwd: str = "last") -> Callable[..., tuple[Train
     return step
 
 
-def make_train_chunk(cfg: ModAddConfig, fwd: str = "last", n_seeds: int | None = None, *, wds=None):
+def make_train_chunk(cfg: ModAddConfig, fwd: str = DEFAULT_FORWARD, n_seeds: int | None = None, *, wds=None):
     """A jitted `chunk(state, data, length) -> (state, last loss)` running `length` steps in one `lax.scan`.
 
     The state is donated; `length` is static (use a few fixed lengths, as the MLP runner's
@@ -143,8 +147,8 @@ def make_train_chunk(cfg: ModAddConfig, fwd: str = "last", n_seeds: int | None =
     return chunk
 
 
-def run_steps(cfg: ModAddConfig, state: TrainState, data: Split, n: int, *, chunk: int = 256, fwd: str = "last",
-              chunk_fn=None) -> TrainState:
+def run_steps(cfg: ModAddConfig, state: TrainState, data: Split, n: int, *, chunk: int = 256,
+              fwd: str = DEFAULT_FORWARD, chunk_fn=None) -> TrainState:
     """Runs n steps through scan chunks of at most `chunk` steps (for tests and benchmarks)."""
     if n < 0 or chunk < 1:
         raise ValueError(f"need n >= 0 and chunk >= 1, got n={n}, chunk={chunk}")
@@ -162,7 +166,7 @@ def evaluate(params, data: Split) -> dict[str, jax.Array]:
     out = {}
     for split, tokens, labels in (("train", data.train_tokens, data.train_labels),
                                   ("test", data.test_tokens, data.test_labels)):
-        logits = forward_last(params, tokens)
+        logits = _logits(params, tokens, DEFAULT_FORWARD)
         out[f"{split}/loss"] = cross_entropy(logits, labels)
         out[f"{split}/acc"] = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float64))
     out["params/l2"] = jnp.sqrt(sum(jnp.sum(a.astype(jnp.float64) ** 2) for a in jax.tree.leaves(params)))
