@@ -67,6 +67,8 @@ def test_fourier_energy_matches_the_explicit_basis(p):
     assert out["fraction"].sum() == pytest.approx(1.0, rel=1e-12)  # Parseval
     assert out["total"] == pytest.approx(np.sum(E[:p] ** 2), rel=1e-14)
     assert out["peak_freq"] == 1 + int(np.argmax(want[1:]))
+    np.testing.assert_allclose(out["component_fraction"], np.sum(coef**2, axis=1) / out["total"], rtol=1e-10,
+                               atol=1e-15)
 
 
 def test_fourier_energy_of_planted_and_random_embeddings():

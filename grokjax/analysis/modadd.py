@@ -88,7 +88,10 @@ def embedding_fourier(embed: Any, p: int | None = None) -> dict[str, Any]:
     sum_k e_k = ||E||_F^2. `fraction` is e / ||E||_F^2 (it sums to 1); `peak_fraction` is
     the largest fraction over the non-constant frequencies k >= 1 and `peak_freq` its k.
     An embedding spread evenly over the frequencies has peak_fraction near 2/p (0.018 for
-    p = 113); one on a single frequency has 1. Computed with the real FFT along the token
+    p = 113); one on a single frequency has 1. Of the p DFT frequencies, k and p - k carry the
+    same energy for a real embedding, which is why the spectrum runs over k = 0..floor(p/2);
+    `component_fraction` is the finer split over the p basis vectors (const, cos 1, sin 1,
+    cos 2, ...), which sums pairwise to `fraction`. Computed with the real FFT along the token
     axis (e_k = 2 |X_k|^2 / p for 0 < k < p/2, |X_k|^2 / p for k = 0 and k = p/2).
 
     Args:
@@ -97,8 +100,8 @@ def embedding_fourier(embed: Any, p: int | None = None) -> dict[str, Any]:
         p: the modulus; default vocab - 1 (the '=' token is the last).
 
     Returns:
-        dict with freqs (0..floor(p/2)), energy, fraction (arrays), total (||E||_F^2),
-        peak_fraction, peak_freq.
+        dict with freqs (0..floor(p/2)), energy, fraction, component_fraction (arrays), total
+        (||E||_F^2), peak_fraction, peak_freq.
     """
     W = _array(embed, "embed") if isinstance(embed, Mapping) else np.asarray(embed, dtype=np.float64)
     if W.ndim != 2:
@@ -118,9 +121,14 @@ def embedding_fourier(embed: Any, p: int | None = None) -> dict[str, Any]:
     if total == 0:
         raise ValueError("the embedding's number rows are all zero: no Fourier energy to normalise")
     fraction = energy / total
+    # Per basis vector: cos k carries 2 Re(X_k)^2 / p, sin k 2 Im(X_k)^2 / p (weights as above).
+    cos_e = weight * np.sum(X.real**2, axis=1) / p
+    sin_e = weight * np.sum(X.imag**2, axis=1) / p
+    pairs = np.stack([cos_e[1:], sin_e[1:]], axis=1).ravel()
+    components = np.concatenate([cos_e[:1], pairs[: p - 1]]) / total
     k = 1 + int(np.argmax(fraction[1:]))
-    return dict(freqs=np.arange(X.shape[0]), energy=energy, fraction=fraction, total=total,
-                peak_fraction=float(fraction[k]), peak_freq=k)
+    return dict(freqs=np.arange(X.shape[0]), energy=energy, fraction=fraction, component_fraction=components,
+                total=total, peak_fraction=float(fraction[k]), peak_freq=k)
 
 
 def analyze_params(params: Mapping[str, Any], *, seed: int = 0, options: htsr.HTSROptions | None = None,

@@ -13,8 +13,9 @@ Parameters (string keys; y = x @ W throughout):
     W_Q, W_K, W_V (d_model, n_heads, d_head), W_O (n_heads, d_head, d_model),
     fc1 {kernel (d_model, d_mlp), bias (d_mlp,)}, fc2 {kernel (d_mlp, d_model), bias (d_model,)},
     unembed (d_model, vocab).
-These are the transposes of Nanda et al.'s (d_out, d_in) tensors (their W_E is (d_model,
-vocab), their W_Q (heads, d_head, d_model)); the values are the same.
+Every matrix is (d_in, d_out). Nanda et al. store W_E, W_Q, W_K, W_V, W_O, W_in and W_out
+as (d_out, d_in) (their W_E is (d_model, vocab), their W_Q (heads, d_head, d_model)), so
+those are transposed here; their W_pos and W_U already have this layout.
 
 `forward` computes every position (the reference); `forward_last` only what the loss needs,
 the last position's logits; `forward_last_tables` the same with the keys, values and query
