@@ -4,9 +4,9 @@ It mirrors the notebook: Sequential(Flatten, Linear, ReLU, Linear, ReLU, Linear)
 (mean) against one-hot targets, torch.optim.AdamW(lr, weight_decay) with its default
 implementation, and a fixed cycle of batches (block t mod n_batches at update t). At each
 requested evaluation step t the model is evaluated *before* update t. It imports torch at
-module level; the only other module that imports torch is the benchmark command
-(`grokjax.bench.cli`, inside its functions), and the numpy stand-in for torch's Linear init
-is `grokjax.bench.init`.
+module level; the only other modules that import torch are the modular-addition transformer's
+reference (`grokjax.bench.torch_modadd`) and the benchmark command (`grokjax.bench.cli`, inside
+its functions), and the numpy stand-in for torch's Linear init is `grokjax.bench.init`.
 """
 
 from __future__ import annotations
