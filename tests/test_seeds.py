@@ -115,3 +115,20 @@ def test_report_from_committed_analysis(tmp_path):
     row = cmp[(cmp["table"] == "Table 1") & (cmp["layer"] == "fc1") & (cmp["metric"] == "alpha")
               & (cmp["phase"] == "anti")]
     assert list(row["paper_v2_text"]) == ["0.9 ± 0.4"]
+
+
+def test_runs_in_progress_are_left_out_of_tables_and_grid(tmp_path):
+    src = ROOT / "results" / "wd0_1e7" / "analysis"
+    layers = pd.read_parquet(src / "all_layers.parquet")
+    steps = pd.read_parquet(src / "all_steps.parquet")
+    # a second, unfinished copy of the run, under another name, stopped at 10^6
+    cut = steps[steps["step"] <= 10**6].assign(run="partial", seed=7)
+    (tmp_path / "a").mkdir()
+    cut.to_parquet(tmp_path / "a" / "all_steps.parquet")
+    layers[layers["step"] <= 10**6].assign(run="partial", seed=7).to_parquet(tmp_path / "a" / "all_layers.parquet")
+    res = seeds.write_seeds_report([src, tmp_path / "a"], tmp_path / "s", figures=False, complete_at=10**7)
+    grid = pd.read_csv(tmp_path / "s" / "early_warning_grid.csv")
+    assert set(grid["run"]) == {"wd0_1e7"}
+    assert "| partial | 1,000,000 |" in res["report"].read_text()
+    with pytest.raises(seeds.AnalysisError, match="no run has reached"):
+        seeds.write_seeds_report([tmp_path / "a"], tmp_path / "t", figures=False, complete_at=10**7)

@@ -348,16 +348,44 @@ def make_figures(steps: pd.DataFrame, grid: pd.DataFrame, out_dir: Path) -> list
     return written
 
 
-def write_seeds_report(folders, out_dir, *, figures: bool = True) -> dict[str, Path]:
+def runs_in_progress(steps: pd.DataFrame, complete_at: int) -> dict[str, int]:
+    """{run: its last step} of the runs that have not reached `complete_at`."""
+    last = steps.groupby("run")["step"].max()
+    return {str(r): int(s) for r, s in last.items() if s < complete_at}
+
+
+def progress_markdown(short: dict[str, int], complete_at: int) -> str:
+    """The runs left out of the tables, the grid and the fits (still running), with their step."""
+    if not short:
+        return ""
+    lines = [f"## Runs still in progress (drawn in the figures; left out of every table, the grid and the fits "
+             f"until they reach {complete_at:,} steps)", "", "| run | last step |", "|---|---|"]
+    lines += [f"| {r} | {s:,} |" for r, s in sorted(short.items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_seeds_report(folders, out_dir, *, figures: bool = True, complete_at: int | None = None) -> dict[str, Path]:
     """Reads the analysis `folders`, writes every output into `out_dir` at once (a failure
     leaves the previous outputs as they were): tables over seeds (report.md and the CSVs of
     `report.build_tables`), paper_comparison_v1_v2.csv, early_warning_grid.csv,
     early_warning_verdict.csv, alpha_correlation.csv, alpha_prediction.csv and the figures.
+
+    With `complete_at`, only the runs that reached that step enter the tables, the grid and the
+    fits; the others (a campaign's unfinished runs) are drawn in the figures and listed in
+    report.md with their last step.
+
+    Raises:
+        AnalysisError: bad inputs, no run that reached `complete_at`, or unwritable outputs.
     """
     layers, steps = read_analyses(folders)
-    tables, cmp = tables_over_seeds(layers, steps)
-    grid = warning_grid(steps)
-    corr, pred = alpha_fits(steps)
+    short = runs_in_progress(steps, complete_at) if complete_at else {}
+    done = steps[~steps["run"].isin(list(short))]
+    if done.empty:
+        raise AnalysisError(f"no run has reached {complete_at:,} steps yet: "
+                            + ", ".join(f"{r} at {s:,}" for r, s in sorted(short.items())))
+    tables, cmp = tables_over_seeds(layers[~layers["run"].isin(list(short))], done)
+    grid = warning_grid(done)
+    corr, pred = alpha_fits(done)
     out_dir = Path(out_dir)
     try:
         staging = outdir.stage(out_dir)
@@ -365,7 +393,7 @@ def write_seeds_report(folders, out_dir, *, figures: bool = True) -> dict[str, P
         raise AnalysisError(e.strerror or str(e)) from None
     try:
         md = report.write_tables(tables, staging)
-        md.write_text(md.read_text() + "\n" + comparison_markdown(cmp))
+        md.write_text(md.read_text() + "\n" + comparison_markdown(cmp) + "\n" + progress_markdown(short, complete_at))
         cmp.to_csv(staging / "paper_comparison_v1_v2.csv", index=False)
         grid.to_csv(staging / "early_warning_grid.csv", index=False)
         verdict(grid).to_csv(staging / "early_warning_verdict.csv", index=False)
@@ -388,11 +416,13 @@ def main(argv=None) -> int:
                        "analysis folders written by analysis/spectra.py.")
     ap.add_argument("folders", nargs="+", type=Path, help="analysis folders (each with all_steps.parquet)")
     ap.add_argument("--out", type=Path, required=True, help="output folder (replaced at once)")
+    ap.add_argument("--complete_at", type=lambda t: int(float(t)), default=None,
+                    help="only runs that reached this step (e.g. 1e7) enter the tables, grid and fits")
     ap.add_argument("--figures", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                     help="draw the figures (default: true)")
     a = ap.parse_args(argv)
     try:
-        res = write_seeds_report(a.folders, a.out, figures=a.figures)
+        res = write_seeds_report(a.folders, a.out, figures=a.figures, complete_at=a.complete_at)
     except AnalysisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
