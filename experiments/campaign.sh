@@ -63,10 +63,15 @@ case "${1:-}" in
     mkdir -p "$EXPORTS"
     for r in $ALL; do
       n=$(name "$r"); [ -d "$RUNS/$n" ] || continue
-      tmp=$(mktemp -d); rmdir "$tmp"
-      "$PY" experiments/run.py --export "$RUNS/$n" "$tmp"
-      rm -rf "$EXPORTS/$n.old"; [ -d "$EXPORTS/$n" ] && mv "$EXPORTS/$n" "$EXPORTS/$n.old"
-      mv "$tmp" "$EXPORTS/$n" && rm -rf "$EXPORTS/$n.old"
+      # the export names its folder in config.json: write it where it stays, keep the old one
+      # aside until the new one is complete
+      rm -rf "$EXPORTS/.$n.old"; [ -d "$EXPORTS/$n" ] && mv "$EXPORTS/$n" "$EXPORTS/.$n.old"
+      if "$PY" experiments/run.py --export "$RUNS/$n" "$EXPORTS/$n"; then
+        rm -rf "$EXPORTS/.$n.old"
+      else
+        echo "export of $n failed; the previous export is kept" >&2
+        rm -rf "$EXPORTS/$n"; [ -d "$EXPORTS/.$n.old" ] && mv "$EXPORTS/.$n.old" "$EXPORTS/$n"
+      fi
     done
     # every segment of every run: steps, speed, CPU and XLA threads (from the exported events)
     dirs=(); for r in $ALL; do n=$(name "$r"); [ -d "$EXPORTS/$n" ] && dirs+=("$EXPORTS/$n"); done

@@ -89,13 +89,59 @@ def checks() -> list[tuple[str, str]]:
     return out
 
 
+def seeds_checks() -> list[tuple[str, str]]:
+    """The early-warning grid's verdict and the campaign's status, from results/seeds_1e7 and
+    results/campaign_1e7."""
+    out = []
+    grid = pd.read_csv(HERE / "seeds_1e7" / "early_warning_grid.csv")
+    corr = pd.read_csv(HERE / "seeds_1e7" / "alpha_correlation.csv")
+    runs = sorted(grid["run"].unique())
+    out.append(("finished runs in the grid", f"so far on the {'one finished run' if len(runs) == 1 else f'{len(runs)} finished runs'}"))
+    g = grid[grid["collapse"] == "drop2"]
+    late = g[g["signal"] != "traps>=1"]
+    out.append(("points lost when alpha and centred traps fire",
+                f"fire after {late['lost_pp'].min():.1f}-{late['lost_pp'].max():.1f} of the run's"))
+    out.append(("their steps", f"between {late['signal_step'].min():,.0f} and {late['signal_step'].max():,.0f} steps"))
+    cs = grid.drop_duplicates("collapse").set_index("collapse")["collapse_step"]
+    out.append(("collapse steps", f"first met at {cs['drop2']:,.0f}, {cs['drop5']:,.0f}, {cs['drop10']:,.0f} and "
+                                  f"{cs['drop25']:,.0f}"))
+    drops = grid[grid["collapse"].str.startswith("drop") & (grid["signal"] != "traps>=1")]
+    out.append(("late under every drop definition", "late under all four drop definitions"
+                if (drops["outcome"] == "late").all() else "NOT late under every drop definition"))
+    b = grid[grid["collapse"] == "below0.5"]
+    out.append(("below 0.5 step", f"'below 0.5' (first at {cs['below0.5']:,.0f})"))
+    warned = b[b["outcome"] == "warned"]
+    fc1 = warned[warned["signal"].str.startswith("fc1_alpha")]
+    ctrap = warned[(warned["signal"] == "traps_centred>=1") & (warned["rule"] == "first")]
+    both = pd.concat([fc1, ctrap])
+    out.append(("below-0.5 leads", f"fire {both['lead_steps'].min() / 1e6:.2f}-{both['lead_steps'].max() / 1e6:.2f} "
+                                   "million steps earlier"))
+    mean_late = (b[b["signal"].str.startswith("mean_alpha")]["outcome"] == "late").all()
+    out.append(("average alpha late for below 0.5", "the average alpha does not" if mean_late else "CHECK mean alpha"))
+    raw = grid[grid["signal"] == "traps>=1"]
+    out.append(("raw traps", "it held already at the peak" if raw["held_at_peak"].all() and
+                (raw["outcome"] == "warned").all() else "CHECK raw traps"))
+    out.append(("peak step", f"at the peak ({int(grid['peak_step'].iloc[0]):,})"))
+    c = corr[corr["alpha"] == "fc1_alpha"].iloc[0]
+    out.append(("FC1 alpha vs test accuracy", f"Spearman {c['spearman']:.2f}, Pearson {c['pearson']:.2f} over "
+                                              f"{int(c['n'])} evaluations"))
+    status = []
+    camp = HERE / "campaign_1e7"
+    for name in ("wd0.01_seed0", "wd0_seed1", "wd0_seed2", "wd0.01_seed1", "wd0.01_seed2"):
+        if (camp / name / "metrics.jsonl").is_file():
+            status.append(f"{name} at {int(_metrics(camp / name)['step'].max()):,}")
+    out.append(("campaign status", "; ".join(status)))
+    return out
+
+
 def main() -> int:
     text = README.read_text()
     flat = " ".join(text.split())
-    bad = [(what, want) for what, want in checks() if " ".join(want.split()) not in flat]
+    every = checks() + seeds_checks()
+    bad = [(what, want) for what, want in every if " ".join(want.split()) not in flat]
     for what, want in bad:
         print(f"results/README.md does not state {what}: expected '{want}'")
-    n = len(checks())
+    n = len(every)
     print(f"{n - len(bad)} of {n} checked statements agree with the files")
     return 1 if bad else 0
 
