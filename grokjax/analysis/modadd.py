@@ -163,3 +163,69 @@ def analyze_params(params: Mapping[str, Any], *, seed: int = 0, options: htsr.HT
         ext = htsr.extended_weights(mats, seed=seed, k_shuffles=k_shuffles, rng=ext_rng, options=options)
         rows = [{**row, **ext[row["name"]]} for row in rows]
     return rows
+
+
+def _apb_basis(p: int, freqs) -> np.ndarray:
+    """Unit vectors over the p^2 inputs (order a * p + b) along cos(w_k (a + b)) and
+    sin(w_k (a + b)), w_k = 2 pi k / p, for each k in `freqs` (1 <= k <= p // 2): (2 n, p^2).
+    For distinct k they are orthonormal, and orthogonal to the constant vector."""
+    a, b = np.divmod(np.arange(p * p), p)
+    rows = []
+    for k in freqs:
+        k = int(k)
+        if not 1 <= k <= p // 2:
+            raise ValueError(f"key frequencies must lie in 1..{p // 2}, got {k}")
+        for f in (np.cos, np.sin):
+            v = f(2 * np.pi * k * (a + b) / p)
+            n = np.linalg.norm(v)
+            if n > 1e-9:  # the sine of k = p/2 (even p) is zero
+                rows.append(v / n)
+    return np.asarray(rows)
+
+
+def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-np.mean(logp[np.arange(len(labels)), labels]))
+
+
+def key_frequencies(embed: Any, n: int = 5, p: int | None = None) -> list[int]:
+    """The `n` non-constant frequencies with the most embedding Fourier energy
+    (`embedding_fourier`), largest first: the key frequencies of Nanda et al. (their run had 5)."""
+    f = embedding_fourier(embed, p)
+    order = np.argsort(f["fraction"][1:])[::-1] + 1
+    return [int(k) for k in order[:n]]
+
+
+def fourier_losses(logits: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, key_freqs) -> dict[str, float]:
+    """Nanda et al.'s restricted and excluded losses, from the logits of all p^2 pairs.
+
+    `logits` (p^2, >= p) are the '=' position's logits for every pair in the order a * p + b
+    (`grokjax.modadd.data.all_pairs`); only the p number outputs are used. Over the inputs, each
+    output's logits are split along the key frequencies' directions cos(w_k (a + b)) and
+    sin(w_k (a + b)) (`key_freqs`, 1..p//2):
+
+    * restricted loss: the cross-entropy over all p^2 pairs of the logits kept to those
+      directions plus their mean over the inputs (everything else ablated). Low when the key
+      frequencies alone carry the algorithm.
+    * excluded loss: the cross-entropy over the training pairs (`train_idx`) of the logits with
+      those directions removed. High when the training set is fitted through them, low while
+      it is memorised some other way.
+
+    Also returns the full loss on all pairs and on the training pairs, for reference.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    p2 = logits.shape[0]
+    p = int(round(np.sqrt(p2)))
+    if p * p != p2 or logits.ndim != 2 or logits.shape[1] < p:
+        raise ValueError(f"logits must be (p^2, >= p) for all pairs, got shape {logits.shape}")
+    L = logits[:, :p]
+    labels = np.asarray(labels)
+    U = _apb_basis(p, key_freqs)
+    proj = U.T @ (U @ L)
+    restricted = proj + L.mean(axis=0, keepdims=True)
+    excluded = L - proj
+    train_idx = np.asarray(train_idx)
+    return {"restricted_loss": _cross_entropy(restricted, labels),
+            "excluded_loss": _cross_entropy(excluded[train_idx], labels[train_idx]),
+            "full_loss": _cross_entropy(L, labels), "train_loss": _cross_entropy(L[train_idx], labels[train_idx])}
