@@ -256,6 +256,7 @@ def test_a_lagging_monitor_ends_cleanly(tmp_path, root):
         for i in range(2):
             env = _env()
             env["GROKJAX_TEST_MONITOR_DELAY"] = "0.5" if i == 1 else "0"
+            env["GROKJAX_TEST_MONITOR_BACKLOG"] = "1" if i == 1 else ""
             procs.append(_start(root, out, i, port, ["--monitor", "true", "--log_points_per_decade", "10",
                                                      "--keep_params", "all"], logs[i], env))
         for p in procs:

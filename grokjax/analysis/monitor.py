@@ -233,6 +233,9 @@ _WORKER = _RecordWorker()
 # Tests only: seconds each record waits first (a monitor made slow on purpose, to test how a
 # sweep over several processes ends when one process's monitor lags).
 _TEST_DELAY = float(os.environ.get("GROKJAX_TEST_MONITOR_DELAY", "0") or 0)
+# Tests only: a smaller MAX_BACKLOG, so that a lagging monitor surely defers steps to its backfill.
+_TEST_BACKLOG = ({"max": int(os.environ["GROKJAX_TEST_MONITOR_BACKLOG"])}
+                 if os.environ.get("GROKJAX_TEST_MONITOR_BACKLOG") else {})
 atexit.register(_WORKER.shutdown)
 
 
@@ -298,7 +301,7 @@ class Monitor:
         idle. Live warnings then see it later, in the replay after the backfill.
         """
         self._test_acc[int(step)] = float(test_acc)
-        if kept and self._queue.qsize() > MAX_BACKLOG:
+        if kept and self._queue.qsize() > _TEST_BACKLOG.get("max", MAX_BACKLOG):
             self._backfill.append(int(step))
             self.deferred += 1
             return
