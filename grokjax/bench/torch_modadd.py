@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from grokjax.bench.torch_reference import recorder
+
 # JAX parameter paths, in the order of the torch module's parameters.
 _PATHS = (("embed",), ("pos_embed",), ("W_Q",), ("W_K",), ("W_V",), ("W_O",), ("fc1", "kernel"), ("fc1", "bias"),
           ("fc2", "kernel"), ("fc2", "bias"), ("unembed",))
@@ -108,13 +110,7 @@ def train_reference(params: dict, train_tokens: np.ndarray, train_labels: np.nda
     ys = None if test_labels is None else torch.from_numpy(np.asarray(test_labels, np.int64))
     eval_at = {int(s) for s in eval_at}
     records = []
-
-    def record(t):
-        rec = {"step": t}
-        rec["train/acc"], rec["train/loss"] = evaluate(model, x, y)
-        if xs is not None:
-            rec["test/acc"], rec["test/loss"] = evaluate(model, xs, ys)
-        records.append(rec)
+    record = recorder(evaluate, model, (x, y), (xs, ys), records)
 
     for t in range(steps):
         if t in eval_at:

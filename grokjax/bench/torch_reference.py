@@ -46,6 +46,20 @@ def evaluate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> tuple[f
     return acc, loss
 
 
+def recorder(evaluate, model, train, test, records: list):
+    """`record(t)`: appends {step, train/acc, train/loss[, test/acc, test/loss]} of `model` to
+    `records`, with `evaluate(model, x, labels) -> (acc, loss)` on `train` and `test` ((x, labels)
+    pairs; test's x None: no test metrics). Shared by the torch references."""
+    def record(t):
+        rec = {"step": t}
+        rec["train/acc"], rec["train/loss"] = evaluate(model, *train)
+        if test[0] is not None:
+            rec["test/acc"], rec["test/loss"] = evaluate(model, *test)
+        records.append(rec)
+
+    return record
+
+
 def train_reference(params: dict, x_train: np.ndarray, y_train: np.ndarray, perm: np.ndarray, steps: int, *,
                     wd: float, lr: float = 5e-4, batch: int = 200, eval_at=(), x_test=None, y_test=None,
                     threads: int | None = None):
@@ -74,13 +88,7 @@ def train_reference(params: dict, x_train: np.ndarray, y_train: np.ndarray, perm
     ys = torch.from_numpy(np.array(y_test, np.int64)) if y_test is not None else None
     eval_at = set(int(s) for s in eval_at)
     records = []
-
-    def record(t):
-        rec = {"step": t}
-        rec["train/acc"], rec["train/loss"] = evaluate(model, xt, yt)
-        if xs is not None:
-            rec["test/acc"], rec["test/loss"] = evaluate(model, xs, ys)
-        records.append(rec)
+    record = recorder(evaluate, model, (xt, yt), (xs, ys), records)
 
     for t in range(steps):
         if t in eval_at:
