@@ -7,7 +7,8 @@ wds=[0, 0.01])` trains every (weight decay, seed) pair the same way into `<out>/
 
 A run directory holds config.json (every resolved knob, package versions, device),
 metrics.jsonl (one JSON object per evaluated step) and checkpoints/ (see `grokjax.ckpt`);
-`grokjax.rundir` owns its file names and formats. Rerunning the same command resumes from the
+`grokjax.rundir` owns its file names and formats, `grokjax.train.workdir` creates, checks and
+resumes it, and `grokjax.train.provenance` says what it records of the software and machine. Rerunning the same command resumes from the
 latest full state and ends bitwise identical to an uninterrupted run; a different config on
 the same directory is refused.
 
@@ -21,14 +22,11 @@ import dataclasses
 import json
 import math
 import os
-import platform
-import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
 import jax
@@ -38,16 +36,17 @@ from tqdm.auto import tqdm
 
 from grokjax import ckpt, rundir
 from grokjax.data import load_mnist
-from grokjax.rundir import CONFIG_FILE, SWEEP_FILE, RunDirError
+from grokjax.rundir import SWEEP_FILE, RunDirError
 from grokjax.train.config import LEGACY_FIELDS, ConfigError, TrainConfig, format_duration
 from grokjax.train.engine import (TrainState, batch_perm, init_state, make_data, make_evaluate, make_train_chunk,
                                   pixel_columns)
 from grokjax.train.progress import Progress
+from grokjax.train.provenance import segment_fields, xla_cpu_threads
 from grokjax.train.schedule import authors_log_steps, chunk_lengths, eval_steps, nearest_per_decade
+from grokjax.train.workdir import as_started, prepare_run_dir, science_notes, wd_name
 
 # keep_params=log keeps about this many params checkpoints a decade (plus the authors' steps).
 LOG_PARAMS_PER_DECADE = 5
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "grokjax")
 
 
 class NonFiniteError(RuntimeError):
@@ -107,161 +106,6 @@ class _StopRequest:
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for p in PACKAGES:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            out[p] = "not installed"
-    return out
-
-
-def xla_cpu_threads() -> int | None:
-    """Threads of XLA's CPU intra-op pool in this process, counted; None off CPU or where unknown.
-
-    XLA sizes the pool from `PJRT_NPROC` (or `NPROC`) when set, else from the cores the process
-    may use, and never below its number of CPU devices. Eigen's GEMM blocking depends on that
-    size, so the float64 sums, and with them a chaotic trajectory's low bits, depend on it: a
-    process with more forced devices than cores sums differently from one with fewer. Setting
-    the same `PJRT_NPROC` everywhere makes layouts and hosts with different core counts agree.
-    """
-    devs = jax.local_devices()
-    if devs[0].platform != "cpu":
-        return None
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return None
-    n = 0
-    for t in tasks:
-        try:
-            with open(f"/proc/self/task/{t}/comm", encoding="utf-8") as f:
-                n += f.read().startswith("tf_XLAEigen")
-        except OSError:
-            continue  # the thread ended meanwhile
-    return n or None
-
-
-def cpu_model() -> str:
-    """The host CPU as /proc/cpuinfo names it: vendor, family, model, stepping and model name.
-
-    Runs are chaotic: the same command on another CPU model drifts in the low bits after a few
-    thousand steps, so every segment records this (its start or resume event).
-    """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            info: dict[str, str] = {}
-            for ln in f:
-                if not ln.strip():
-                    break  # the first processor's block is enough
-                k, _, v = ln.partition(":")
-                info.setdefault(k.strip(), v.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    if "cpu family" not in info:
-        return info.get("model name") or platform.processor() or platform.machine()
-    return (f"{info.get('vendor_id', '?')} family {info['cpu family']} model {info.get('model', '?')} "
-            f"stepping {info.get('stepping', '?')} ({info.get('model name', '?')})")
-
-
-def _segment_fields() -> dict[str, object]:
-    """What a start or resume event records of the machine the segment runs on."""
-    return {"cpu": cpu_model(), "host": platform.node(), "xla_cpu_threads": xla_cpu_threads()}
-
-
-def _device_info() -> dict[str, object]:
-    devs = jax.devices()
-    return {"platform": devs[0].platform, "device_kind": devs[0].device_kind, "count": len(devs),
-            "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "host": platform.node(),
-            "xla_cpu_threads": xla_cpu_threads()}
-
-
-def prepare_run_dir(cfg: TrainConfig) -> Path:
-    """Creates or checks the run directory and writes config.json for a new run.
-
-    Raises:
-        ConfigError: the directory is unwritable, holds something else, or holds a run with a
-            different config (unless `cfg.overwrite`).
-    """
-    d = Path(cfg.out)
-    cfg_file = d / CONFIG_FILE
-    if d.exists() and not d.is_dir():
-        raise ConfigError(f"--out {d} exists and is not a directory")
-    if cfg_file.exists() and not cfg.overwrite:
-        try:
-            old = rundir.read_config(d)
-        except RunDirError as e:
-            raise ConfigError(f"{e}; pass --overwrite to start over") from None
-        new = cfg.science()
-        old = {**LEGACY_FIELDS, **old}  # a run started before a field existed ran with its old value
-        diff = sorted(k for k in set(old) | set(new) if k in new and old.get(k) != new.get(k))
-        if diff:
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
-            raise ConfigError(f"{d} holds a run with a different config ({shown}); "
-                              "use another --out or pass --overwrite")
-        return d
-    if d.exists() and any(d.iterdir()):
-        # --overwrite only ever deletes a grokjax run directory, never an arbitrary folder.
-        if not (cfg.overwrite and cfg_file.exists()):
-            raise ConfigError(f"{d} is not empty and holds no {CONFIG_FILE}; use another --out")
-        shutil.rmtree(d)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        payload = {"config": cfg.to_dict(), "versions": _versions(), "device": _device_info(),
-                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   "notes": _science_notes(cfg)}
-        rundir.write_config(d, payload)
-    except OSError as e:
-        raise ConfigError(f"cannot write to --out {d}: {e.strerror or e}") from None
-    return d
-
-
-def _as_started(cfg: TrainConfig) -> TrainConfig:
-    """`cfg` with the old value of each science field its run directory was started without.
-
-    A run directory whose config.json predates `skip_zero_pixels` ran dense and resumes dense,
-    so that its trajectory does not change mid-run (said in one line). A resume with another
-    XLA CPU thread count than the run started with is said in one line too (see
-    `xla_cpu_threads`); it is the user's to fix, with `PJRT_NPROC`.
-    """
-    if cfg.overwrite or not rundir.is_run(cfg.out):
-        return cfg
-    try:
-        payload = rundir.read_config_payload(cfg.out)
-    except RunDirError:
-        return cfg  # prepare_run_dir reports it
-    old = payload["config"]
-    was, now = (payload.get("device") or {}).get("xla_cpu_threads"), xla_cpu_threads()
-    if was and now and was != now:
-        print(f"NOTE: {cfg.out} was started with {was} XLA CPU threads and resumes with {now}: float64 sums may "
-              f"round differently, so the trajectory may drift in the low bits; set PJRT_NPROC={was} to keep them",
-              file=sys.stderr)
-    changes = {k: v for k, v in LEGACY_FIELDS.items() if k not in old and getattr(cfg, k) != v}
-    if changes:
-        shown = ", ".join(f"{k}={v}" for k, v in changes.items())
-        print(f"NOTE: {cfg.out} was started before {', '.join(changes)} existed: it resumes with {shown}, "
-              "as it started", file=sys.stderr)
-        cfg = dataclasses.replace(cfg, **changes)
-    return cfg
-
-
-def wd_name(wd: float) -> str:
-    """The weight decay as it appears in a sweep's directory names: 0, 0.01, 1e-05."""
-    text = repr(float(wd))
-    return text[:-2] if text.endswith(".0") else text
-
-
-def _science_notes(cfg: TrainConfig) -> list[str]:
-    """Deviations from the paper's protocol, recorded in config.json and printed loudly."""
-    notes = []
-    if cfg.dtype != "float64":
-        notes.append(f"dtype={cfg.dtype}: NOT the paper's float64 (speed study only)")
-    if cfg.reshuffle:
-        notes.append("reshuffle=True: Omnigrok's per-epoch reshuffle, NOT the authors' fixed 5-batch cycle")
-    return notes
 
 
 def _damaged(e: RunDirError) -> ConfigError:
@@ -470,14 +314,14 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
         cfgs = [dataclasses.replace(cfg, seed=s, out=str(Path(cfg.out) / f"seed{s}")) for s in seeds]
     else:
         cfgs = [cfg]
-    cfgs = [_as_started(c) for c in cfgs]
+    cfgs = [as_started(c) for c in cfgs]
     for name in LEGACY_FIELDS:
         if len({getattr(c, name) for c in cfgs}) > 1:
             raise ConfigError(f"these run directories differ in {name} (some were started before the "
                               "field existed); train them separately")
     # The compiled chunk's shared settings; a sweep's weight decays go to it per replica.
     cfg = dataclasses.replace(cfg, **{name: getattr(cfgs[0], name) for name in LEGACY_FIELDS}, wd=cfgs[0].wd)
-    for note in _science_notes(cfg):
+    for note in science_notes(cfg):
         print(f"WARNING: {note}; recorded in config.json", file=sys.stderr)
     steps = eval_steps(cfg.steps, cfg.log_points_per_decade, cfg.authors_grid)
     authors = set(int(s) for s in authors_log_steps(cfg.steps))
@@ -673,7 +517,7 @@ def _restore_or_init(cfg: TrainConfig, cfgs: list[TrainConfig], replicas: list[_
     restored = _restore(replicas, templates[mine], axis.group)
     if restored is None:
         for r in replicas:
-            r.event(event="start", step=0, **_segment_fields())
+            r.event(event="start", step=0, **segment_fields())
         return _Start(0, states, [0.0] * len(replicas))
     start, trees = restored
     for tree, p in zip(trees, perms[mine]):
@@ -690,7 +534,7 @@ def _restore_or_init(cfg: TrainConfig, cfgs: list[TrainConfig], replicas: list[_
     reason = _resume_reason(replicas, start)
     print(f"resuming {cfg.out} from step {start} of {cfg.steps} ({reason})", file=sys.stderr)
     for r in replicas:
-        r.event(event="resume", step=int(start), reason=reason, **_segment_fields())
+        r.event(event="resume", step=int(start), reason=reason, **segment_fields())
     return _Start(start, states, [float(t["wall"]) for t in trees])
 
 
