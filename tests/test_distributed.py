@@ -231,7 +231,8 @@ def test_slurm_templates_render_and_parse(root, script, task):
     path = root / "experiments" / "slurm" / script
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     text = path.read_text()
-    assert "#SBATCH --signal=B:TERM@" in text and "scontrol requeue" in text and "== 75" in text
+    assert "#SBATCH --signal=B:TERM@" in text and "scontrol requeue" in text
+    assert "$rc == 75 || $rc == 76" in text  # paused, or a lost process: both resume when requeued
     env = {**os.environ, "GROKJAX_DRY_RUN": "1", "OUT": "sweeps/x", "EXTRA": "--lr 1e-3"}
     if task is not None:
         env["SLURM_ARRAY_TASK_ID"] = task
@@ -274,3 +275,49 @@ def test_a_lagging_monitor_ends_cleanly(tmp_path, root):
         record_steps = sorted(json.loads(ln)["step"] for ln in
                               (out / name / "monitor" / "records.jsonl").read_text().splitlines())
         assert record_steps == metric_steps, name
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_losing_a_process_stops_the_other_with_one_line_then_resumes_bitwise(root, tmp_path, sweep, victim):
+    """kill -9 of one process mid-run: the other stops within about the (shortened)
+    initialization timeout, with one line naming the lost process and exit 76, no abort and no
+    C++ log; the rerun of the same command resumes every replica bitwise as the uninterrupted sweep."""
+    out = tmp_path / "out"
+    fast = ["--initialization_timeout", "20"]
+    procs, logs = _two(root, out, tmp_path, extra=(fast, fast), wait=False, tag="first")
+    try:
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            if len(ckpt.list_state_steps(out / RUNS[0])) >= 2:
+                break
+            time.sleep(0.02)
+        assert all(p.poll() is None for p in procs), "the sweep ended before the kill"
+        procs[victim].kill()
+        other = procs[1 - victim]
+        other.wait(timeout=TIMEOUT)
+    finally:
+        _kill(procs)
+    err = logs[1 - victim].read_text()
+    assert other.returncode == 76, err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("run.py:")]
+    assert len(lines) == 1 and f"lost process {victim}" in lines[0], err[-3000:]
+    assert "Traceback" not in err and "Terminating process" not in err, err[-3000:]
+    codes, errs = _two(root, out, tmp_path, tag="second")
+    assert codes == [0, 0], errs
+    for name in RUNS:
+        _assert_same_run(out / name, sweep[0] / name)
+
+
+def test_the_lost_process_is_named_from_the_service_error():
+    from grokjax.train.supervise import lost_process
+
+    text = ("F1203 client.h:80] Terminating process because the JAX distributed service detected fatal errors. "
+            "absl::Status: UNAVAILABLE: Task /job:jax_worker/replica:0/task:1 heartbeat timeout")
+    assert lost_process(text, 0) == "process 1"
+    assert lost_process("UNAVAILABLE: Failed to send RPC to coordination service. Socket closed", 1) == \
+        "process 0 (the coordinator)"
+    # the coordinator's report lists the tasks that stopped sending heartbeats, one a line
+    report = ("E1203 coordination_service.cc:1549] Use error polling to propagate the following error to all "
+              "tasks: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):\n1\n"
+              "The tasks have crashed.")
+    assert lost_process(report, 0) == "process 1"

@@ -9,11 +9,13 @@ import sys
 import typing
 
 from grokjax.cliutil import OneLineParser
+from grokjax.train import supervise
 from grokjax.train.config import ConfigError, TrainConfig, parse_duration, parse_steps
 
 DEFAULT_INIT_TIMEOUT = 300  # seconds (grokjax.train.distributed.DEFAULT_INIT_TIMEOUT, jax.distributed's default)
 
-# Exit codes of run.py (documented in the README).
+# Exit codes of run.py (documented in the README); over several processes also
+# supervise.EXIT_PEER_LOST (76): another process of the sweep was lost.
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PAUSED = 0, 1, 2, 3, 75
 
 
@@ -128,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     group = None
+    if distributed and not supervise.is_child():
+        # the training runs in a child process, so that losing another process of the sweep
+        # ends this one with a line and exit 76 rather than JAX's abort (grokjax.train.supervise)
+        return supervise.supervise(sys.argv[1:] if argv is None else list(argv), join["process_id"])
     if distributed:
         from grokjax.train.distributed import initialize  # noqa: PLC0415  (before any other JAX use)
 

@@ -156,8 +156,10 @@ def initialize(*, coordinator_address: str | None, num_processes: int | None, pr
     timer.daemon = True
     timer.start()
     try:
+        # a lost process is noticed within the same order of time as a missing one at the start
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                                   initialization_timeout=int(timeout) + 60)
+                                   initialization_timeout=int(timeout) + 60,
+                                   heartbeat_timeout_seconds=max(10, int(timeout)))
     finally:
         timer.cancel()
     from jax._src.distributed import global_state  # noqa: PLC0415  (the client multihost_utils uses)
