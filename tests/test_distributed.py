@@ -7,7 +7,7 @@ One process over four forced devices equals two processes over two devices when 
 has the same size of XLA's CPU thread pool (set with PJRT_NPROC). XLA sizes the pool as the
 cores, but never below the process's devices, and Eigen's GEMM blocking follows the pool's size:
 on a 2-core host one process with four devices has 4 threads where the others have 2, and its
-float64 sums differ in the last bit from the first step on (see `runner.xla_cpu_threads`).
+float64 sums differ in the last bit from the first step on (see `grokjax.train.provenance.xla_cpu_threads`).
 """
 
 import json

@@ -37,13 +37,14 @@ from tqdm.auto import tqdm
 from grokjax import ckpt, rundir
 from grokjax.data import load_mnist
 from grokjax.rundir import SWEEP_FILE, RunDirError
-from grokjax.train.config import LEGACY_FIELDS, ConfigError, TrainConfig, format_duration
+from grokjax.train.config import ConfigError, TrainConfig, format_duration
 from grokjax.train.engine import (TrainState, batch_perm, init_state, make_data, make_evaluate, make_train_chunk,
                                   pixel_columns)
 from grokjax.train.progress import Progress
 from grokjax.train.provenance import segment_fields, xla_cpu_threads
 from grokjax.train.schedule import authors_log_steps, chunk_lengths, eval_steps, nearest_per_decade
-from grokjax.train.workdir import as_started, prepare_run_dir, science_notes, wd_name
+from grokjax.train.sweep import Sweep, make_sweep
+from grokjax.train.workdir import prepare_run_dir, science_notes
 
 # keep_params=log keeps about this many params checkpoints a decade (plus the authors' steps).
 LOG_PARAMS_PER_DECADE = 5
@@ -297,51 +298,35 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
         Paused: the time limit was reached or a SIGTERM/SIGINT arrived; a full state at the
             current step is on disk and rerunning continues bitwise as if never stopped.
     """
-    stacked = seeds is not None or wds is not None
     if group is not None:
         from grokjax.train import distributed  # noqa: PLC0415
 
         digest = distributed.config_digest(cfg.to_dict(), seeds, wds)
         group.check_same(digest)
-    if seeds is not None and (len(seeds) < 1 or len(set(seeds)) != len(seeds)):
-        raise ConfigError(f"seeds must be distinct, got {seeds}")
-    if wds is not None:
-        if len(wds) < 1 or len(set(wds)) != len(wds) or not all(w >= 0 and math.isfinite(w) for w in wds):
-            raise ConfigError(f"wds must be distinct finite numbers >= 0, got {wds}")
-        cfgs = [dataclasses.replace(cfg, wd=float(w), seed=s, out=str(Path(cfg.out) / f"wd{wd_name(w)}_seed{s}"))
-                for w in wds for s in (seeds if seeds is not None else [cfg.seed])]
-    elif stacked:
-        cfgs = [dataclasses.replace(cfg, seed=s, out=str(Path(cfg.out) / f"seed{s}")) for s in seeds]
-    else:
-        cfgs = [cfg]
-    cfgs = [as_started(c) for c in cfgs]
-    for name in LEGACY_FIELDS:
-        if len({getattr(c, name) for c in cfgs}) > 1:
-            raise ConfigError(f"these run directories differ in {name} (some were started before the "
-                              "field existed); train them separately")
-    # The compiled chunk's shared settings; a sweep's weight decays go to it per replica.
-    cfg = dataclasses.replace(cfg, **{name: getattr(cfgs[0], name) for name in LEGACY_FIELDS}, wd=cfgs[0].wd)
+    sweep = make_sweep(cfg, seeds=seeds, wds=wds)
+    cfg, cfgs = sweep.shared, list(sweep.replicas)
     for note in science_notes(cfg):
         print(f"WARNING: {note}; recorded in config.json", file=sys.stderr)
     steps = eval_steps(cfg.steps, cfg.log_points_per_decade, cfg.authors_grid)
     authors = set(int(s) for s in authors_log_steps(cfg.steps))
     if group is not None:
-        return _run_distributed(cfg, cfgs, steps=steps, authors=authors, mnist=mnist, group=group, digest=digest,
+        return _run_distributed(sweep, steps=steps, authors=authors, mnist=mnist, group=group, digest=digest,
                                 on_chunk=on_chunk)
     with _StopRequest(cfg.time_limit) as stop:
         replicas = [_Replica(c, steps) for c in cfgs]
         try:
-            _train(cfg, cfgs, replicas, steps=steps, authors=authors, mnist=mnist, stop=stop,
-                   axis=_ReplicaAxis(len(cfgs), stacked=stacked), on_chunk=on_chunk)
+            _train(sweep, replicas, steps=steps, authors=authors, mnist=mnist, stop=stop,
+                   axis=_ReplicaAxis(len(cfgs), stacked=sweep.stacked), on_chunk=on_chunk)
             return [r.dir for r in replicas]
         finally:
             for r in replicas:
                 r.close()
 
 
-def _run_distributed(cfg: TrainConfig, cfgs: list[TrainConfig], *, steps: np.ndarray, authors: set[int],
+def _run_distributed(sweep: Sweep, *, steps: np.ndarray, authors: set[int],
                      mnist: dict | None, group, digest: str, on_chunk: Callable[[int], None] | None) -> list[Path]:
     """`run` for a sweep over several processes: this process's replicas, decisions taken together."""
+    cfg, cfgs = sweep.shared, list(sweep.replicas)
     from grokjax.train import distributed  # noqa: PLC0415
 
     replicas = []
@@ -356,7 +341,7 @@ def _run_distributed(cfg: TrainConfig, cfgs: list[TrainConfig], *, steps: np.nda
             _write_manifest(cfg, cfgs, group, layout.sharded, digest, threads)
         with _StopRequest(cfg.time_limit) as stop:
             replicas = [_Replica(c, steps, process_local=True) for c in cfgs[layout.lo:layout.hi]]
-            _train(cfg, cfgs, replicas, steps=steps, authors=authors, mnist=mnist, stop=stop,
+            _train(sweep, replicas, steps=steps, authors=authors, mnist=mnist, stop=stop,
                    axis=_ReplicaAxis(len(cfgs), stacked=True, layout=layout), on_chunk=on_chunk)
             return [r.dir for r in replicas]
     except Paused:
@@ -480,15 +465,16 @@ class _Start:
     walls: list[float]
 
 
-def _train(cfg: TrainConfig, cfgs: list[TrainConfig], replicas: list[_Replica], *, steps: np.ndarray,
+def _train(sweep: Sweep, replicas: list[_Replica], *, steps: np.ndarray,
            authors: set[int], mnist: dict | None, stop: _StopRequest, axis: _ReplicaAxis,
            on_chunk: Callable[[int], None] | None = None) -> None:
-    """Trains `replicas` (this process's of the run's `cfgs`) from their latest full state to the end.
+    """Trains `replicas` (this process's of the sweep's) from their latest full state to the end.
 
     In order: `_restore_or_init` (where to start; the resume message), the metrics logs and the
     monitors, `_Segment` (the compiled program and its inputs on the devices), `_Segment.run`
     (chunks, evaluations, checkpoints, pause), `_report_monitors`.
     """
+    cfg, cfgs = sweep.shared, list(sweep.replicas)
     mnist = mnist if mnist is not None else load_mnist(cfg.cache_dir, cfg.idx_dir)
     data = make_data(cfg, mnist)
     perms = [batch_perm(c) for c in cfgs]
@@ -501,7 +487,7 @@ def _train(cfg: TrainConfig, cfgs: list[TrainConfig], replicas: list[_Replica], 
 
         for r in replicas:
             r.start_monitor(begin.step, load_inputs(r.cfg.n_per_class, r.cfg.data_seed, r.cfg.seed, mnist=mnist))
-    segment = _Segment(cfg, replicas, axis, stop, wds=[c.wd for c in cfgs], states=begin.states, perms=perms,
+    segment = _Segment(cfg, replicas, axis, stop, wds=sweep.wd_vector, states=begin.states, perms=perms,
                        data=data, start=begin.step, wall=walls[0], authors=authors, on_chunk=on_chunk)
     segment.run(steps)
     _report_monitors(replicas, stop)
@@ -548,11 +534,11 @@ class _Segment:
     """
 
     def __init__(self, cfg: TrainConfig, replicas: list[_Replica], axis: _ReplicaAxis, stop: _StopRequest, *,
-                 wds: list[float], states: list[TrainState], perms: list[np.ndarray], data, start: int,
+                 wds: list[float] | None, states: list[TrainState], perms: list[np.ndarray], data, start: int,
                  wall: float, authors: set[int], on_chunk: Callable[[int], None] | None):
         self.cfg, self.replicas, self.axis, self.stop = cfg, replicas, axis, stop
         self.authors, self.on_chunk = authors, on_chunk
-        self.chunk = make_train_chunk(cfg, axis.size, wds=wds if len(set(wds)) > 1 else None)
+        self.chunk = make_train_chunk(cfg, axis.size, wds=wds)
         self.evaluate_params = make_evaluate(axis.size)
         cols = pixel_columns(cfg, axis.stack(perms), np.asarray(data.x_train))
         cols = None if cols is None else jnp.asarray(cols)
