@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from grokjax.analysis import htsr, wwadapter
+from grokjax.analysis import htsr, meanaware, wwadapter
 from grokjax.analysis import modadd as ana
 from grokjax.modadd import model
 from grokjax.modadd.config import ModAddConfig
@@ -123,7 +123,7 @@ def test_extended_columns_and_per_head_rows(params):
     rows = ana.analyze_params(params, rng=np.random.RandomState(3), k_shuffles=2)
     plain = ana.analyze_params(params, rng=np.random.RandomState(3))
     for r, q in zip(rows, plain):
-        assert set(htsr.EXTENDED_COLUMNS) <= set(r)
+        assert set(meanaware.EXTENDED_COLUMNS) <= set(r)
         assert r["traps_raw"] == r["traps"] == q["traps"], r["name"]  # draw 0 is WW's draw
         assert np.isfinite(r["alpha_centred"])
     heads = ana.analyze_params(params, seed=1, heads=True, options=htsr.HTSROptions(randomize=False))

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from grokjax.analysis import htsr
+from grokjax.analysis import htsr, meanaware
 
 MATRICES = ("embed", "W_Q", "W_K", "W_V", "W_O", "fc1", "fc2", "unembed")
 _PROJECTIONS = ("W_Q", "W_K", "W_V")
@@ -140,13 +140,13 @@ def analyze_params(params: Mapping[str, Any], *, seed: int = 0, options: htsr.HT
         seed, options, rng: as `grokjax.analysis.htsr.analyze_weights` (rng = RandomState(s)
             walks WeightWatcher's stream after np.random.seed(s) through the matrices in order).
         heads: analyse `head_matrices` instead of `weight_matrices`.
-        k_shuffles: if > 0, add `htsr.extended_weights`'s columns (centred alpha and traps,
-            K-shuffle means) with this K, seeded like `htsr.extended_weights`; with rng,
+        k_shuffles: if > 0, add `meanaware.extended_weights`'s columns (centred alpha and traps,
+            K-shuffle means) with this K, seeded like `meanaware.extended_weights`; with rng,
             its draw 0 replays rng's stream from its state before the call, so that
             traps_raw equals traps matrix by matrix.
 
     Returns:
-        One row per matrix (`htsr.ROW_COLUMNS`, plus `htsr.EXTENDED_COLUMNS` with k_shuffles).
+        One row per matrix (`htsr.ROW_COLUMNS`, plus `meanaware.EXTENDED_COLUMNS` with k_shuffles).
     """
     if isinstance(k_shuffles, bool) or not isinstance(k_shuffles, int) or k_shuffles < 0:
         raise ValueError(f"k_shuffles must be a non-negative integer, got {k_shuffles!r}")
@@ -160,7 +160,7 @@ def analyze_params(params: Mapping[str, Any], *, seed: int = 0, options: htsr.HT
         if rng_state is not None:
             ext_rng = np.random.RandomState()
             ext_rng.set_state(rng_state)
-        ext = htsr.extended_weights(mats, seed=seed, k_shuffles=k_shuffles, rng=ext_rng, options=options)
+        ext = meanaware.extended_weights(mats, seed=seed, k_shuffles=k_shuffles, rng=ext_rng, options=options)
         rows = [{**row, **ext[row["name"]]} for row in rows]
     return rows
 
