@@ -131,6 +131,20 @@ def seeds_checks() -> list[tuple[str, str]]:
         if (camp / name / "metrics.jsonl").is_file():
             status.append(f"{name} at {int(_metrics(camp / name)['step'].max()):,}")
     out.append(("campaign status", "; ".join(status)))
+    for name in ("wd0.01_seed0", "wd0_seed1"):
+        if (camp / name / "metrics.jsonl").is_file():
+            m = _metrics(camp / name)
+            i = int(m["test/acc"].to_numpy().argmax())
+            out.append((f"{name} peak", f"peaked at {m['test/acc'].iloc[i]:.4f} at {int(m['step'].iloc[i]):,}"))
+    for name, step in (("wd0.01_seed0", 957914), ("wd0_seed1", 999898)):
+        ev = [json.loads(x) for x in (camp / name / "events.jsonl").read_text().splitlines() if x.strip()]
+        if not any(e.get("event") == "pause" and e.get("step") == step for e in ev):
+            out.append((f"{name} pause", f"a pause of {name} at {step:,} in its events"))
+    ev = [json.loads(x) for x in (camp / "wd0.01_seed0" / "events.jsonl").read_text().splitlines() if x.strip()]
+    w = [e for e in ev if e.get("event") == "warning" and e.get("layer") == "fc2" and e.get("signal") == "alpha<2"]
+    if w:
+        out.append(("WD 0.01 FC2 alpha warning", f"FC2 alpha < 2 from {w[0]['onset']:,} ({w[0]['value']:.2f} at "
+                                                  f"{w[0]['step']:,})"))
     return out
 
 
