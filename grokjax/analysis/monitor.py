@@ -234,8 +234,7 @@ _WORKER = _RecordWorker()
 # sweep over several processes ends when one process's monitor lags).
 _TEST_DELAY = float(os.environ.get("GROKJAX_TEST_MONITOR_DELAY", "0") or 0)
 # Tests only: a smaller MAX_BACKLOG, so that a lagging monitor surely defers steps to its backfill.
-_TEST_BACKLOG = ({"max": int(os.environ["GROKJAX_TEST_MONITOR_BACKLOG"])}
-                 if os.environ.get("GROKJAX_TEST_MONITOR_BACKLOG") else {})
+_BACKLOG = int(os.environ.get("GROKJAX_TEST_MONITOR_BACKLOG") or MAX_BACKLOG)
 atexit.register(_WORKER.shutdown)
 
 
@@ -301,7 +300,7 @@ class Monitor:
         idle. Live warnings then see it later, in the replay after the backfill.
         """
         self._test_acc[int(step)] = float(test_acc)
-        if kept and self._queue.qsize() > _TEST_BACKLOG.get("max", MAX_BACKLOG):
+        if kept and self._queue.qsize() > _BACKLOG:
             self._backfill.append(int(step))
             self.deferred += 1
             return

@@ -9,9 +9,11 @@ markdown rendering in the paper's layout, mean ± std over the runs of each weig
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -331,17 +333,27 @@ def make_report(root: str | Path, *, options=None, out_dir: str | Path | None = 
     root = Path(root)
     out_dir = Path(out_dir) if out_dir is not None else root / "analysis"
     named = find_named_runs(root)
+    with staged_outputs(out_dir) as staging:
+        try:
+            return _report_into(staging, out_dir, named, options, figures, phase_options)
+        except CheckpointError as e:
+            raise AnalysisError(f"{e}; the previous outputs are unchanged") from None
+
+
+@contextlib.contextmanager
+def staged_outputs(out_dir: Path) -> Iterator[Path]:
+    """A new staging folder next to `out_dir` (`outdir.stage`), removed afterwards; an OSError
+    while creating or writing it becomes an AnalysisError (the previous outputs are unchanged:
+    only `outdir.publish` moves anything into `out_dir`)."""
     try:
         staging = outdir.stage(out_dir)
     except OSError as e:
         raise AnalysisError(e.strerror or str(e)) from None
     try:
-        return _report_into(staging, out_dir, named, options, figures, phase_options)
+        yield staging
     except OSError as e:
         raise AnalysisError(f"cannot write the outputs for {out_dir} ({e.strerror or e}); "
                             "the previous outputs are unchanged") from None
-    except CheckpointError as e:
-        raise AnalysisError(f"{e}; the previous outputs are unchanged") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

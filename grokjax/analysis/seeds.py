@@ -33,7 +33,6 @@ largest absolute error in points.
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -387,11 +386,7 @@ def write_seeds_report(folders, out_dir, *, figures: bool = True, complete_at: i
     grid = warning_grid(done)
     corr, pred = alpha_fits(done)
     out_dir = Path(out_dir)
-    try:
-        staging = outdir.stage(out_dir)
-    except OSError as e:
-        raise AnalysisError(e.strerror or str(e)) from None
-    try:
+    with report.staged_outputs(out_dir) as staging:
         md = report.write_tables(tables, staging)
         md.write_text(md.read_text() + "\n" + comparison_markdown(cmp) + "\n" + progress_markdown(short, complete_at))
         cmp.to_csv(staging / "paper_comparison_v1_v2.csv", index=False)
@@ -402,11 +397,6 @@ def write_seeds_report(folders, out_dir, *, figures: bool = True, complete_at: i
         if figures:
             make_figures(steps, grid, staging / "figures")
         outdir.publish(staging, out_dir, keep=() if figures else ("figures/",))
-    except OSError as e:
-        raise AnalysisError(f"cannot write the outputs for {out_dir} ({e.strerror or e}); "
-                            "the previous outputs are unchanged") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return {"out_dir": out_dir, "report": out_dir / "report.md"}
 
 

@@ -187,6 +187,9 @@ class _Replica:
 
     def close(self, *, finished: bool = False) -> None:
         if self.monitor is not None:
+            # the backfill reads params checkpoints: every save must be on disk first (a save
+            # still in flight is not listed yet, and its step would be skipped)
+            self.params.wait_until_finished()
             self.monitor.close(finish_backfill=finished)
             self.monitor = None
         if self.metrics:
@@ -664,11 +667,13 @@ class _Segment:
 
 
 def _report_monitors(replicas: list[_Replica], stop: _StopRequest) -> None:
-    """Closes the monitors at the end of the run, with one line each on their cost and backlog."""
+    """Closes the monitors at the end of the run, with one line each on their cost and backlog.
+    The run reached its last step, so each monitor first finishes its backfill: a finished run's
+    record is complete."""
     for r in replicas:
         if r.monitor is not None:
             m = r.monitor
-            r.close()
+            r.close(finished=True)
             left = m.backfill_left
             print(f"monitor: {m.seconds:.1f} s of HTSR computed beside training "
                   f"({100 * m.seconds / max(stop.elapsed, 1e-9):.1f}% of this segment's wall time)"
