@@ -53,13 +53,15 @@ def _start(root, out, pid, port, extra=(), log=None, env=None):
 
 
 def _two(root, out, tmp, extra=(None, None), wait=True, tag="run", env=None):
-    """Starts both processes; returns (procs, logs), or (returncodes, stderr texts) with wait."""
+    """Starts both processes (`env`: one for both, or a pair); returns (procs, logs), or
+    (returncodes, stderr texts) with wait."""
     port = _free_port()
     logs = [tmp / f"{tag}{i}.log" for i in range(2)]
+    envs = env if isinstance(env, (list, tuple)) else (env, env)
     procs = []
     try:
         for i in range(2):
-            procs.append(_start(root, out, i, port, extra[i] or (), logs[i], env))
+            procs.append(_start(root, out, i, port, extra[i] or (), logs[i], envs[i]))
         if not wait:
             return procs, logs
         for p in procs:
@@ -249,23 +251,11 @@ def test_a_lagging_monitor_ends_cleanly(tmp_path, root):
     steps and reads their params checkpoints while closing: process 0 waits for it before
     leaving, both exit 0, every replica's monitor record is complete, and nothing reports a
     collective error."""
-    port = _free_port()
     out = tmp_path / "out"
-    logs = [tmp_path / f"p{i}.log" for i in range(2)]
-    procs = []
-    try:
-        for i in range(2):
-            env = _env()
-            env["GROKJAX_TEST_MONITOR_DELAY"] = "0.5" if i == 1 else "0"
-            env["GROKJAX_TEST_MONITOR_BACKLOG"] = "1" if i == 1 else ""
-            procs.append(_start(root, out, i, port, ["--monitor", "true", "--log_points_per_decade", "10",
-                                                     "--keep_params", "all"], logs[i], env))
-        for p in procs:
-            p.wait(timeout=TIMEOUT)
-    finally:
-        _kill(procs)
-    errs = [f.read_text() for f in logs]
-    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    lag = {**_env(), "GROKJAX_TEST_MONITOR_DELAY": "0.5", "GROKJAX_TEST_MONITOR_BACKLOG": "1"}
+    more = ["--monitor", "true", "--log_points_per_decade", "10", "--keep_params", "all"]
+    codes, errs = _two(root, out, tmp_path, extra=(more, more), env=(_env(), lag))
+    assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
     # the lag made process 1's monitor read checkpoints while closing (its backfill)
     assert "computed from their params checkpoints after falling behind" in errs[1], errs[1][-2000:]
     for text in errs:
@@ -321,3 +311,46 @@ def test_the_lost_process_is_named_from_the_service_error():
               "tasks: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):\n1\n"
               "The tasks have crashed.")
     assert lost_process(report, 0) == "process 1"
+
+
+def _events(out):
+    return {name: [json.loads(line) for line in (out / name / "events.jsonl").read_text().splitlines()]
+            for name in RUNS}
+
+
+def test_a_sigterm_before_the_first_chunk_pauses_every_process_at_the_start(root, tmp_path, sweep):
+    """Process 1's supervising parent gets a SIGTERM just after starting its training child
+    (a test-only hook), before the child has a handler: the child holds it, and both processes
+    pause at step 0 with exit 75; the rerun equals the uninterrupted sweep bitwise."""
+    out = tmp_path / "out"
+    codes, errs = _two(root, out, tmp_path, env=(_env(), {**_env(), "GROKJAX_TEST_SIGNAL_AT": "launch"}))
+    assert codes == [75, 75], errs[0][-2000:] + errs[1][-2000:]
+    assert "SIGTERM received: pausing at the next chunk boundary" in errs[1], errs[1][-2000:]
+    for e in errs:
+        assert "paused at step 0 of 300" in e and "Traceback" not in e, e[-2000:]
+    for events in _events(out).values():
+        assert [(e["event"], e["step"]) for e in events] == [("start", 0), ("pause", 0)], events
+    codes, errs = _two(root, out, tmp_path, tag="second")
+    assert codes == [0, 0], errs
+    for name in RUNS:
+        _assert_same_run(out / name, sweep[0] / name)
+
+
+def test_a_sigterm_after_the_last_step_ends_the_sweep_as_done(root, tmp_path, sweep):
+    """A SIGTERM during the final evaluation (process 0) or while closing (process 1, before its
+    monitors' drain and its run directories' closing), placed by a test-only hook: nothing is
+    left to pause, so both processes finish their closing work and exit 0, every record complete
+    and bitwise as the uninterrupted sweep's."""
+    out = tmp_path / "out"
+    envs = ({**_env(), "GROKJAX_TEST_SIGNAL_AT": "final_evaluation"}, {**_env(), "GROKJAX_TEST_SIGNAL_AT": "closing"})
+    codes, errs = _two(root, out, tmp_path, env=envs)
+    assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    for e in errs:
+        assert "the run has dispatched its last step: finishing it and its closing work" in e, e[-2000:]
+        assert "SIGTERM came after the last step was dispatched: the run is complete" in e, e[-2000:]
+        assert "paused" not in e and "Traceback" not in e, e[-2000:]
+    for events in _events(out).values():
+        assert [e["event"] for e in events] == ["start"], events
+    for name in RUNS:
+        _assert_same_run(out / name, sweep[0] / name)
+        assert check_run(out / name).steps[-1] == 300

@@ -12,7 +12,7 @@ import pytest
 
 from grokjax import ckpt
 
-from grokjax.train import runner
+from grokjax.train import stops
 from grokjax.train.config import ConfigError, TrainConfig, parse_duration
 from grokjax.train.export import export_run
 from grokjax.train.runner import Paused, run
@@ -64,7 +64,7 @@ def _stop_after(monkeypatch, n_checks, reason="time limit"):
             self.reason = reason
         return self.reason
 
-    monkeypatch.setattr(runner._StopRequest, "should_stop", should_stop)
+    monkeypatch.setattr(stops.StopRequest, "should_stop", should_stop)
 
 
 @pytest.mark.parametrize("text, seconds", [("2h30m", 9000), ("150m", 9000), ("90s", 90), ("5400", 5400),
@@ -259,3 +259,17 @@ def test_cli_bad_wds(root, tmp_path, value, msg):
     r = _cli(root, f"--wds={value}", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_sigterm_before_the_first_chunk_pauses_at_the_start(root, tmp_path):
+    """A SIGTERM as soon as the CLI's handler is in place (a test-only hook), before the run
+    has restored, compiled or trained anything: paused at the step it started from, exit 75."""
+    d = tmp_path / "r"
+    env = {**os.environ, "GROKJAX_OFFLINE": "1", "GROKJAX_TEST_SIGNAL_AT": "start"}
+    r = subprocess.run([sys.executable, str(root / "experiments" / "run.py"), *CLI_ARGS, "--out", str(d)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 75, r.stderr
+    assert "paused at step 0 of 1000" in r.stderr and "(SIGTERM)" in r.stderr, r.stderr
+    assert ckpt.list_state_steps(d) == [0]
+    events = [json.loads(line)["event"] for line in (d / "events.jsonl").read_text().splitlines()]
+    assert events == ["start", "pause"]

@@ -10,6 +10,7 @@ import typing
 from grokjax.cliutil import OneLineParser
 from grokjax.train import supervise
 from grokjax.train.config import ConfigError, TrainConfig, parse_duration, parse_steps
+from grokjax.train.stops import StopRequest, block_signals, signal_for_test
 
 DEFAULT_INIT_TIMEOUT = 300  # seconds (grokjax.train.distributed.DEFAULT_INIT_TIMEOUT, jax.distributed's default)
 
@@ -129,18 +130,27 @@ def main(argv: list[str] | None = None) -> int:
         # the training runs in a child process, so that losing another process of the sweep
         # ends this one with a line and exit 76 rather than JAX's abort (grokjax.train.supervise)
         return supervise.supervise(sys.argv[1:] if argv is None else list(argv), join["process_id"])
+    # held until this process exits: a signal at any moment has one outcome (grokjax.train.stops)
+    stop = StopRequest(cfg.time_limit)
     if distributed:
         from grokjax.train.distributed import initialize  # noqa: PLC0415  (before any other JAX use)
 
+        # jax.distributed installs its own SIGTERM handler (its preemption notice) as it joins: the
+        # signals stay held (blocked since the child started) until `stop` replaces it below
+        block_signals()
         group = initialize(coordinator_address=join["coordinator_address"], num_processes=join["num_processes"],
                            process_id=join["process_id"], timeout=join["initialization_timeout"])
-    code = _train(cfg, seeds, wds, group)
-    if group is not None and code is not None:
-        code = group.finish(code)  # every process closes before any leaves (see Group.finish)
+    with stop:
+        signal_for_test("start")
+        code = _train(cfg, seeds, wds, group, stop)
+        if group is not None and code is not None:
+            code = group.finish(code)  # every process closes before any leaves (see Group.finish)
+    if code == EXIT_OK and stop.reason is not None:
+        print(f"run.py: {stop.reason} came after the last step was dispatched: the run is complete", file=sys.stderr)
     return EXIT_ERROR if code is None else code
 
 
-def _train(cfg, seeds, wds, group) -> int | None:
+def _train(cfg, seeds, wds, group, stop) -> int | None:
     """Runs `runner.run` and says how it ended; returns the exit code, or None when another
     process of the sweep failed (the group's last exchange cannot happen then)."""
     from grokjax.ckpt import CheckpointError  # noqa: PLC0415  (heavy imports after validation)
@@ -149,7 +159,7 @@ def _train(cfg, seeds, wds, group) -> int | None:
     from grokjax.train.runner import NonFiniteError, Paused, run  # noqa: PLC0415
 
     try:
-        dirs = run(cfg, seeds=seeds, wds=wds, group=group)
+        dirs = run(cfg, seeds=seeds, wds=wds, group=group, stop=stop)
     except (ConfigError, DataError) as e:
         print(f"run.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -18,13 +18,11 @@ portable record.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +40,7 @@ from grokjax.train.engine import (TrainState, batch_perm, init_state, make_data,
                                   pixel_columns)
 from grokjax.train.progress import Progress
 from grokjax.train.provenance import segment_fields, xla_cpu_threads
+from grokjax.train.stops import StopRequest, signal_for_test
 from grokjax.train.schedule import authors_log_steps, chunk_lengths, eval_steps, nearest_per_decade
 from grokjax.train.sweep import Sweep, make_sweep
 from grokjax.train.workdir import prepare_run_dir, science_notes
@@ -61,52 +60,6 @@ class Paused(Exception):
         self.step, self.total, self.elapsed, self.reason = step, total, elapsed, reason
         super().__init__(f"paused at step {step} of {total} after {format_duration(elapsed)} ({reason}); "
                          "rerun the same command to continue")
-
-
-class _StopRequest:
-    """Decides when a segment pauses: the time limit, or the first SIGTERM/SIGINT.
-
-    The first signal asks the loop to finish the chunk in flight, write a full state and
-    pause. A second signal restores the default handler and re-sends itself: the process
-    stops at once, and the next start resumes from the last full state.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self, time_limit: float):
-        self.reason: str | None = None
-        self.started = time.monotonic()
-        self.deadline = self.started + time_limit if time_limit > 0 else math.inf
-        self._old: dict = {}
-
-    def __enter__(self) -> "_StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        name = signal.Signals(signum).name
-        if self.reason is None:
-            self.reason = name
-            print(f"\n{name} received: pausing after the chunk in flight (send it again to stop at once)",
-                  file=sys.stderr, flush=True)
-            return
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-    def should_stop(self) -> str | None:
-        if self.reason is None and time.monotonic() >= self.deadline:
-            self.reason = "time limit"
-        return self.reason
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
 
 
 def _damaged(e: RunDirError) -> ConfigError:
@@ -279,7 +232,8 @@ def _mesh_sharding(n_seeds: int):
 
 
 def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | None = None,
-        mnist: dict | None = None, on_chunk: Callable[[int], None] | None = None, group=None) -> list[Path]:
+        mnist: dict | None = None, on_chunk: Callable[[int], None] | None = None, group=None,
+        stop: StopRequest | None = None) -> list[Path]:
     """Trains (or resumes) a run and returns its run directories.
 
     Args:
@@ -295,6 +249,8 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
             the replicas are sharded over the global mesh, this process writes the run
             directories of its own replicas (process 0 also `<out>/sweep.json`), and every
             stop, save and resume decision is taken together.
+        stop: the process's stop request (`grokjax.train.stops`; the CLI holds one for the
+            process's whole life); default: one installed for this call, with `cfg.time_limit`.
 
     Raises:
         ConfigError: bad run directory. NonFiniteError: the run diverged (checkpoints kept).
@@ -314,8 +270,8 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
     authors = set(int(s) for s in authors_log_steps(cfg.steps))
     if group is not None:
         return _run_distributed(sweep, steps=steps, authors=authors, mnist=mnist, group=group, digest=digest,
-                                on_chunk=on_chunk)
-    with _StopRequest(cfg.time_limit) as stop:
+                                on_chunk=on_chunk, stop=stop)
+    with _held(stop, cfg.time_limit) as stop:
         replicas = [_Replica(c, steps) for c in cfgs]
         try:
             _train(sweep, replicas, steps=steps, authors=authors, mnist=mnist, stop=stop,
@@ -327,7 +283,8 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
 
 
 def _run_distributed(sweep: Sweep, *, steps: np.ndarray, authors: set[int],
-                     mnist: dict | None, group, digest: str, on_chunk: Callable[[int], None] | None) -> list[Path]:
+                     mnist: dict | None, group, digest: str, on_chunk: Callable[[int], None] | None,
+                     stop: StopRequest | None) -> list[Path]:
     """`run` for a sweep over several processes: this process's replicas, decisions taken together."""
     cfg, cfgs = sweep.shared, list(sweep.replicas)
     from grokjax.train import distributed  # noqa: PLC0415
@@ -342,7 +299,7 @@ def _run_distributed(sweep: Sweep, *, steps: np.ndarray, authors: set[int],
                   "to keep them bitwise", file=sys.stderr)
         if group.index == 0:
             _write_manifest(cfg, cfgs, group, layout.sharded, digest, threads)
-        with _StopRequest(cfg.time_limit) as stop:
+        with _held(stop, cfg.time_limit) as stop:
             replicas = [_Replica(c, steps, process_local=True) for c in cfgs[layout.lo:layout.hi]]
             _train(sweep, replicas, steps=steps, authors=authors, mnist=mnist, stop=stop,
                    axis=_ReplicaAxis(len(cfgs), stacked=True, layout=layout), on_chunk=on_chunk)
@@ -355,6 +312,11 @@ def _run_distributed(sweep: Sweep, *, steps: np.ndarray, authors: set[int],
     finally:
         for r in replicas:
             r.close()
+
+
+def _held(stop: StopRequest | None, time_limit: float):
+    """The caller's stop request as it is, or a new one installed for this run."""
+    return contextlib.nullcontext(stop) if stop is not None else StopRequest(time_limit)
 
 
 def _write_manifest(cfg: TrainConfig, cfgs: list[TrainConfig], group, sharded, digest: str,
@@ -469,7 +431,7 @@ class _Start:
 
 
 def _train(sweep: Sweep, replicas: list[_Replica], *, steps: np.ndarray,
-           authors: set[int], mnist: dict | None, stop: _StopRequest, axis: _ReplicaAxis,
+           authors: set[int], mnist: dict | None, stop: StopRequest, axis: _ReplicaAxis,
            on_chunk: Callable[[int], None] | None = None) -> None:
     """Trains `replicas` (this process's of the sweep's) from their latest full state to the end.
 
@@ -536,7 +498,7 @@ class _Segment:
     is due, full state.
     """
 
-    def __init__(self, cfg: TrainConfig, replicas: list[_Replica], axis: _ReplicaAxis, stop: _StopRequest, *,
+    def __init__(self, cfg: TrainConfig, replicas: list[_Replica], axis: _ReplicaAxis, stop: StopRequest, *,
                  wds: list[float] | None, states: list[TrainState], perms: list[np.ndarray], data, start: int,
                  wall: float, authors: set[int], on_chunk: Callable[[int], None] | None):
         self.cfg, self.replicas, self.axis, self.stop = cfg, replicas, axis, stop
@@ -591,6 +553,8 @@ class _Segment:
             self._settle()  # blocks on the previous chunk only
             self.pending = (last_loss, self.t + length, length)
             self.t += length
+            if self.t == self.cfg.steps:
+                self.stop.finish()  # the last chunk is dispatched: a stop from now on ends the run as done
         self._settle()
 
     def _settle(self) -> None:
@@ -605,6 +569,9 @@ class _Segment:
         if not self.evaluated:
             self.evaluated = True
             self.progress.compiled()
+        if e == self.cfg.steps:
+            self.stop.finish()
+            signal_for_test("final_evaluation")
         fetch, axis = self.axis.fetch, self.axis
         metrics = fetch(self.evaluate_params(self.state.params, self.data))
         params = fetch(self.state.params)
@@ -666,10 +633,11 @@ class _Segment:
         raise Paused(int(t), self.cfg.steps, self.stop.elapsed, self.stop.reason)
 
 
-def _report_monitors(replicas: list[_Replica], stop: _StopRequest) -> None:
+def _report_monitors(replicas: list[_Replica], stop: StopRequest) -> None:
     """Closes the monitors at the end of the run, with one line each on their cost and backlog.
     The run reached its last step, so each monitor first finishes its backfill: a finished run's
     record is complete."""
+    signal_for_test("closing")
     for r in replicas:
         if r.monitor is not None:
             m = r.monitor
@@ -685,7 +653,7 @@ def _report_monitors(replicas: list[_Replica], stop: _StopRequest) -> None:
                   file=sys.stderr)
 
 
-def _agreed_stop(stop: _StopRequest, group) -> str | None:
+def _agreed_stop(stop: StopRequest, group) -> str | None:
     """The stop decision at a chunk boundary; over several processes, the same in all of them."""
     if group is None:
         return stop.should_stop()

@@ -9,7 +9,8 @@ callable given there terminates the process with `std::bad_cast` when it is call
 So `run.py` with the sweep flags runs the training in a child process (this same command, with
 `GROKJAX_SWEEP_CHILD=1`) and stays beside it as its parent:
 
-- it passes SIGTERM and SIGINT on to the child (which pauses as usual, exit 75);
+- it passes SIGTERM and SIGINT on to the child, from its own start to its end (the child holds
+  them until its handler is in place; the outcome is the child's, see grokjax.train.stops);
 - it forwards the child's stderr, leaving out the C++ log lines of the coordination service and
   their continuation lines;
 - when the child ends with that fatal line, it prints one line naming the lost process and
@@ -32,6 +33,8 @@ import subprocess
 import sys
 import threading
 
+from grokjax.train.stops import SIGNALS, block_signals, signal_for_test
+
 CHILD_ENV = "GROKJAX_SWEEP_CHILD"
 EXIT_PEER_LOST = 76
 _FATAL = "Terminating process because the JAX distributed service detected fatal errors"
@@ -46,7 +49,8 @@ def is_child() -> bool:
     return os.environ.get(CHILD_ENV) == "1"
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _child_setup() -> None:  # runs in the child between fork and exec
+    block_signals()  # held until the child's StopRequest is in place (grokjax.train.stops)
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
@@ -68,8 +72,31 @@ def lost_process(text: str, me: int | None) -> str:
 def supervise(argv: list[str], process_id: int | None) -> int:
     """Runs `run.py argv` as a child process and returns the exit code (see the module docstring)."""
     cmd = [sys.executable, "-c", "import sys; from grokjax.train.cli import main; sys.exit(main())", *argv]
+    # a signal is passed on to the child, also one arriving before the child exists (the child
+    # holds it until its handler is in place) or after it ended (then the child's code stands)
+    received: list[int] = []
+    children: list[subprocess.Popen] = []
+
+    def pass_on(sig, _frame) -> None:
+        received.append(sig)
+        for c in children:
+            c.send_signal(sig)
+
+    old = {sig: signal.signal(sig, pass_on) for sig in SIGNALS}
+    try:
+        return _supervise(cmd, process_id, received, children)
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _supervise(cmd: list[str], process_id: int | None, received: list[int], children: list) -> int:
     child = subprocess.Popen(cmd, env={**os.environ, CHILD_ENV: "1"}, stderr=subprocess.PIPE, text=True,
-                             errors="replace", preexec_fn=_die_with_parent)  # noqa: PLW1509
+                             errors="replace", preexec_fn=_child_setup)  # noqa: PLW1509
+    children.append(child)
+    for sig in received:  # arrived while the child was being started
+        child.send_signal(sig)
+    signal_for_test("launch")
     fatal: list[str] = []
 
     jax_text: list[str] = []  # the coordination service's report (left out of the output)
@@ -93,12 +120,7 @@ def supervise(argv: list[str], process_id: int | None) -> int:
 
     reader = threading.Thread(target=forward, daemon=True)
     reader.start()
-    old = {sig: signal.signal(sig, lambda s, _f: child.send_signal(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        rc = child.wait()
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
+    rc = child.wait()
     reader.join(timeout=10)
     if fatal:
         who = lost_process("".join(jax_text[-200:] + fatal), process_id)
