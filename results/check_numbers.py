@@ -136,10 +136,16 @@ def seeds_checks() -> list[tuple[str, str]]:
             m = _metrics(camp / name)
             i = int(m["test/acc"].to_numpy().argmax())
             out.append((f"{name} peak", f"peaked at {m['test/acc'].iloc[i]:.4f} at {int(m['step'].iloc[i]):,}"))
-    for name, step in (("wd0.01_seed0", 957914), ("wd0_seed1", 999898)):
-        ev = [json.loads(x) for x in (camp / name / "events.jsonl").read_text().splitlines() if x.strip()]
-        if not any(e.get("event") == "pause" and e.get("step") == step for e in ev):
-            out.append((f"{name} pause", f"a pause of {name} at {step:,} in its events"))
+    pauses = []  # where each started run's last segment paused (the next one continues there)
+    for name in ("wd0.01_seed0", "wd0_seed1", "wd0_seed2", "wd0.01_seed1", "wd0.01_seed2"):
+        if (camp / name / "events.jsonl").is_file():
+            ev = [json.loads(x) for x in (camp / name / "events.jsonl").read_text().splitlines() if x.strip()]
+            last = [e for e in ev if e.get("event") in ("start", "resume", "pause")][-1]
+            if last["event"] == "pause":
+                pauses.append(f"{last['step']:,}")
+    if pauses:
+        listed = pauses[0] if len(pauses) == 1 else f"{', '.join(pauses[:-1])} and {pauses[-1]}"
+        out.append(("segment pauses", f"the segments paused at {listed}"))
     ev = [json.loads(x) for x in (camp / "wd0.01_seed0" / "events.jsonl").read_text().splitlines() if x.strip()]
     w = [e for e in ev if e.get("event") == "warning" and e.get("layer") == "fc2" and e.get("signal") == "alpha<2"]
     if w:

@@ -128,6 +128,23 @@ class Group:
             pass
 
 
+class Alone(Group):
+    """The group of one: a process training alone takes the same decisions through the same
+    calls as every process of a sweep, with nobody to wait for (the single-process run)."""
+
+    def __init__(self):
+        super().__init__(None, 0, 1)
+
+    def gather(self, value: str) -> list[str]:
+        return [value]
+
+    def abort(self, message: str) -> None:
+        pass
+
+    def finish(self, code: int) -> int:
+        return code
+
+
 def config_digest(config: dict, seeds, wds) -> str:
     """Hash of everything that must be the same in every process."""
     d = {k: v for k, v in config.items() if k not in LOCAL_FIELDS}

@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 from grokjax import ckpt, rundir
 from grokjax.data import load_mnist
 from grokjax.rundir import SWEEP_FILE, RunDirError
+from grokjax.train import distributed
 from grokjax.train.config import ConfigError, TrainConfig, format_duration
+from grokjax.train.distributed import Alone, Group, config_digest
 from grokjax.train.engine import (TrainState, batch_perm, init_state, make_data, make_evaluate, make_train_chunk,
                                   pixel_columns)
 from grokjax.train.progress import Progress
@@ -173,37 +175,17 @@ def _state_tree(state: TrainState, perm: np.ndarray, wall: float) -> dict:
             "batch_perm": perm, "wall": np.float64(wall)}
 
 
-def _restore(replicas: list[_Replica], templates: list[dict], group=None) -> tuple[int, list[dict]] | None:
-    """Newest step at which every replica has a readable full state (None: start fresh).
-
-    With `group`, every replica of every process: the processes agree on the step.
-    """
-    if group is not None:
-        return _restore_agreed(replicas, templates, group)
-    common = set.intersection(*(set(r.state.all_steps()) for r in replicas))
-    for step in sorted(common, reverse=True):
-        states = []
-        for r, tmpl in zip(replicas, templates):
-            got = ckpt.restore_latest_state(r.state, tmpl, steps=[step])
-            if got is None:
-                break
-            states.append(got[1])
-        else:
-            return step, states
-    return None
-
-
-def _restore_agreed(replicas: list[_Replica], templates: list[dict], group) -> tuple[int, list[dict]] | None:
-    """`_restore` over several processes: the newest step at which all of them read every replica.
+def _restore(replicas: list[_Replica], templates: list[dict], group: Group) -> tuple[int, list[dict]] | None:
+    """The newest step at which every process reads a full state of every replica (None: start fresh).
 
     After a process was killed, some replicas may hold newer states than others: those are
-    deleted. An unreadable state is deleted where it was found (ckpt.restore_latest_state), and
-    the processes agree again on what is left.
+    deleted (recomputed bitwise and saved again). An unreadable state is deleted where it was
+    found (ckpt.restore_latest_state), and the processes agree again on what is left.
     """
     while True:
         common = group.common_steps(set.intersection(*(set(r.state.all_steps()) for r in replicas)))
         newest = max(common, default=-1)
-        for r in replicas:  # states past the common step are recomputed (bitwise) and saved again
+        for r in replicas:
             for s in r.state.all_steps():
                 if s > newest:
                     r.state.delete(s)
@@ -232,7 +214,7 @@ def _mesh_sharding(n_seeds: int):
 
 
 def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | None = None,
-        mnist: dict | None = None, on_chunk: Callable[[int], None] | None = None, group=None,
+        mnist: dict | None = None, on_chunk: Callable[[int], None] | None = None, group: Group | None = None,
         stop: StopRequest | None = None) -> list[Path]:
     """Trains (or resumes) a run and returns its run directories.
 
@@ -248,7 +230,8 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
         group: the processes of a sweep over several processes (`grokjax.train.distributed.Group`):
             the replicas are sharded over the global mesh, this process writes the run
             directories of its own replicas (process 0 also `<out>/sweep.json`), and every
-            stop, save and resume decision is taken together.
+            stop, save and resume decision is taken together. Default: this process alone
+            (`distributed.Alone`, the same decisions through the same calls).
         stop: the process's stop request (`grokjax.train.stops`; the CLI holds one for the
             process's whole life); default: one installed for this call, with `cfg.time_limit`.
 
@@ -257,61 +240,48 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
         Paused: the time limit was reached or a SIGTERM/SIGINT arrived; a full state at the
             current step is on disk and rerunning continues bitwise as if never stopped.
     """
-    if group is not None:
-        from grokjax.train import distributed  # noqa: PLC0415
-
-        digest = distributed.config_digest(cfg.to_dict(), seeds, wds)
-        group.check_same(digest)
+    group = group if group is not None else Alone()
+    digest = config_digest(cfg.to_dict(), seeds, wds)
+    group.check_same(digest)
     sweep = make_sweep(cfg, seeds=seeds, wds=wds)
     cfg, cfgs = sweep.shared, list(sweep.replicas)
     for note in science_notes(cfg):
         print(f"WARNING: {note}; recorded in config.json", file=sys.stderr)
     steps = eval_steps(cfg.steps, cfg.log_points_per_decade, cfg.authors_grid)
     authors = set(int(s) for s in authors_log_steps(cfg.steps))
-    if group is not None:
-        return _run_distributed(sweep, steps=steps, authors=authors, mnist=mnist, group=group, digest=digest,
-                                on_chunk=on_chunk, stop=stop)
     with _held(stop, cfg.time_limit) as stop:
-        replicas = [_Replica(c, steps) for c in cfgs]
+        replicas = []
         try:
-            _train(sweep, replicas, steps=steps, authors=authors, mnist=mnist, stop=stop,
-                   axis=_ReplicaAxis(len(cfgs), stacked=sweep.stacked), on_chunk=on_chunk)
+            axis = _replica_axis(sweep, group, digest)
+            replicas = [_Replica(c, steps, process_local=group.count > 1) for c in cfgs[axis.lo:axis.hi]]
+            _train(sweep, replicas, steps=steps, authors=authors, mnist=mnist, stop=stop, axis=axis,
+                   on_chunk=on_chunk)
             return [r.dir for r in replicas]
+        except Paused:
+            raise  # every process pauses at the same step
+        except BaseException as e:
+            group.abort(f"{type(e).__name__}: {e}")  # the other processes stop too (PeerError)
+            raise
         finally:
             for r in replicas:
                 r.close()
 
 
-def _run_distributed(sweep: Sweep, *, steps: np.ndarray, authors: set[int],
-                     mnist: dict | None, group, digest: str, on_chunk: Callable[[int], None] | None,
-                     stop: StopRequest | None) -> list[Path]:
-    """`run` for a sweep over several processes: this process's replicas, decisions taken together."""
+def _replica_axis(sweep: Sweep, group: Group, digest: str) -> _ReplicaAxis:
+    """Where the sweep's replicas live. Over several processes: the global mesh (this process's
+    replicas), a note when the processes' XLA thread counts differ, and process 0's `sweep.json`."""
     cfg, cfgs = sweep.shared, list(sweep.replicas)
-    from grokjax.train import distributed  # noqa: PLC0415
-
-    replicas = []
-    try:
-        layout = distributed.layout(len(cfgs), group)
-        threads = [json.loads(v) for v in group.gather(json.dumps(xla_cpu_threads()))]
-        if len(set(threads)) > 1:
-            print(f"NOTE: the processes' XLA CPU thread counts differ ({', '.join(map(str, threads))}): their float64 "
-                  "sums may round differently from a one-process sweep's; set the same PJRT_NPROC in every process "
-                  "to keep them bitwise", file=sys.stderr)
-        if group.index == 0:
-            _write_manifest(cfg, cfgs, group, layout.sharded, digest, threads)
-        with _held(stop, cfg.time_limit) as stop:
-            replicas = [_Replica(c, steps, process_local=True) for c in cfgs[layout.lo:layout.hi]]
-            _train(sweep, replicas, steps=steps, authors=authors, mnist=mnist, stop=stop,
-                   axis=_ReplicaAxis(len(cfgs), stacked=True, layout=layout), on_chunk=on_chunk)
-            return [r.dir for r in replicas]
-    except Paused:
-        raise  # every process pauses at the same step
-    except BaseException as e:
-        group.abort(f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        for r in replicas:
-            r.close()
+    if group.count == 1:
+        return _ReplicaAxis(len(cfgs), stacked=sweep.stacked, group=group)
+    layout = distributed.layout(len(cfgs), group)
+    threads = [json.loads(v) for v in group.gather(json.dumps(xla_cpu_threads()))]
+    if len(set(threads)) > 1:
+        print(f"NOTE: the processes' XLA CPU thread counts differ ({', '.join(map(str, threads))}): their float64 "
+              "sums may round differently from a one-process sweep's; set the same PJRT_NPROC in every process "
+              "to keep them bitwise", file=sys.stderr)
+    if group.index == 0:
+        _write_manifest(cfg, cfgs, group, layout.sharded, digest, threads)
+    return _ReplicaAxis(len(cfgs), stacked=True, group=group, layout=layout)
 
 
 def _held(stop: StopRequest | None, time_limit: float):
@@ -347,16 +317,10 @@ class _ReplicaAxis:
     process's rows, so replica `i` below is this process's i-th, the run's `lo + i`-th.
     """
 
-    def __init__(self, n: int, *, stacked: bool, layout=None):
-        self.n, self.stacked, self.layout = n, stacked or layout is not None, layout
-        self.lo = 0 if layout is None else layout.lo
-        self.group = None if layout is None else layout.group
-        if layout is None:
-            self.fetch = jax.device_get
-        else:
-            from grokjax.train.distributed import fetch_local  # noqa: PLC0415
-
-            self.fetch = fetch_local
+    def __init__(self, n: int, *, stacked: bool, group: Group, layout: distributed.Layout | None = None):
+        self.n, self.stacked, self.layout, self.group = n, stacked or layout is not None, layout, group
+        self.lo, self.hi = (0, n) if layout is None else (layout.lo, layout.hi)
+        self.fetch = jax.device_get if layout is None else distributed.fetch_local
 
     @property
     def size(self) -> int | None:
@@ -385,8 +349,6 @@ class _ReplicaAxis:
         `states` and `perms` are every replica's of the run; `names` this process's run directories.
         """
         if self.layout is not None:
-            from grokjax.train import distributed  # noqa: PLC0415
-
             sharded, replicated = self.layout.sharded, self.layout.replicated
             state = distributed.to_global(jax.tree.map(lambda *xs: np.stack(xs), *states), sharded)
             perm = distributed.to_global(np.stack(perms), sharded)
@@ -476,9 +438,7 @@ def _restore_or_init(cfg: TrainConfig, cfgs: list[TrainConfig], replicas: list[_
             raise ConfigError("the saved batch order differs from this config's; use --overwrite")
     states[mine] = [TrainState(t["params"], t["opt_state"], jnp.asarray(t["step"]), jnp.asarray(t["key"]))
                     for t in trees]
-    complete = start == cfg.steps and all(r.has_final_record() for r in replicas)
-    if axis.group is not None:
-        complete = not axis.group.any(not complete)
+    complete = not axis.group.any(not (start == cfg.steps and all(r.has_final_record() for r in replicas)))
     if complete:
         print(f"already complete: {cfg.out} ({cfg.steps} steps)", file=sys.stderr)
         return None
@@ -594,10 +554,7 @@ class _Segment:
     def _full_state_due(self, e: int) -> bool:
         """One save decision for all replicas (the first one's state-manager policy); over
         several processes the same in all of them, so that a resume finds a common step."""
-        wants = _wants_full_state(self.replicas[0], e)
-        if self.axis.group is not None:
-            wants = self.axis.group.any(wants)
-        return wants
+        return self.axis.group.any(_wants_full_state(self.replicas[0], e))
 
     def _keep(self, i: int, r: _Replica, e: int, params, test_acc: float, full, wall: float) -> None:
         """Replica i's params checkpoint and monitor submission at step `e`, and its full state when due."""
@@ -653,10 +610,8 @@ def _report_monitors(replicas: list[_Replica], stop: StopRequest) -> None:
                   file=sys.stderr)
 
 
-def _agreed_stop(stop: StopRequest, group) -> str | None:
+def _agreed_stop(stop: StopRequest, group: Group) -> str | None:
     """The stop decision at a chunk boundary; over several processes, the same in all of them."""
-    if group is None:
-        return stop.should_stop()
     stop.reason = group.stop_reason(stop.should_stop())
     return stop.reason
 
@@ -668,9 +623,7 @@ def _wants_full_state(replica: _Replica, step: int) -> bool:
 
 def _check_probe(last_loss, step: int, length: int, replica: _Replica) -> None:
     if getattr(last_loss, "is_fully_addressable", True) is False:  # a sweep over several processes
-        from grokjax.train.distributed import local_rows  # noqa: PLC0415
-
-        last_loss = local_rows(last_loss)
+        last_loss = distributed.local_rows(last_loss)
     if not np.all(np.isfinite(np.asarray(last_loss))):
         raise NonFiniteError(_nonfinite_message(f"within steps {step - length}..{step}", replica))
 
