@@ -473,8 +473,9 @@ def _restore_or_init(cfg: TrainConfig, cfgs: list[TrainConfig], replicas: list[_
     for tree, p in zip(trees, perms[mine]):
         if not np.array_equal(np.asarray(tree["batch_perm"]), p):
             raise ConfigError("the saved batch order differs from this config's; use --overwrite")
-    states[mine] = [TrainState(t["params"], t["opt_state"], jnp.asarray(t["step"]), jnp.asarray(t["key"]))
-                    for t in trees]
+    # each task's own TrainState class (the same fields)
+    states[mine] = [type(s)(t["params"], t["opt_state"], jnp.asarray(t["step"]), jnp.asarray(t["key"]))
+                    for s, t in zip(states[mine], trees)]
     complete = start == cfg.steps and all(r.has_final_record() for r in replicas)
     if axis.group is not None:
         complete = not axis.group.any(not complete)

@@ -79,6 +79,8 @@ def as_started(cfg: TrainConfig) -> TrainConfig:
     except RunDirError:
         return cfg  # prepare_run_dir reports it
     old = payload["config"]
+    if old.get("task", "mnist_mlp") != cfg.task:
+        return cfg  # prepare_run_dir refuses it
     was, now = (payload.get("device") or {}).get("xla_cpu_threads"), xla_cpu_threads()
     if was and now and was != now:
         print(f"NOTE: {cfg.out} was started with {was} XLA CPU threads and resumes with {now}: float64 sums may "
