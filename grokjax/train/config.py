@@ -237,9 +237,10 @@ class TrainConfig:
     d_mlp: int = _task_field(512, "modadd: hidden width of the MLP (paper: 512)")
     warmup: int = _task_field(10, "modadd: linear learning-rate warm-up steps, 0: none (Nanda et al.: 10)")
     # Which forward the step trains through (`grokjax.modadd.step.FORWARDS`); all three agree
-    # to ~1e-15 in float64, tables is the fastest on CPU.
+    # to ~1e-15 in float64, tables is the fastest on CPU. A science field (as fc1_weight_grad):
+    # the rounding differs, so a resume with another forward would not be bitwise.
     forward: str = _task_field("tables", "modadd: training forward, tables, last or full (the same "
-                                         "mathematics; tables is the fastest)", science=False)
+                                         "mathematics, another rounding; tables is the fastest)")
 
     def __post_init__(self):
         self._resolve_task()
