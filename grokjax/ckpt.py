@@ -187,7 +187,8 @@ def list_param_steps(run_dir: str | os.PathLike) -> list[int]:
 
 
 def load_params(run_dir: str | os.PathLike, step: int) -> dict[str, dict[str, np.ndarray]]:
-    """Reads one params checkpoint as {layer: {kernel, bias}} float numpy arrays.
+    """Reads one params checkpoint as {layer: {kernel, bias}} float numpy arrays (the
+    transformer's tree, --task modadd, as it was saved: some of its leaves are top-level arrays).
 
     Raises:
         CheckpointError: the checkpoint is missing or unreadable.
@@ -200,4 +201,11 @@ def load_params(run_dir: str | os.PathLike, step: int) -> dict[str, dict[str, np
             tree = ckptr.restore(path / "default")
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"unreadable params checkpoint {path}: {type(e).__name__}: {e}") from e
-    return {layer: {k: np.asarray(v) for k, v in leaves.items()} for layer, leaves in tree.items()}
+    return _numpy_tree(tree)
+
+
+def _numpy_tree(tree):
+    """A restored tree with numpy arrays as leaves (nested dicts kept)."""
+    if isinstance(tree, dict):
+        return {k: _numpy_tree(v) for k, v in tree.items()}
+    return np.asarray(tree)

@@ -2,7 +2,7 @@
 
 A run directory holds (the training half writes it, the analysis half reads it):
 
-    config.json               {"config": {...every TrainConfig field...}, "versions", "device",
+    config.json               {"config": {...the task's TrainConfig fields...}, "versions", "device",
                               "created", "notes"}; "format" (absent = 1) marks a future layout
     metrics.jsonl             one JSON object per evaluated step ("step", "train/acc", ...)
     events.jsonl              pauses, resumes and live warnings, one JSON object a line
@@ -44,11 +44,13 @@ CONFIG_FORMAT = 1
 # The model's weight layers, as named in a params checkpoint.
 LAYERS = ("fc1", "fc2", "fc3")
 # The fields of config.json's "config" object that this code writes (the TrainConfig fields;
-# a test keeps the two equal). A reader warns about others: a newer writer's fields.
+# a test keeps the two equal; a run writes those of its task). A reader warns about others: a
+# newer writer's fields.
 CONFIG_KEYS = ("wd", "steps", "seed", "data_seed", "lr", "b1", "b2", "eps", "batch", "width", "init_scale",
                "n_per_class", "reshuffle", "dtype", "log_points_per_decade", "authors_grid", "chunk",
                "full_save_secs", "out", "overwrite", "progress", "cache_dir", "idx_dir", "time_limit", "monitor",
-               "keep_params", "skip_zero_pixels", "fc1_weight_grad")
+               "keep_params", "skip_zero_pixels", "fc1_weight_grad", "task", "p", "frac_train", "split_seed", "d_model",
+               "n_heads", "d_head", "d_mlp", "warmup", "forward")
 
 PathLike = str | os.PathLike
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from grokjax.train.cli import build_parser
-from grokjax.train.config import NON_SCIENCE_FIELDS, TrainConfig
+from grokjax.train.config import MODADD_FIELDS, NON_SCIENCE_FIELDS, TrainConfig
 from grokjax.train.runner import kept_param_steps
 from grokjax.train.schedule import eval_steps
 
@@ -98,7 +98,8 @@ def test_science_fields_unchanged():
     cfg = TrainConfig()
     expected = [(k, v) for k, v in cfg.to_dict().items() if k not in NON_SCIENCE]
     assert list(cfg.science().items()) == expected
-    assert set(cfg.science()) == set(FIELDS) - NON_SCIENCE
+    # an MLP config leaves out the task field and the transformer's (--task modadd) fields
+    assert set(cfg.science()) == set(FIELDS) - NON_SCIENCE - {"task", *MODADD_FIELDS}
     assert cfg.science()["steps"] == 10_000_000 and cfg.science()["skip_zero_pixels"] == "subset"
     assert cfg.science()["fc1_weight_grad"] == "pretransposed"
     # the non-science fields leave science() alone; a science field changes it

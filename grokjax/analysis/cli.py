@@ -95,6 +95,10 @@ def main(argv=None) -> int:
     from grokjax.analysis.progress import ProgressOptions  # noqa: PLC0415
     from grokjax.analysis.report import make_report  # noqa: PLC0415
 
+    if args.ablate_traps and _modadd_runs(root):
+        print(f"{PROG}: error: --ablate-traps measures the MNIST MLP's accuracy; {root} holds --task modadd runs",
+              file=sys.stderr)
+        return 2
     options = AnalysisOptions(engine=args.engine, progress=ProgressOptions(paper_text=args.paper_text),
                               workers=args.workers, ww_stride=args.ww_stride, progress_bar=args.progress,
                               reuse=not args.rerun, strict=args.strict)
@@ -125,6 +129,19 @@ def main(argv=None) -> int:
         print(f"ablation: {ablation['out_dir'] / 'ablation.csv'} ({len(ablation['table'])} rows), ablation_traps.csv"
               + (f", {ablation['figure']}" if ablation["figure"] else ""))
     return 0
+
+
+def _modadd_runs(root: Path) -> bool:
+    """Whether a run at or below `root` is one of the modular-addition transformer (its config.json's task)."""
+    from grokjax import rundir  # noqa: PLC0415
+
+    for d in rundir.find_runs(root):
+        try:
+            if rundir.read_config(d).get("task") == "modadd":
+                return True
+        except rundir.RunDirError:
+            continue  # the analysis reports it
+    return False
 
 
 def run() -> None:

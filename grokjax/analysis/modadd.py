@@ -1,4 +1,5 @@
-"""The modular-addition transformer's weights: its 8 matrices, their HTSR rows, the embedding's Fourier energy.
+"""The modular-addition transformer's weights: its 8 matrices, their HTSR rows, the embedding's Fourier energy,
+and the progress measures of the analysis (`compute_measures`: Fourier energy, restricted and excluded losses).
 
 Numpy only: it reads a parameter tree (`grokjax.modadd.model`'s layout, numpy or device
 arrays) and never imports the training code. The 8 matrices are those of the paper's
@@ -229,3 +230,80 @@ def fourier_losses(logits: np.ndarray, labels: np.ndarray, train_idx: np.ndarray
     return {"restricted_loss": _cross_entropy(restricted, labels),
             "excluded_loss": _cross_entropy(excluded[train_idx], labels[train_idx]),
             "full_loss": _cross_entropy(L, labels), "train_loss": _cross_entropy(L[train_idx], labels[train_idx])}
+
+
+def logits_last(params: Mapping[str, Any], tokens: np.ndarray) -> np.ndarray:
+    """The last position's logits (batch, vocab) in float64 numpy: `grokjax.modadd.model.forward_last`
+    computed with per-token tables as `forward_last_tables` (equal to it to ~1e-12 relative,
+    tests/test_modadd_task.py), so that the analysis needs no JAX."""
+    tokens = np.asarray(tokens)
+    embed, pos = _array(params, "embed"), _array(params, "pos_embed")
+    w_q = _array(params, "W_Q")
+    d, h, k = w_q.shape
+    n = tokens.shape[1]
+
+    def rows(i: int, name: str) -> np.ndarray:
+        table = (embed + pos[i]) @ _array(params, name).reshape(d, h * k)
+        return table[tokens[:, i]].reshape(-1, h, k)
+
+    keys = np.stack([rows(i, "W_K") for i in range(n)], axis=1)  # (batch, n, heads, d_head)
+    values = np.stack([rows(i, "W_V") for i in range(n)], axis=1)
+    q = rows(n - 1, "W_Q")
+    last = (embed + pos[n - 1])[tokens[:, -1]]
+    scores = np.einsum("bhk,bphk->bph", q, keys) / np.sqrt(k)
+    scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+    attn = scores / scores.sum(axis=1, keepdims=True)
+    z = np.einsum("bph,bphk->bhk", attn, values)
+    r = last + z.reshape(-1, h * k) @ _array(params, "W_O").reshape(h * k, d)
+    hidden = np.maximum(r @ _array(params, "fc1", "kernel") + _array(params, "fc1", "bias"), 0.0)
+    r = r + hidden @ _array(params, "fc2", "kernel") + _array(params, "fc2", "bias")
+    return r @ _array(params, "unembed")
+
+
+# The number of key frequencies the restricted and excluded losses use (Nanda et al.'s run had 5).
+N_KEY_FREQS = 5
+# The step-table columns of `compute_measures` (the analysis' progress measures of this task).
+MEASURE_COLUMNS = ("progress/fourier_peak", "progress/fourier_peak_freq", "progress/key_freqs",
+                   "progress/restricted_loss", "progress/excluded_loss", "params/l2")
+
+
+def load_inputs(p: int, frac_train: float, split_seed: int) -> dict:
+    """What `compute_measures` reads: every pair (order a * p + b), its label and the training
+    pairs' indices (the run's split, `grokjax.modadd.data.split_indices`)."""
+    from grokjax.modadd.data import all_pairs, split_indices  # noqa: PLC0415  (numpy only)
+
+    tokens, labels = all_pairs(int(p))
+    train_idx, _ = split_indices(int(p), float(frac_train), int(split_seed))
+    return {"task": "modadd", "p": int(p), "tokens": tokens, "labels": labels, "train_idx": train_idx}
+
+
+def compute_measures(params: Mapping[str, Any], inputs: dict, n_key: int = N_KEY_FREQS) -> dict[str, Any]:
+    """The progress measures of one checkpoint (`MEASURE_COLUMNS`).
+
+    fourier_peak and fourier_peak_freq are `embedding_fourier`'s peak fraction and frequency;
+    the restricted and excluded losses are `fourier_losses` with this checkpoint's own `n_key`
+    key frequencies (`key_frequencies`, listed in key_freqs), so that a step's measures do not
+    depend on how the run ends (Nanda et al. traced them with the final checkpoint's); params/l2
+    is the norm of every parameter.
+    """
+    p = int(inputs["p"])
+    fourier = embedding_fourier(_array(params, "embed"), p)
+    keys = key_frequencies(_array(params, "embed"), min(n_key, p // 2), p)
+    losses = fourier_losses(logits_last(params, inputs["tokens"]), inputs["labels"], inputs["train_idx"], keys)
+    sq = 0.0
+    stack = [params]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Mapping):
+            stack.extend(node.values())
+        else:
+            sq += float(np.sum(np.asarray(node, dtype=np.float64) ** 2))
+    return {"progress/fourier_peak": fourier["peak_fraction"], "progress/fourier_peak_freq": fourier["peak_freq"],
+            "progress/key_freqs": " ".join(str(k) for k in keys),
+            "progress/restricted_loss": losses["restricted_loss"], "progress/excluded_loss": losses["excluded_loss"],
+            "params/l2": float(np.sqrt(sq))}
+
+
+def is_modadd_params(params: Mapping[str, Any]) -> bool:
+    """Whether a parameter tree is the transformer's (it has a token embedding)."""
+    return isinstance(params, Mapping) and "embed" in params

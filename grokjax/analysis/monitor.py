@@ -58,7 +58,7 @@ from typing import Callable
 import numpy as np
 
 from grokjax import ckpt, rundir
-from grokjax.analysis import htsr, pipeline, progress
+from grokjax.analysis import htsr, modadd, pipeline
 from grokjax.analysis.phases import PersistentSignal
 from grokjax.cliutil import THREAD_VARS, OneLineParser
 from grokjax.rundir import MONITOR_DIR, SPECTRA_DIR
@@ -66,6 +66,8 @@ from grokjax.rundir import MONITOR_DIR, SPECTRA_DIR
 PROG = "grokjax-monitor"
 K_SHUFFLES = pipeline.MONITOR_K_SHUFFLES
 WARNING_LAYERS = ("fc1", "fc2")
+# The transformer's (--task modadd): all 8 matrices, as its App. H analyses them.
+MODADD_WARNING_LAYERS = modadd.MATRICES
 # (signal name, row column, test): the same signals as the post-hoc early-warning table.
 LIVE_SIGNALS = (("alpha<2", "alpha", lambda v: v < 2.0), ("traps>0", "traps", lambda v: v > 0))
 PERSISTENCE = 3
@@ -120,8 +122,9 @@ class LiveWarning:
     after it for every signal that has not fired yet.
     """
 
-    def __init__(self, n: int = PERSISTENCE):
+    def __init__(self, n: int = PERSISTENCE, layers: tuple[str, ...] = WARNING_LAYERS):
         self.n = n
+        self.layers = layers
         self.best = -math.inf
         self.fired: set[tuple[str, str]] = set()
         self._signals: dict[tuple[str, str], PersistentSignal] = {}
@@ -144,9 +147,8 @@ class LiveWarning:
                             "value": float(v)})
         return out
 
-    @staticmethod
-    def _keys():
-        return [(layer, s) for layer in WARNING_LAYERS for s, _, _ in LIVE_SIGNALS]
+    def _keys(self):
+        return [(layer, s) for layer in self.layers for s, _, _ in LIVE_SIGNALS]
 
 
 # --------------------------------------------------------------------------------------
@@ -264,7 +266,7 @@ class Monitor:
         self.latest: dict[str, dict] = {}
         self.errors: list[str] = []
         self.seconds = 0.0
-        self.warning = LiveWarning()
+        self.warning = self._live_warning()
         self._key = f"{os.getpid()}-{id(self)}-{time.monotonic_ns()}"  # names self.inputs in the record process
         self._test_acc = {int(r["step"]): r.get("test/acc") for r in metrics}
         (self.dir / MONITOR_DIR / SPECTRA_DIR).mkdir(parents=True, exist_ok=True)
@@ -371,12 +373,16 @@ class Monitor:
 
     def _replay_warning(self) -> None:
         """After a backfill: the warning over all records in step order; new firings are reported."""
-        fresh = LiveWarning()
+        fresh = self._live_warning()
         for r in rundir.read_records(self.dir):
             for w in fresh.update(r["step"], self._test_acc.get(r["step"]), r["layers"]):
                 if (w["layer"], w["signal"]) not in self.warning.fired and self.on_warning is not None:
                     self.on_warning(w)
         self.warning = fresh
+
+    def _live_warning(self) -> LiveWarning:
+        """The live early warning over this run's layers (the transformer's: its 8 matrices)."""
+        return LiveWarning(layers=MODADD_WARNING_LAYERS if self.inputs.get("task") == "modadd" else WARNING_LAYERS)
 
     def _one(self, step: int, params: dict) -> None:
         t0 = time.perf_counter()
@@ -403,8 +409,10 @@ class Monitor:
                 f"traps {fmt('fc1', 'traps', '.0f')}/{fmt('fc2', 'traps', '.0f')}")
 
 
-# The config fields the backfill reads (the progress measures' images and the shuffle seeds).
+# The config fields the backfill reads (the progress measures' images and the shuffle seeds);
+# a transformer's run (--task modadd): its split.
 BACKFILL_CONFIG_KEYS = ("seed", "data_seed", "n_per_class")
+MODADD_BACKFILL_CONFIG_KEYS = ("seed", "p", "split_seed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         except rundir.RunDirError as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 2
-        missing = [k for k in BACKFILL_CONFIG_KEYS if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool)]
+        keys = MODADD_BACKFILL_CONFIG_KEYS if cfg.get("task") == "modadd" else BACKFILL_CONFIG_KEYS
+        missing = [k for k in keys if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool)]
         if missing:
             print(f"{PROG}: error: {Path(r) / rundir.CONFIG_FILE}: no integer {', '.join(missing)}", file=sys.stderr)
             return 2
@@ -448,7 +457,7 @@ def backfill(run_dir: str | os.PathLike) -> int:
     """
     d = Path(run_dir)
     cfg = rundir.read_config(d)
-    inputs = progress.load_inputs(n_per_class=cfg["n_per_class"], data_seed=cfg["data_seed"], seed=cfg["seed"])
+    inputs = pipeline.load_inputs(pipeline.input_spec(cfg, cfg["seed"], monitor_options()))
     metrics = rundir.read_metrics(d)
     start = max([r["step"] for r in metrics], default=-1) + 1
     have = {r["step"] for r in rundir.read_records(d)}

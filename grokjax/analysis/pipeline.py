@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from grokjax import ckpt, rundir
-from grokjax.analysis import htsr, meanaware, phases, pool, preflight, progress, wwadapter
+from grokjax.analysis import htsr, meanaware, modadd, phases, pool, preflight, progress, wwadapter
 from grokjax.analysis.preflight import AnalysisError  # noqa: F401  (raised here; importers take it from either module)
 from grokjax.analysis.htsr import HTSROptions
 from grokjax.analysis.progress import ProgressOptions
@@ -61,7 +61,8 @@ TABLE_LAYER_COLUMNS = ("run", "wd", "seed", "step", "layer", "engine")
 # Step-table columns computed from a checkpoint (the rest come from metrics.jsonl or are derived).
 COMPUTED_STEP_COLUMNS = ("progress/sparsity", "progress/sparsity_smooth", "progress/entropy_fc1",
                          "progress/entropy_fc2", "progress/entropy_fc3", "progress/circuit", "params/l2",
-                         "params/l2_weights", "time/load", "time/native", "time/progress")
+                         "params/l2_weights", "time/load", "time/native", "time/progress",
+                         *(c for c in modadd.MEASURE_COLUMNS if c != "params/l2"))
 _SEED_TAG = 0xA1FA
 
 
@@ -128,8 +129,32 @@ def checkpoint_seed(run_seed: int, step: int) -> int:
 
 
 def weights_of(params: dict) -> dict[str, np.ndarray]:
-    """{fc1, fc2, fc3} -> kernel (in, out); the spectrum does not depend on the orientation."""
+    """{fc1, fc2, fc3} -> kernel (in, out); the spectrum does not depend on the orientation.
+    A transformer's tree (--task modadd) gives its 8 matrices (`modadd.weight_matrices`)."""
+    if modadd.is_modadd_params(params):
+        return modadd.weight_matrices(params)
     return {k: np.asarray(params[k]["kernel"], dtype=np.float64) for k in LAYERS}
+
+
+def layer_names(config: dict) -> tuple[str, ...]:
+    """The analysed matrices of a run, by its config.json's task (an MLP run names none)."""
+    return modadd.MATRICES if config.get("task", "mnist_mlp") == "modadd" else LAYERS
+
+
+def input_spec(config: dict, seed: int, options: AnalysisOptions) -> dict:
+    """The arguments of `load_inputs` for a run's progress measures (by its config.json)."""
+    if config.get("task", "mnist_mlp") == "modadd":
+        return dict(task="modadd", p=int(config["p"]), frac_train=float(config["frac_train"]),
+                    split_seed=int(config["split_seed"]))
+    return dict(n_per_class=int(config.get("n_per_class", 100)), data_seed=int(config.get("data_seed", 0)),
+                seed=seed, n_fixed=options.progress.n_fixed)
+
+
+def load_inputs(spec: dict) -> dict:
+    """The progress measures' inputs of `input_spec`: MNIST images, or the transformer's pairs."""
+    if spec.get("task") == "modadd":
+        return modadd.load_inputs(spec["p"], spec["frac_train"], spec["split_seed"])
+    return progress.load_inputs(**spec)
 
 
 def _error_rows(weights: dict, message: str) -> list[dict]:
@@ -214,8 +239,11 @@ def analyze_checkpoint(params: dict, *, step: int, run_seed: int, options: Analy
         step_row[f"time/{engine}"] = time.perf_counter() - t0
     if with_progress:
         t0 = time.perf_counter()
-        step_row.update(progress.compute_progress(params, x_fixed=inputs["x_fixed"], x_all=inputs["x_all"],
-                                                  options=options.progress, seed=run_seed, step=step))
+        if inputs.get("task") == "modadd":
+            step_row.update(modadd.compute_measures(params, inputs))
+        else:
+            step_row.update(progress.compute_progress(params, x_fixed=inputs["x_fixed"], x_all=inputs["x_all"],
+                                                      options=options.progress, seed=run_seed, step=step))
         step_row["time/progress"] = time.perf_counter() - t0
     return layer_rows, step_row
 
@@ -230,7 +258,7 @@ def _init_worker(run_dir: str, run_seed: int, options: AnalysisOptions, input_sp
     """Per-process state. Workers load the images themselves (from the offline MNIST cache),
     so that nothing large travels through the spawn pipe."""
     pool.quiet_worker_stderr()
-    inputs = progress.load_inputs(**input_spec) if input_spec is not None else {}
+    inputs = load_inputs(input_spec) if input_spec is not None else {}
     _WORKER.update(run_dir=run_dir, run_seed=run_seed, options=options, inputs=inputs)
     warnings.filterwarnings("ignore", category=RuntimeWarning)
 
@@ -281,7 +309,7 @@ def cache_key(run: Run, options: AnalysisOptions) -> dict:
         "htsr": dataclasses.asdict(options.htsr),
         "progress": dataclasses.asdict(options.progress),
         "k_shuffles": options.k_shuffles,
-        "code": _source_hash(htsr, meanaware, progress),
+        "code": _source_hash(htsr, meanaware, progress, modadd),
         "ww_version": wwadapter.ww_version(),
         "ww_code": _source_hash(wwadapter),
         "run": {"config": run.config, "created": run.created},
@@ -346,7 +374,10 @@ def _wide_columns(layers: pd.DataFrame, engines: tuple[str, ...]) -> pd.DataFram
     """Per-step `<engine>/alpha_<layer>`, `<engine>/alpha_mean`, `<engine>/traps_<layer>`, and where
     the rows carry them the mean-aware columns (`<engine>/alpha_centred_<layer>`,
     `<engine>/traps_centred_<layer>`, `<engine>/traps_k_mean_<layer>`, ...) and
-    `<engine>/alpha_centred_mean`."""
+    `<engine>/alpha_centred_mean`. The means are over FC1 and FC2 (the paper's tables); for the
+    transformer's 8 matrices (--task modadd) over all 8 (its App. H)."""
+    names = modadd.MATRICES if "embed" in set(layers["layer"]) else LAYERS
+    averaged = list(names) if names == modadd.MATRICES else ["fc1", "fc2"]
     out = pd.DataFrame({"step": pd.Series(sorted(layers["step"].unique()) if len(layers) else [], dtype=np.int64)})
     for engine in engines:
         sub = layers[layers["engine"] == engine]
@@ -356,13 +387,13 @@ def _wide_columns(layers: pd.DataFrame, engines: tuple[str, ...]) -> pd.DataFram
                                   "traps_centred_k_mean", "mean_over_std") if c in sub.columns]
         for col, name in (("alpha", "alpha"), ("traps", "traps"), *extra):
             wide = sub.pivot_table(index="step", columns="layer", values=col, aggfunc="first", dropna=False)
-            wide = wide.reindex(columns=list(LAYERS))
+            wide = wide.reindex(columns=list(names))
             wide.columns = [f"{engine}/{name}_{c}" for c in wide.columns]
             out = out.merge(wide.reset_index(), on="step", how="left")
-        out[f"{engine}/alpha_mean"] = out[[f"{engine}/alpha_fc1", f"{engine}/alpha_fc2"]].mean(axis=1, skipna=False)
+        out[f"{engine}/alpha_mean"] = out[[f"{engine}/alpha_{k}" for k in averaged]].mean(axis=1, skipna=False)
         if f"{engine}/alpha_centred_fc1" in out.columns:
-            out[f"{engine}/alpha_centred_mean"] = out[[f"{engine}/alpha_centred_fc1",
-                                                       f"{engine}/alpha_centred_fc2"]].mean(axis=1, skipna=False)
+            out[f"{engine}/alpha_centred_mean"] = out[[f"{engine}/alpha_centred_{k}"
+                                                       for k in averaged]].mean(axis=1, skipna=False)
     return out
 
 
@@ -484,14 +515,10 @@ def plan_run(run: Run, options: AnalysisOptions) -> AnalysisPlan:
         if engines or need_progress:
             tasks.append((s, engines, need_progress))
 
-    input_spec = None
-    if any(t[2] for t in tasks):
-        cfg = run.config
-        input_spec = dict(n_per_class=int(cfg.get("n_per_class", 100)), data_seed=int(cfg.get("data_seed", 0)),
-                          seed=run.seed, n_fixed=options.progress.n_fixed)
+    spec = input_spec(run.config, run.seed, options) if any(t[2] for t in tasks) else None
     return AnalysisPlan(run=run, key=key, digest=digest, cache_dir=cache_dir, cached_ok=frozenset(cached_ok),
                         have_layers=have_layers, other_layers=other_layers, have_computed=have_computed,
-                        from_monitor=from_monitor, tasks=tasks, input_spec=input_spec)
+                        from_monitor=from_monitor, tasks=tasks, input_spec=spec)
 
 
 def merge_run(plan: AnalysisPlan, results: list[tuple[list[dict], dict]],

@@ -44,6 +44,16 @@ CONFIG_FIELDS = {
     "n_per_class": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
     "wd": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
 }
+# The same for a run of the modular-addition transformer (config.json's task is "modadd"):
+# the seeds, the split its progress measures read and the weight decay.
+MODADD_CONFIG_FIELDS = {
+    "seed": CONFIG_FIELDS["seed"],
+    "wd": CONFIG_FIELDS["wd"],
+    "p": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2,
+    "frac_train": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1,
+    "split_seed": CONFIG_FIELDS["data_seed"],
+}
+TASKS = ("mnist_mlp", "modadd")
 ACCURACIES = ("train/acc", "test/acc")
 # Files every complete params checkpoint holds (Orbax StandardCheckpointer, OCDBT format).
 CHECKPOINT_FILES = ("default/_METADATA", "default/manifest.ocdbt")
@@ -92,8 +102,12 @@ def check_config(run_dir: Path) -> tuple[dict, str, list[str], list[str]]:
     except rundir.RunDirError as e:
         return {}, "", [str(e)], []
     config = payload["config"]
+    task = config.get("task", "mnist_mlp")
+    if task not in TASKS:
+        return config, "", [f"{path}: unknown task {task!r} (written by a newer grokjax?)"], []
+    fields = MODADD_CONFIG_FIELDS if task == "modadd" else CONFIG_FIELDS
     errors = [f"{path}: field {k!r} is {'missing' if k not in config else f'invalid ({config[k]!r})'}"
-              for k, ok in CONFIG_FIELDS.items() if k not in config or not ok(config[k])]
+              for k, ok in fields.items() if k not in config or not ok(config[k])]
     unknown = sorted(set(config) - set(rundir.CONFIG_KEYS))
     warns = [f"{path}: unknown field(s) {', '.join(unknown)} (written by a newer grokjax?); ignored"] if unknown else []
     return config, str(payload.get("created", "")), errors, warns

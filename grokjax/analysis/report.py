@@ -317,7 +317,9 @@ def make_report(root: str | Path, *, options=None, out_dir: str | Path | None = 
     (.parquet + .csv; the per-run caches stay in each `<run>/analysis`), phases.csv,
     table1_alpha.csv, table2_traps.csv, table4_mp_fc1.csv, early_warning.csv,
     early_warning_counts.csv, paper_comparison.csv, report.md,
-    summary.txt and figures/*.png.
+    summary.txt and figures/*.png. Runs of the modular-addition transformer (--task modadd)
+    get its tables and figures instead (`grokjax.analysis.modadd_report`: phases.csv,
+    matrices_8.csv, appendix_h.csv); runs of both tasks under one root are refused.
 
     Every input is checked first (`grokjax.analysis.runs.read_runs`; the result's `runs` are
     those `Run` values, for the trap ablation); everything is written to a
@@ -358,6 +360,15 @@ def staged_outputs(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _task(runs: dict) -> str:
+    """The one task of the runs (config.json's task; an MLP run names none); mixed tasks are refused."""
+    tasks = {r.config.get("task", "mnist_mlp") for r in runs.values()}
+    if len(tasks) > 1:
+        raise AnalysisError(f"the input holds runs of several tasks ({', '.join(sorted(tasks))}); "
+                            "analyse each task's runs separately")
+    return tasks.pop()
+
+
 def _report_into(staging: Path, out_dir: Path, named: dict[str, Path], options: AnalysisOptions, figures: bool,
                  phase_options: PhaseOptions | None) -> dict:
     """make_report's work: every output goes to `staging`, then `outdir.publish`."""
@@ -376,14 +387,25 @@ def _report_into(staging: Path, out_dir: Path, named: dict[str, Path], options: 
     layers, steps = pd.concat(all_layers, ignore_index=True), pd.concat(all_steps, ignore_index=True)
     write_table(layers, staging / "all_layers")
     write_table(steps, staging / "all_steps")
-    tables = build_tables(layers, steps, phase_options)
+    modadd = _task(runs) == "modadd"
+    if modadd:  # the transformer's tables and figures (its App. H)
+        from grokjax.analysis import modadd_report  # noqa: PLC0415
+
+        tables = modadd_report.build_tables(layers, steps, phase_options)
+    else:
+        tables = build_tables(layers, steps, phase_options)
     write_tables(tables, staging)
     phases_df = tables["phases"][0]
-    text = summary_text(layers, steps, phases_df, timings)
+    text = (modadd_report.summary_text if modadd else summary_text)(layers, steps, phases_df, timings)
     (staging / "summary.txt").write_text(text + "\n")
     written = []
     if figures and len(phases_df):
-        written = make_figures(steps, phases_df, {n: runs[n].path for n in phases_df["run"]}, staging / "figures")
+        run_dirs = {n: runs[n].path for n in phases_df["run"]}
+        if modadd:
+            written = modadd_report.make_figures(steps, phases_df, run_dirs, staging / "figures",
+                                                 {n: runs[n].config for n in phases_df["run"]})
+        else:
+            written = make_figures(steps, phases_df, run_dirs, staging / "figures")
     # Without --figures this time, the figures of the previous analysis stay as they were.
     outdir.publish(staging, out_dir, keep=() if figures else ("figures/",))
     return {"out_dir": out_dir, "report": out_dir / "report.md", "summary": text, "timings": timings,

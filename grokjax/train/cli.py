@@ -1,4 +1,7 @@
-"""Command line of `experiments/run.py`: one flag per `TrainConfig` field, then `runner.run`."""
+"""Command line of `experiments/run.py`: one flag per `TrainConfig` field, then `runner.run`.
+
+`--task` picks the MNIST MLP (the default) or the modular-addition transformer; a flag of the
+other task is refused in one line (exit code 2) by `TrainConfig` itself."""
 
 from __future__ import annotations
 
@@ -49,6 +52,12 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _text(text: str) -> str:
+    """A text flag's value as given. argparse passes a text default through the flag's type:
+    this keeps a task-dependent default marked as one (`grokjax.train.config.is_default`)."""
+    return text
+
+
 def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -70,7 +79,8 @@ def _wds(text: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per config field (same name, dashes allowed for underscores; help from its metadata)."""
-    p = OneLineParser(prog="run.py", description="Train the paper's MNIST MLP (grokking / anti-grokking).",
+    p = OneLineParser(prog="run.py", description="Train the paper's MNIST MLP or, with --task modadd, its one-layer "
+                                                   "transformer on modular addition (grokking / anti-grokking).",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -86,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif hint is float:
             p.add_argument(*flags, type=_finite_float, **kw)
         else:
-            p.add_argument(*flags, type=str, **kw)
+            p.add_argument(*flags, type=_text, **kw)
     p.add_argument("--seeds", type=_seeds, default=None,
                    help="seeds trained at once (vmapped), e.g. 0,1,2, into <out>/seed<k>; overrides --seed")
     p.add_argument("--wds", type=_wds, default=None,

@@ -2,7 +2,16 @@
 
 Every field is a command-line flag of `experiments/run.py` (same name, `--flag value`) whose
 `--help` line is the field's metadata `help`.
-Sources: the paper's Table 3 (App. A) and the authors' notebook (see the README).
+Sources: the paper's Table 3 (App. A) and the authors' notebook (see the README); for the
+modular-addition task (`task="modadd"`, the paper's App. H), Nanda et al.'s code
+(`grokjax.modadd.config`, docs/modadd.md).
+
+Two tasks share the class. The fields of one task only (`MLP_FIELDS`, `MODADD_FIELDS`) are None
+in a config of the other task and are not written to its config.json; setting one of them for
+the other task is refused. The shared fields `steps`, `lr`, `wd` and `b2` have a default per
+task (`TASK_DEFAULTS`). To tell a default from the same value given, an unset field holds its
+default as a marked value (`_Default*`, equal to the plain value), replaced by the plain
+value in `__post_init__`: a resolved config holds plain values only.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ MAX_STEPS = 10**10
 KEEP_PARAMS = ("all", "log", "none")
 SKIP_ZERO_PIXELS = ("batch", "subset", "off")
 FC1_WEIGHT_GRAD = ("autodiff", "pretransposed")
+TASKS = ("mnist_mlp", "modadd")
 # Science fields added after runs were started: the value a run directory whose config.json
 # lacks the field ran with (and keeps when resumed).
 LEGACY_FIELDS = {"skip_zero_pixels": "off", "fc1_weight_grad": "autodiff"}
@@ -81,9 +91,47 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
+class _DefaultInt(int):
+    """An int default not given by the user (see the module docstring)."""
+
+
+class _DefaultFloat(float):
+    """A float default not given by the user."""
+
+
+class _DefaultStr(str):
+    """A str default not given by the user."""
+
+
+_MARKED = {int: _DefaultInt, float: _DefaultFloat, str: _DefaultStr}
+_PLAIN = {v: k for k, v in _MARKED.items()}
+
+
+def _marked(value: Any) -> Any:
+    """`value` marked as a default (bools and None cannot be marked and stay as they are)."""
+    kind = _MARKED.get(type(value))
+    return kind(value) if kind is not None else value
+
+
+def _plain(value: Any) -> Any:
+    """A marked default as its plain value; anything else unchanged."""
+    kind = _PLAIN.get(type(value))
+    return kind(value) if kind is not None else value
+
+
+def is_default(value: Any) -> bool:
+    """Whether `value` is a marked (not given) default."""
+    return type(value) in _PLAIN
+
+
 def _field(default: Any, help_text: str, *, science: bool = True) -> Any:
     """A TrainConfig field with its flag's one-line help and whether it changes the science."""
     return dataclasses.field(default=default, metadata={"help": help_text, "science": science})
+
+
+def _task_field(default: Any, help_text: str, *, science: bool = True) -> Any:
+    """A field whose default depends on the task or that one task only uses (marked default)."""
+    return _field(_marked(default), help_text, science=science)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,29 +145,31 @@ class TrainConfig:
 
     # Decoupled, applied to all parameters, biases included. Paper: 0 for the main run, 0.01 for
     # the App. C control.
-    wd: float = _field(0.0, "AdamW decoupled weight decay (paper: 0; 0.01 in App. C)")
+    wd: float = _task_field(0.0, "AdamW decoupled weight decay (paper: 0; 0.01 in App. C; modadd: 1.0, "
+                                     "Nanda et al.)")
     # Table 3: 1e7. The time is the whole run's, evaluations and checkpoints included.
-    steps: int = _field(10_000_000, "optimizer updates N, e.g. 1e7 (paper: 1e7 = 10^7, about 4-16 h on a "
+    steps: int = _task_field(10_000_000, "optimizer updates N, e.g. 1e7 (modadd: 50000, Nanda et al.) (paper: 1e7 = 10^7, about 4-16 h on a "
                                     "2-core CPU at 170-630 steps/s, hosts differ; GPU: unmeasured)")
     seed: int = _field(0, "seed of the init, the batch order and the progress-measure subset")
     # The authors' numpy seed 0. Kept apart from `seed` so that runs with different seeds train
     # on the same images.
-    data_seed: int = _field(0, "seed of the stratified training subset (apart from --seed)")
+    data_seed: int = _task_field(0, "seed of the stratified training subset (apart from --seed)")
     # Constant: no schedule, no warm-up, no clipping.
-    lr: float = _field(5e-4, "AdamW learning rate, constant (paper: 5e-4)")
+    lr: float = _task_field(5e-4, "AdamW learning rate, constant (paper: 5e-4; modadd: 1e-3 after a "
+                                   "warm-up, Nanda et al.)")
     # Adam moment decay rates and epsilon: PyTorch's defaults, as the authors used.
     b1: float = _field(0.9, "Adam beta1 (PyTorch's default, as the authors')")
-    b2: float = _field(0.999, "Adam beta2 (PyTorch's default)")
+    b2: float = _task_field(0.999, "Adam beta2 (PyTorch's default; modadd: 0.98, Nanda et al.)")
     eps: float = _field(1e-8, "Adam epsilon (PyTorch's default)")
     # Table 3: 200, so 5 batches per pass over the 1k subset.
-    batch: int = _field(200, "mini-batch size; divides 10*n_per_class (paper: 200)")
+    batch: int = _task_field(200, "mini-batch size; divides 10*n_per_class (paper: 200)")
     # The MLP has depth 3.
-    width: int = _field(200, "hidden width of the MLP 784-width-width-10 (paper: 200)")
+    width: int = _task_field(200, "hidden width of the MLP 784-width-width-10 (paper: 200)")
     # Every weight and bias is multiplied by this after PyTorch's default Linear init (the
     # authors' saved demo cell used 4.0).
-    init_scale: float = _field(8.0, "multiplies PyTorch's default init of every parameter (paper: 8)")
+    init_scale: float = _task_field(8.0, "multiplies PyTorch's default init of every parameter (paper: 8)")
     # Table 3: 100, so 1,000 images.
-    n_per_class: int = _field(100, "training images per class, 1..5421 (paper: 100)")
+    n_per_class: int = _task_field(100, "training images per class, 1..5421 (paper: 100)")
     # False: the authors' fixed cycle of 5 batches (itertools.cycle replays the first epoch).
     # True: Omnigrok's per-epoch reshuffle (not the paper's protocol).
     reshuffle: bool = _field(False, "reshuffle each epoch (Omnigrok) instead of the authors' fixed batch cycle")
@@ -164,19 +214,39 @@ class TrainConfig:
     # subset (also what --reshuffle uses); off: dense. A run directory started before this field
     # existed resumes with off.
     # subset is the default: narrowed once per chunk, it is the fastest (BENCHMARKS.md, E24).
-    skip_zero_pixels: str = _field("subset", "skip FC1's zero input pixels (exact): subset, batch or off")
+    skip_zero_pixels: str = _task_field("subset", "skip FC1's zero input pixels (exact): subset, batch or off")
     # How FC1's weight gradient x^T g is computed: autodiff (the dot XLA emits, with a transposed
     # left operand) or pretransposed (x^T laid out once per scan chunk from the fixed batches,
     # then a plain product; with --reshuffle, transposed at every step). The same mathematics;
     # the rounding differs (another GEMM path on CPU). A run directory started before this field
     # existed resumes with autodiff. pretransposed is the default: +8-12 % on CPU (E25).
-    fc1_weight_grad: str = _field("pretransposed", "FC1's weight gradient: pretransposed or autodiff (the "
+    fc1_weight_grad: str = _task_field("pretransposed", "FC1's weight gradient: pretransposed or autodiff (the "
                                   "same mathematics, another GEMM path)")
 
+    # The task: the paper's MNIST MLP, or the one-layer transformer on (a + b) mod p of its
+    # App. H (docs/modadd.md). The fields below are the transformer's; their defaults are
+    # Nanda et al.'s (`grokjax.modadd.config.ModAddConfig`, where each has its source).
+    task: str = _field("mnist_mlp", "mnist_mlp (the paper's MLP) or modadd (the one-layer transformer on "
+                                    "(a + b) mod p, the paper's App. H)")
+    p: int = _task_field(113, "modadd: the modulus p (paper: 113)")
+    frac_train: float = _task_field(0.3, "modadd: fraction of the p^2 pairs in the training split (Nanda et al.)")
+    split_seed: int = _task_field(0, "modadd: seed of the train/test split (Nanda et al.'s 0)")
+    d_model: int = _task_field(128, "modadd: residual width (paper: 128)")
+    n_heads: int = _task_field(4, "modadd: attention heads (paper: 4)")
+    d_head: int = _task_field(32, "modadd: width of a head (paper: 32)")
+    d_mlp: int = _task_field(512, "modadd: hidden width of the MLP (paper: 512)")
+    warmup: int = _task_field(10, "modadd: linear learning-rate warm-up steps, 0: none (Nanda et al.: 10)")
+    # Which forward the step trains through (`grokjax.modadd.step.FORWARDS`); all three agree
+    # to ~1e-15 in float64, tables is the fastest on CPU. A science field (as fc1_weight_grad):
+    # the rounding differs, so a resume with another forward would not be bitwise.
+    forward: str = _task_field("tables", "modadd: training forward, tables, last or full (the same "
+                                         "mathematics, another rounding; tables is the fastest)")
+
     def __post_init__(self):
+        self._resolve_task()
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
-        for name in ("seed", "data_seed"):
+        for name in ("seed", "data_seed") if self.task == "mnist_mlp" else ("seed",):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
@@ -186,15 +256,12 @@ class TrainConfig:
             raise ConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps >= 0):
             raise ConfigError("b1 and b2 must lie in [0, 1) and eps must be >= 0")
-        if self.n_per_class < 1 or self.n_per_class > 5421:
-            raise ConfigError(f"n_per_class must be in 1..5421, got {self.n_per_class}")
-        n = 10 * self.n_per_class
-        if self.batch < 1 or n % self.batch:
-            raise ConfigError(f"batch must divide the subset size {n}, got {self.batch}")
-        if self.width < 1:
-            raise ConfigError(f"width must be >= 1, got {self.width}")
-        if not (self.init_scale > 0 and math.isfinite(self.init_scale)):
-            raise ConfigError(f"init_scale must be a finite number > 0, got {self.init_scale!r}")
+        if self.task == "mnist_mlp":
+            self._check_mlp()
+        else:
+            self.modadd()  # ModAddConfig checks the transformer's fields
+            if self.forward not in MODADD_FORWARDS:
+                raise ConfigError(f"forward must be one of {', '.join(MODADD_FORWARDS)}, got {self.forward!r}")
         if self.dtype not in ("float64", "float32"):
             raise ConfigError(f"dtype must be float64 or float32, got {self.dtype!r}")
         if self.log_points_per_decade < 0:
@@ -211,12 +278,53 @@ class TrainConfig:
             raise ConfigError(f"time_limit must be a finite number of seconds >= 0, got {self.time_limit!r}")
         if self.keep_params not in KEEP_PARAMS:
             raise ConfigError(f"keep_params must be one of {', '.join(KEEP_PARAMS)}, got {self.keep_params!r}")
+
+    def _resolve_task(self) -> None:
+        """Refuses the other task's fields, fills the task's defaults and unmarks every value
+        (see the module docstring)."""
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        other = MODADD_FIELDS if self.task == "mnist_mlp" else MLP_FIELDS
+        given = [k for k in other if _given(getattr(self, k), _DEFAULTS[k])]
+        if given:
+            flags = ", ".join(f"--{k}" for k in given)
+            raise ConfigError(f"{flags} {'is' if len(given) == 1 else 'are'} not used by --task {self.task} "
+                              f"(only by --task {'modadd' if self.task == 'mnist_mlp' else 'mnist_mlp'})")
+        for k in other:
+            object.__setattr__(self, k, None)
+        for k, v in TASK_DEFAULTS[self.task].items():
+            if is_default(getattr(self, k)):
+                object.__setattr__(self, k, v)
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _plain(getattr(self, f.name)))
+
+    def _check_mlp(self) -> None:
+        if self.n_per_class < 1 or self.n_per_class > 5421:
+            raise ConfigError(f"n_per_class must be in 1..5421, got {self.n_per_class}")
+        n = 10 * self.n_per_class
+        if self.batch < 1 or n % self.batch:
+            raise ConfigError(f"batch must divide the subset size {n}, got {self.batch}")
+        if self.width < 1:
+            raise ConfigError(f"width must be >= 1, got {self.width}")
+        if not (self.init_scale > 0 and math.isfinite(self.init_scale)):
+            raise ConfigError(f"init_scale must be a finite number > 0, got {self.init_scale!r}")
         if self.skip_zero_pixels not in SKIP_ZERO_PIXELS:
             raise ConfigError(f"skip_zero_pixels must be one of {', '.join(SKIP_ZERO_PIXELS)}, "
                               f"got {self.skip_zero_pixels!r}")
         if self.fc1_weight_grad not in FC1_WEIGHT_GRAD:
             raise ConfigError(f"fc1_weight_grad must be one of {', '.join(FC1_WEIGHT_GRAD)}, "
                               f"got {self.fc1_weight_grad!r}")
+
+    def modadd(self):
+        """The `grokjax.modadd.config.ModAddConfig` of a modadd config (ConfigError if invalid)."""
+        from grokjax.modadd.config import ModAddConfig  # noqa: PLC0415
+
+        if self.task != "modadd":
+            raise ConfigError(f"a --task {self.task} config has no modadd settings")
+        try:
+            return ModAddConfig(**{k: getattr(self, k) for k in MODADD_CONFIG_FIELDS})
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     @property
     def n_train(self) -> int:
@@ -229,8 +337,14 @@ class TrainConfig:
         return self.n_train // self.batch
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields as a JSON-ready dict."""
-        return dataclasses.asdict(self)
+        """The task's fields as a JSON-ready dict (config.json's "config").
+
+        An MLP config leaves out `task` and the transformer's fields, so that its config.json
+        is what it was before the task existed (a config.json without `task` is mnist_mlp); a
+        modadd config leaves out the MLP's fields.
+        """
+        skip = {"task", *MODADD_FIELDS} if self.task == "mnist_mlp" else set(MLP_FIELDS)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def science(self) -> dict[str, Any]:
         """The fields that determine the trajectory and the records (for resume checks)."""
@@ -245,10 +359,9 @@ def field_from_text(name: str, text: str) -> Any:
 
     Raises ConfigError (one line) for an unknown field or a value of the wrong type.
     """
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    if name not in defaults:
+    if name not in _DEFAULTS:
         raise ConfigError(f"no training field {name!r}")
-    kind = type(defaults[name])
+    kind = type(_DEFAULTS[name])
     if kind is bool:
         if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
             raise ConfigError(f"{name} must be true or false, got {text!r}")
@@ -274,3 +387,26 @@ def split_fields(pairs) -> tuple[dict[str, Any], dict[str, str]]:
 # Fields that do not change the science (metadata science=False): a run directory may be resumed
 # with other values.
 NON_SCIENCE_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if not f.metadata["science"])
+
+
+# The fields of one task only (None in the other task's configs; not in its config.json).
+MLP_FIELDS = ("data_seed", "batch", "width", "init_scale", "n_per_class", "reshuffle", "cache_dir", "idx_dir",
+              "skip_zero_pixels", "fc1_weight_grad")
+MODADD_FIELDS = ("p", "frac_train", "split_seed", "d_model", "n_heads", "d_head", "d_mlp", "warmup", "forward")
+MODADD_FORWARDS = ("last", "tables", "full")  # grokjax.modadd.step.FORWARDS (not imported: it pulls in JAX)
+# TrainConfig fields that make the ModAddConfig (`TrainConfig.modadd`).
+MODADD_CONFIG_FIELDS = ("p", "frac_train", "split_seed", "seed", "d_model", "n_heads", "d_head", "d_mlp", "lr",
+                        "wd", "b1", "b2", "eps", "warmup", "dtype")
+# The shared fields whose default depends on the task. mnist_mlp: the field defaults (the paper's);
+# modadd: Nanda et al.'s (`grokjax.modadd.config.ModAddConfig`), steps their num_epochs (50,000).
+TASK_DEFAULTS = {"mnist_mlp": {}, "modadd": {"steps": 50_000, "lr": 1e-3, "wd": 1.0, "b2": 0.98}}
+# The plain default of every field (the field defaults unmarked).
+_DEFAULTS = {f.name: _plain(f.default) for f in dataclasses.fields(TrainConfig)}
+
+
+def _given(value: Any, default: Any) -> bool:
+    """Whether a field's value was given rather than left at its default: a marked default and
+    None are not given; a bool cannot be marked, so only a non-default bool counts as given."""
+    if value is None or is_default(value):
+        return False
+    return not (isinstance(value, bool) and value == default)

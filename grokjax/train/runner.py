@@ -13,7 +13,8 @@ latest full state and ends bitwise identical to an uninterrupted run; a differen
 the same directory is refused.
 
 Progress goes to stderr (`grokjax.train.progress`); `grokjax.train.export` writes a run's
-portable record.
+portable record. What differs between the tasks (data, state, chunk, evaluation, monitor
+inputs) is `grokjax.train.tasks`'s.
 """
 
 from __future__ import annotations
@@ -33,18 +34,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from grokjax import ckpt, rundir
-from grokjax.data import load_mnist
 from grokjax.rundir import SWEEP_FILE, RunDirError
 from grokjax.train import distributed
 from grokjax.train.config import ConfigError, TrainConfig, format_duration
 from grokjax.train.distributed import Alone, Group, config_digest
-from grokjax.train.engine import (TrainState, batch_perm, init_state, make_data, make_evaluate, make_train_chunk,
-                                  pixel_columns)
+from grokjax.train.engine import TrainState
 from grokjax.train.progress import Progress
 from grokjax.train.provenance import segment_fields, xla_cpu_threads
 from grokjax.train.stops import StopRequest, signal_for_test
 from grokjax.train.schedule import authors_log_steps, chunk_lengths, eval_steps, nearest_per_decade
 from grokjax.train.sweep import Sweep, make_sweep
+from grokjax.train.tasks import task_of
 from grokjax.train.workdir import prepare_run_dir, science_notes
 
 # keep_params=log keeps about this many params checkpoints a decade (plus the authors' steps).
@@ -223,7 +223,7 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
         seeds: several seeds trained together (vmapped); each gets `<out>/seed<k>`.
         wds: a sweep: every (weight decay, seed) pair, seeds from `seeds` (default `cfg.seed`),
             trained together with one weight decay per replica; each gets `<out>/wd<wd>_seed<k>`.
-        mnist: preloaded MNIST arrays (default: `load_mnist`).
+        mnist: preloaded MNIST arrays (default: `load_mnist`; unused by --task modadd).
         on_chunk: called after each chunk is dispatched, with the step that chunk trains up to
             (it may still be computing). An exception raised there ends the run at once,
             without flushing anything, as a crash in the middle of a segment would.
@@ -402,18 +402,17 @@ def _train(sweep: Sweep, replicas: list[_Replica], *, steps: np.ndarray,
     (chunks, evaluations, checkpoints, pause), `_report_monitors`.
     """
     cfg, cfgs = sweep.shared, list(sweep.replicas)
-    mnist = mnist if mnist is not None else load_mnist(cfg.cache_dir, cfg.idx_dir)
-    data = make_data(cfg, mnist)
-    perms = [batch_perm(c) for c in cfgs]
+    task = task_of(cfg)
+    host = task.load_host(cfg, mnist)
+    data = task.make_data(cfg, host)
+    perms = [task.order(c) for c in cfgs]
     begin = _restore_or_init(cfg, cfgs, replicas, perms, axis)
     if begin is None:
         return
     walls = [r.open_metrics(begin.step, w) for r, w in zip(replicas, begin.walls)]
     if cfg.monitor:
-        from grokjax.analysis.progress import load_inputs  # noqa: PLC0415
-
         for r in replicas:
-            r.start_monitor(begin.step, load_inputs(r.cfg.n_per_class, r.cfg.data_seed, r.cfg.seed, mnist=mnist))
+            r.start_monitor(begin.step, task.monitor_inputs(r.cfg, host))
     segment = _Segment(cfg, replicas, axis, stop, wds=sweep.wd_vector, states=begin.states, perms=perms,
                        data=data, start=begin.step, wall=walls[0], authors=authors, on_chunk=on_chunk)
     segment.run(steps)
@@ -425,7 +424,7 @@ def _restore_or_init(cfg: TrainConfig, cfgs: list[TrainConfig], replicas: list[_
     """Step 0 with fresh states, or the newest full state every replica can read (announced, and
     recorded as a resume event). None: the run is already complete (said in one line)."""
     mine = axis.mine(len(replicas))
-    states = [init_state(c) for c in cfgs]
+    states = [task_of(c).init_state(c) for c in cfgs]
     templates = [_state_tree(s, p, 0.0) for s, p in zip(states, perms)]
     restored = _restore(replicas, templates[mine], axis.group)
     if restored is None:
@@ -436,8 +435,9 @@ def _restore_or_init(cfg: TrainConfig, cfgs: list[TrainConfig], replicas: list[_
     for tree, p in zip(trees, perms[mine]):
         if not np.array_equal(np.asarray(tree["batch_perm"]), p):
             raise ConfigError("the saved batch order differs from this config's; use --overwrite")
-    states[mine] = [TrainState(t["params"], t["opt_state"], jnp.asarray(t["step"]), jnp.asarray(t["key"]))
-                    for t in trees]
+    # each task's own TrainState class (the same fields)
+    states[mine] = [type(s)(t["params"], t["opt_state"], jnp.asarray(t["step"]), jnp.asarray(t["key"]))
+                    for s, t in zip(states[mine], trees)]
     complete = not axis.group.any(not (start == cfg.steps and all(r.has_final_record() for r in replicas)))
     if complete:
         print(f"already complete: {cfg.out} ({cfg.steps} steps)", file=sys.stderr)
@@ -463,9 +463,10 @@ class _Segment:
                  wall: float, authors: set[int], on_chunk: Callable[[int], None] | None):
         self.cfg, self.replicas, self.axis, self.stop = cfg, replicas, axis, stop
         self.authors, self.on_chunk = authors, on_chunk
-        self.chunk = make_train_chunk(cfg, axis.size, wds=wds)
-        self.evaluate_params = make_evaluate(axis.size)
-        cols = pixel_columns(cfg, axis.stack(perms), np.asarray(data.x_train))
+        task = task_of(cfg)
+        self.chunk = task.make_chunk(cfg, axis.size, wds)
+        self.evaluate_params = task.make_evaluate(axis.size)
+        cols = task.columns(cfg, axis.stack(perms), data)
         cols = None if cols is None else jnp.asarray(cols)
         self.perms = perms[axis.mine(len(replicas))]  # this process's replicas' batch orders
         self.state, self.perm, self.data, self.cols = axis.place(states, perms, data, cols,

@@ -35,8 +35,13 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
             old = rundir.read_config(d)
         except RunDirError as e:
             raise ConfigError(f"{e}; pass --overwrite to start over") from None
+        old_task = old.get("task", "mnist_mlp")  # config.json of an MLP run names no task
+        if old_task != cfg.task:
+            raise ConfigError(f"{d} holds a --task {old_task} run, not --task {cfg.task}; "
+                              "use another --out or pass --overwrite")
         new = cfg.science()
-        old = {**LEGACY_FIELDS, **old}  # a run started before a field existed ran with its old value
+        if cfg.task == "mnist_mlp":
+            old = {**LEGACY_FIELDS, **old}  # a run started before a field existed ran with its old value
         diff = sorted(k for k in set(old) | set(new) if k in new and old.get(k) != new.get(k))
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
@@ -74,11 +79,15 @@ def as_started(cfg: TrainConfig) -> TrainConfig:
     except RunDirError:
         return cfg  # prepare_run_dir reports it
     old = payload["config"]
+    if old.get("task", "mnist_mlp") != cfg.task:
+        return cfg  # prepare_run_dir refuses it
     was, now = (payload.get("device") or {}).get("xla_cpu_threads"), xla_cpu_threads()
     if was and now and was != now:
         print(f"NOTE: {cfg.out} was started with {was} XLA CPU threads and resumes with {now}: float64 sums may "
               f"round differently, so the trajectory may drift in the low bits; set PJRT_NPROC={was} to keep them",
               file=sys.stderr)
+    if cfg.task != "mnist_mlp":
+        return cfg  # the legacy fields are the MLP's
     changes = {k: v for k, v in LEGACY_FIELDS.items() if k not in old and getattr(cfg, k) != v}
     if changes:
         shown = ", ".join(f"{k}={v}" for k, v in changes.items())
@@ -98,7 +107,8 @@ def science_notes(cfg: TrainConfig) -> list[str]:
     """Deviations from the paper's protocol, recorded in config.json and printed loudly."""
     notes = []
     if cfg.dtype != "float64":
-        notes.append(f"dtype={cfg.dtype}: NOT the paper's float64 (speed study only)")
+        notes.append(f"dtype={cfg.dtype}: NOT the paper's float64 (speed study only)" if cfg.task == "mnist_mlp"
+                     else f"dtype={cfg.dtype}: NOT this project's float64 (Nanda et al. trained in float32)")
     if cfg.reshuffle:
         notes.append("reshuffle=True: Omnigrok's per-epoch reshuffle, NOT the authors' fixed 5-batch cycle")
     return notes
