@@ -8,7 +8,7 @@ import pytest
 
 from grokjax.train.cli import build_parser
 from grokjax.train.config import MODADD_FIELDS, NON_SCIENCE_FIELDS, TrainConfig
-from grokjax.train.runner import kept_param_steps
+from grokjax.train.replicas import kept_param_steps
 from grokjax.train.schedule import eval_steps
 
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]

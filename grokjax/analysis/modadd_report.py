@@ -6,7 +6,7 @@
 et al.'s restricted and excluded losses, `grokjax.analysis.modadd.compute_measures`).
 
 Phases are read from test accuracy as for the MLP (`grokjax.analysis.phases.detect_phases`),
-each at its checkpoint (`report.run_phases`: `<phase>_ckpt`). The tables (tidy CSV plus
+each at its checkpoint (`report.run_phases`, which the report hands in: `<phase>_ckpt`). The tables (tidy CSV plus
 markdown, mean ± std over runs with the same weight decay and length, sample std):
 
 * matrices: per matrix and phase, alpha and the trap count (and the mean-aware columns where
@@ -31,7 +31,7 @@ import pandas as pd  # noqa: E402
 from grokjax import ckpt  # noqa: E402
 from grokjax.analysis import figures, modadd  # noqa: E402
 from grokjax.analysis.phase_tables import format_cell  # noqa: E402
-from grokjax.analysis.phases import NO_GROKKING, PHASES, PhaseOptions, nearest_step, phase_title  # noqa: E402
+from grokjax.analysis.phases import NO_GROKKING, PHASES, nearest_step, phase_title  # noqa: E402
 
 MATRIX_METRICS = (("alpha", "α"), ("traps", "traps"), ("alpha_centred", "α, W − mean"),
                   ("traps_k_mean", "traps, mean of K shuffles"))
@@ -137,14 +137,15 @@ def _cell(mean: float, std: float, n: int, metric: str) -> str:
 
 
 def build_tables(layers: pd.DataFrame, steps: pd.DataFrame,
-                 options: PhaseOptions | None = None) -> dict[str, tuple[pd.DataFrame, str]]:
-    """The tables of modadd runs as {name: (tidy DataFrame, markdown)}: phases, matrices_8, appendix_h."""
-    from grokjax.analysis.report import phases_markdown, run_phases  # noqa: PLC0415  (report imports this module)
+                 phases: tuple[pd.DataFrame, str]) -> dict[str, tuple[pd.DataFrame, str]]:
+    """The tables of modadd runs as {name: (tidy DataFrame, markdown)}: phases, matrices_8, appendix_h.
 
-    ph = run_phases(steps, options)
+    `phases`: the runs' phases and their markdown (`report.run_phases`, `report.phases_markdown`).
+    """
+    ph = phases[0]
     long = values_at_phases(layers, steps, ph)
     collapsed = list(ph["collapsed"]) if len(ph) else None
-    return {"phases": (ph, phases_markdown(ph)), "matrices_8": matrices_table(long, collapsed),
+    return {"phases": phases, "matrices_8": matrices_table(long, collapsed),
             "appendix_h": appendix_h_table(long, collapsed)}
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from grokjax.analysis import outdir, paper, phase_tables
+from grokjax.analysis import modadd_report, outdir, paper, phase_tables
 from grokjax.analysis.figures import make_figures
 from grokjax.analysis.phase_tables import format_cell
 from grokjax.analysis.phases import (NO_GROKKING, PHASE_TITLES, PHASES, PRE_STATUSES, WARNING_STATUS_MEANINGS,
@@ -389,9 +389,8 @@ def _report_into(staging: Path, out_dir: Path, named: dict[str, Path], options: 
     write_table(steps, staging / "all_steps")
     modadd = _task(runs) == "modadd"
     if modadd:  # the transformer's tables and figures (its App. H)
-        from grokjax.analysis import modadd_report  # noqa: PLC0415
-
-        tables = modadd_report.build_tables(layers, steps, phase_options)
+        ph = run_phases(steps, phase_options)
+        tables = modadd_report.build_tables(layers, steps, (ph, phases_markdown(ph)))
     else:
         tables = build_tables(layers, steps, phase_options)
     write_tables(tables, staging)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from grokjax.cliutil import OneLineParser
+from grokjax.train.schedule import eval_steps
 
 PROG = "monitor_overhead.py"
 
@@ -91,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentTypeError as e:
         print(f"{PROG}: error: --project: {e}", file=sys.stderr)
         return 2
-    from grokjax.train.schedule import eval_steps  # noqa: PLC0415
-
     runs = []
     for i in range(args.rounds):
         for monitor in (False, True):

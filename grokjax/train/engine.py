@@ -30,6 +30,7 @@ import optax
 from grokjax.train.config import TrainConfig
 from grokjax.data import select_subset, to_inputs
 from grokjax.train.model import N_IN, forward, forward_columns, forward_narrow, init_params
+from grokjax.train.schedule import chunk_lengths
 
 
 class TrainState(NamedTuple):
@@ -378,8 +379,6 @@ def make_evaluate(n_seeds: int | None = None):
 
 def run_steps(cfg: TrainConfig, state: TrainState, perm, data: Data, n: int, chunk_fn=None) -> TrainState:
     """Runs n steps through the scan chunks (a convenience for tests and benchmarks)."""
-    from grokjax.train.schedule import chunk_lengths  # noqa: PLC0415
-
     chunk_fn = chunk_fn or make_train_chunk(cfg)
     cols = pixel_columns(cfg, perm, data.x_train)
     for length in chunk_lengths(n, cfg.chunk):

@@ -31,25 +31,21 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from grokjax import ckpt, rundir
-from grokjax.rundir import SWEEP_FILE, RunDirError
+from grokjax.rundir import SWEEP_FILE
 from grokjax.train import distributed
 from grokjax.train.config import ConfigError, TrainConfig, format_duration
 from grokjax.train.distributed import Alone, Group, config_digest
 from grokjax.train.engine import TrainState
 from grokjax.train.progress import Progress
+from grokjax.train.replicas import Replica, ReplicaAxis, restore, state_tree
 from grokjax.train.provenance import segment_fields, xla_cpu_threads
 from grokjax.train.stops import StopRequest, signal_for_test
-from grokjax.train.schedule import authors_log_steps, chunk_lengths, eval_steps, nearest_per_decade
+from grokjax.train.schedule import authors_log_steps, chunk_lengths, eval_steps
 from grokjax.train.sweep import Sweep, make_sweep
 from grokjax.train.tasks import task_of
-from grokjax.train.workdir import prepare_run_dir, science_notes
-
-# keep_params=log keeps about this many params checkpoints a decade (plus the authors' steps).
-LOG_PARAMS_PER_DECADE = 5
-
+from grokjax.train.workdir import science_notes
 
 class NonFiniteError(RuntimeError):
     """The loss or the parameter norm stopped being finite."""
@@ -62,155 +58,6 @@ class Paused(Exception):
         self.step, self.total, self.elapsed, self.reason = step, total, elapsed, reason
         super().__init__(f"paused at step {step} of {total} after {format_duration(elapsed)} ({reason}); "
                          "rerun the same command to continue")
-
-
-def _damaged(e: RunDirError) -> ConfigError:
-    """A damaged metrics log, refused in one line (the CLI's exit code 2); the file is left as it is."""
-    return ConfigError(f"{e}; the file was left unchanged: repair or remove that line, or use --overwrite")
-
-
-class _Replica:
-    """One seed's run directory, checkpoint managers and metrics file."""
-
-    def __init__(self, cfg: TrainConfig, steps: np.ndarray, *, process_local: bool = False):
-        self.cfg = cfg
-        self.dir = prepare_run_dir(cfg)
-        self.kept_params = kept_param_steps(cfg, steps)
-        self.params = ckpt.params_manager(self.dir, self.kept_params, process_local=process_local)
-        self.state = ckpt.state_manager(self.dir, cfg.steps, cfg.full_save_secs, process_local=process_local)
-        self.metrics = None
-        self.monitor = None
-        self.kept_records: list[dict] = []
-
-    def open_metrics(self, start: int, offset: float) -> float:
-        """Drops records at or after `start` (they are recomputed) and opens for append.
-
-        Returns:
-            The wall-clock seconds already spent before `start` (from the kept records).
-        """
-        try:
-            kept = rundir.truncate_metrics(self.dir, start)
-        except RunDirError as e:
-            raise _damaged(e) from None
-        self.kept_records = kept
-        self.metrics = rundir.open_append(rundir.metrics_path(self.dir))
-        return kept[-1].get("time/wall", offset) if kept else offset
-
-    def log(self, rec: dict) -> None:
-        """Appends one metrics record, flushed at once."""
-        self.metrics.write(json.dumps(rec) + "\n")
-        self.metrics.flush()
-
-    def has_final_record(self) -> bool:
-        """metrics.jsonl ends with the record of the final step."""
-        try:
-            recs = rundir.read_metrics(self.dir, before_step=self.cfg.steps + 1)
-        except RunDirError as e:
-            raise _damaged(e) from None
-        return bool(recs) and recs[-1]["step"] == self.cfg.steps
-
-    def event(self, **fields) -> None:
-        """Appends one event (pause, resume, warning) to events.jsonl."""
-        rundir.append_event(self.dir, **fields)
-
-    def last_pause(self) -> dict | None:
-        """The last pause event, unless a resume followed it."""
-        last = None
-        for rec in rundir.read_events(self.dir):
-            if rec.get("event") in ("pause", "resume"):
-                last = rec
-        return last if last and last.get("event") == "pause" else None
-
-    def start_monitor(self, start: int, inputs: dict) -> None:
-        from grokjax.analysis.monitor import Monitor  # noqa: PLC0415
-
-        self.monitor = Monitor(self.dir, run_seed=self.cfg.seed, inputs=inputs, start=start,
-                               metrics=self.kept_records, on_warning=self.warn)
-
-    def warn(self, w: dict) -> None:
-        """Prints and records one live early warning (called from the monitor's thread)."""
-        from grokjax.analysis.monitor import PERSISTENCE  # noqa: PLC0415
-
-        tqdm.write(f"WARNING: {self.dir.name}: step {w['step']}: {w['layer']} {w['signal']} "
-                   f"(value {w['value']:.4g}) at {PERSISTENCE} consecutive evaluations since step {w['onset']}, "
-                   "after the best test accuracy so far", file=sys.stderr)
-        self.event(event="warning", **w)
-
-    def drain_monitor(self) -> None:
-        if self.monitor is not None:
-            self.monitor.drain()
-
-    def close(self, *, finished: bool = False) -> None:
-        if self.monitor is not None:
-            # the backfill reads params checkpoints: every save must be on disk first (a save
-            # still in flight is not listed yet, and its step would be skipped)
-            self.params.wait_until_finished()
-            self.monitor.close(finish_backfill=finished)
-            self.monitor = None
-        if self.metrics:
-            self.metrics.close()
-        for m in (self.params, self.state):
-            m.wait_until_finished()
-            m.close()
-
-
-def kept_param_steps(cfg: TrainConfig, steps: np.ndarray) -> set[int]:
-    """The evaluation steps whose params checkpoint is kept, by `cfg.keep_params`.
-
-    all: every evaluation step and 0. log: the evaluation steps nearest to a grid of
-    LOG_PARAMS_PER_DECADE points a decade, the authors' schedule, 0 and N. none: no params.
-    """
-    all_steps = set(int(s) for s in steps) | {0}
-    if cfg.keep_params == "all":
-        return all_steps
-    if cfg.keep_params == "none":
-        return set()
-    keep = {0, int(cfg.steps)} | set(int(s) for s in authors_log_steps(cfg.steps))
-    keep |= set(nearest_per_decade(sorted(all_steps), LOG_PARAMS_PER_DECADE, cfg.steps))
-    return keep & all_steps
-
-
-def _state_tree(state: TrainState, perm: np.ndarray, wall: float) -> dict:
-    return {"params": state.params, "opt_state": state.opt_state, "step": state.step, "key": state.key,
-            "batch_perm": perm, "wall": np.float64(wall)}
-
-
-def _restore(replicas: list[_Replica], templates: list[dict], group: Group) -> tuple[int, list[dict]] | None:
-    """The newest step at which every process reads a full state of every replica (None: start fresh).
-
-    After a process was killed, some replicas may hold newer states than others: those are
-    deleted (recomputed bitwise and saved again). An unreadable state is deleted where it was
-    found (ckpt.restore_latest_state), and the processes agree again on what is left.
-    """
-    while True:
-        common = group.common_steps(set.intersection(*(set(r.state.all_steps()) for r in replicas)))
-        newest = max(common, default=-1)
-        for r in replicas:
-            for s in r.state.all_steps():
-                if s > newest:
-                    r.state.delete(s)
-        if not common:
-            return None
-        step, states = newest, []
-        for r, tmpl in zip(replicas, templates):
-            got = ckpt.restore_latest_state(r.state, tmpl, steps=[step])
-            if got is None:
-                break
-            states.append(got[1])
-        if not group.any(len(states) < len(replicas)):
-            return step, states
-
-
-def _mesh_sharding(n_seeds: int):
-    """Shards the seed axis over as many devices as divide n_seeds; None for one device."""
-    devs = jax.devices()
-    k = max(d for d in range(1, len(devs) + 1) if n_seeds % d == 0)
-    if k == 1:
-        return None, None
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: PLC0415
-
-    mesh = Mesh(np.array(devs[:k]), ("seed",))
-    return NamedSharding(mesh, P("seed")), NamedSharding(mesh, P())
 
 
 def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | None = None,
@@ -253,7 +100,7 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
         replicas = []
         try:
             axis = _replica_axis(sweep, group, digest)
-            replicas = [_Replica(c, steps, process_local=group.count > 1) for c in cfgs[axis.lo:axis.hi]]
+            replicas = [Replica(c, steps, process_local=group.count > 1) for c in cfgs[axis.lo:axis.hi]]
             _train(sweep, replicas, steps=steps, authors=authors, mnist=mnist, stop=stop, axis=axis,
                    on_chunk=on_chunk)
             return [r.dir for r in replicas]
@@ -267,12 +114,12 @@ def run(cfg: TrainConfig, *, seeds: list[int] | None = None, wds: list[float] | 
                 r.close()
 
 
-def _replica_axis(sweep: Sweep, group: Group, digest: str) -> _ReplicaAxis:
+def _replica_axis(sweep: Sweep, group: Group, digest: str) -> ReplicaAxis:
     """Where the sweep's replicas live. Over several processes: the global mesh (this process's
     replicas), a note when the processes' XLA thread counts differ, and process 0's `sweep.json`."""
     cfg, cfgs = sweep.shared, list(sweep.replicas)
     if group.count == 1:
-        return _ReplicaAxis(len(cfgs), stacked=sweep.stacked, group=group)
+        return ReplicaAxis(len(cfgs), stacked=sweep.stacked, group=group)
     layout = distributed.layout(len(cfgs), group)
     threads = [json.loads(v) for v in group.gather(json.dumps(xla_cpu_threads()))]
     if len(set(threads)) > 1:
@@ -281,7 +128,7 @@ def _replica_axis(sweep: Sweep, group: Group, digest: str) -> _ReplicaAxis:
               "to keep them bitwise", file=sys.stderr)
     if group.index == 0:
         _write_manifest(cfg, cfgs, group, layout.sharded, digest, threads)
-    return _ReplicaAxis(len(cfgs), stacked=True, group=group, layout=layout)
+    return ReplicaAxis(len(cfgs), stacked=True, group=group, layout=layout)
 
 
 def _held(stop: StopRequest | None, time_limit: float):
@@ -307,74 +154,7 @@ def _write_manifest(cfg: TrainConfig, cfgs: list[TrainConfig], group, sharded, d
         raise ConfigError(f"cannot write to --out {d}: {e.strerror or e}") from None
 
 
-class _ReplicaAxis:
-    """The replicas of one compiled program, and how their arrays are laid out.
-
-    A single run has no replica axis: its arrays are its own. Several seeds or weight decays
-    are stacked on a leading axis that the chunk vmaps over, sharded over the local devices
-    (as many as divide the replicas) or, in a sweep over several processes (`layout`, a
-    `distributed.Layout`), over the global mesh. There a host copy (`fetch`) holds only this
-    process's rows, so replica `i` below is this process's i-th, the run's `lo + i`-th.
-    """
-
-    def __init__(self, n: int, *, stacked: bool, group: Group, layout: distributed.Layout | None = None):
-        self.n, self.stacked, self.layout, self.group = n, stacked or layout is not None, layout, group
-        self.lo, self.hi = (0, n) if layout is None else (layout.lo, layout.hi)
-        self.fetch = jax.device_get if layout is None else distributed.fetch_local
-
-    @property
-    def size(self) -> int | None:
-        """The replica axis' length, as the engine takes it (None: no axis)."""
-        return self.n if self.stacked else None
-
-    def mine(self, count: int) -> slice:
-        """This process's `count` replicas among the run's."""
-        return slice(self.lo, self.lo + count)
-
-    def pick(self, a, i: int):
-        """Replica i's part of one host array."""
-        return a[i] if self.stacked else a
-
-    def row(self, tree, i: int):
-        """Replica i's part of a host tree."""
-        return jax.tree.map(lambda a: self.pick(a, i), tree)
-
-    def stack(self, arrays: list[np.ndarray]) -> np.ndarray:
-        """Per-replica host arrays as the program takes them."""
-        return np.stack(arrays) if self.stacked else arrays[0]
-
-    def place(self, states: list[TrainState], perms: list[np.ndarray], data, cols, names: list[str]) -> tuple:
-        """The program's inputs on the devices, the replica axis sharded: (state, perm, data, cols).
-
-        `states` and `perms` are every replica's of the run; `names` this process's run directories.
-        """
-        if self.layout is not None:
-            sharded, replicated = self.layout.sharded, self.layout.replicated
-            state = distributed.to_global(jax.tree.map(lambda *xs: np.stack(xs), *states), sharded)
-            perm = distributed.to_global(np.stack(perms), sharded)
-            data = distributed.to_global(data, replicated)
-            if cols is not None:
-                cols = distributed.to_global(cols, sharded if cols.ndim == 3 else replicated)
-            n_dev, n_proc = sharded.mesh.devices.size, self.layout.group.count
-            print(f"sharding {self.n} replicas over {n_dev} devices in {n_proc} processes ({self.n // n_dev} "
-                  f"per device); this process writes {', '.join(names)}", file=sys.stderr)
-            return state, perm, data, cols
-        if not self.stacked:
-            return jax.tree.map(jnp.asarray, states[0]), jnp.asarray(perms[0]), data, cols
-        state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-        perm = jnp.asarray(np.stack(perms))
-        sharded, replicated = _mesh_sharding(self.n)
-        if sharded is not None:
-            state, perm = jax.device_put((state, perm), sharded)
-            data = jax.device_put(data, replicated)
-            if cols is not None:
-                cols = jax.device_put(cols, sharded if cols.ndim == 3 else replicated)
-            n_dev = sharded.mesh.devices.size
-            print(f"sharding {self.n} seeds over {n_dev} devices ({self.n // n_dev} per device)", file=sys.stderr)
-        return state, perm, data, cols
-
-
-def _resume_reason(replicas: list[_Replica], start: int) -> str:
+def _resume_reason(replicas: list[Replica], start: int) -> str:
     pause = replicas[0].last_pause()
     if pause is not None and pause.get("step") == start:
         return f"paused by {pause.get('reason', 'a stop')} at {pause.get('time', '?')}"
@@ -392,8 +172,8 @@ class _Start:
     walls: list[float]
 
 
-def _train(sweep: Sweep, replicas: list[_Replica], *, steps: np.ndarray,
-           authors: set[int], mnist: dict | None, stop: StopRequest, axis: _ReplicaAxis,
+def _train(sweep: Sweep, replicas: list[Replica], *, steps: np.ndarray,
+           authors: set[int], mnist: dict | None, stop: StopRequest, axis: ReplicaAxis,
            on_chunk: Callable[[int], None] | None = None) -> None:
     """Trains `replicas` (this process's of the sweep's) from their latest full state to the end.
 
@@ -419,14 +199,14 @@ def _train(sweep: Sweep, replicas: list[_Replica], *, steps: np.ndarray,
     _report_monitors(replicas, stop)
 
 
-def _restore_or_init(cfg: TrainConfig, cfgs: list[TrainConfig], replicas: list[_Replica], perms: list[np.ndarray],
-                     axis: _ReplicaAxis) -> _Start | None:
+def _restore_or_init(cfg: TrainConfig, cfgs: list[TrainConfig], replicas: list[Replica], perms: list[np.ndarray],
+                     axis: ReplicaAxis) -> _Start | None:
     """Step 0 with fresh states, or the newest full state every replica can read (announced, and
     recorded as a resume event). None: the run is already complete (said in one line)."""
     mine = axis.mine(len(replicas))
     states = [task_of(c).init_state(c) for c in cfgs]
-    templates = [_state_tree(s, p, 0.0) for s, p in zip(states, perms)]
-    restored = _restore(replicas, templates[mine], axis.group)
+    templates = [state_tree(s, p, 0.0) for s, p in zip(states, perms)]
+    restored = restore(replicas, templates[mine], axis.group)
     if restored is None:
         for r in replicas:
             r.event(event="start", step=0, **segment_fields())
@@ -458,7 +238,7 @@ class _Segment:
     is due, full state.
     """
 
-    def __init__(self, cfg: TrainConfig, replicas: list[_Replica], axis: _ReplicaAxis, stop: StopRequest, *,
+    def __init__(self, cfg: TrainConfig, replicas: list[Replica], axis: ReplicaAxis, stop: StopRequest, *,
                  wds: list[float] | None, states: list[TrainState], perms: list[np.ndarray], data, start: int,
                  wall: float, authors: set[int], on_chunk: Callable[[int], None] | None):
         self.cfg, self.replicas, self.axis, self.stop = cfg, replicas, axis, stop
@@ -557,7 +337,7 @@ class _Segment:
         several processes the same in all of them, so that a resume finds a common step."""
         return self.axis.group.any(_wants_full_state(self.replicas[0], e))
 
-    def _keep(self, i: int, r: _Replica, e: int, params, test_acc: float, full, wall: float) -> None:
+    def _keep(self, i: int, r: Replica, e: int, params, test_acc: float, full, wall: float) -> None:
         """Replica i's params checkpoint and monitor submission at step `e`, and its full state when due."""
         ckpt.save_params(r.params, e, self.axis.row(params, i))
         if r.monitor is not None:
@@ -565,8 +345,8 @@ class _Segment:
         if full is not None:
             self._save_state(i, r, e, full, wall)
 
-    def _save_state(self, i: int, r: _Replica, step: int, full, wall: float) -> None:
-        tree = _state_tree(self.axis.row(full, i), self.perms[i], wall)
+    def _save_state(self, i: int, r: Replica, step: int, full, wall: float) -> None:
+        tree = state_tree(self.axis.row(full, i), self.perms[i], wall)
         if not ckpt.save_state(r.state, step, tree, force=True):
             raise ckpt.CheckpointError(f"full-state save at step {step} was refused")
 
@@ -591,7 +371,7 @@ class _Segment:
         raise Paused(int(t), self.cfg.steps, self.stop.elapsed, self.stop.reason)
 
 
-def _report_monitors(replicas: list[_Replica], stop: StopRequest) -> None:
+def _report_monitors(replicas: list[Replica], stop: StopRequest) -> None:
     """Closes the monitors at the end of the run, with one line each on their cost and backlog.
     The run reached its last step, so each monitor first finishes its backfill: a finished run's
     record is complete."""
@@ -617,19 +397,19 @@ def _agreed_stop(stop: StopRequest, group: Group) -> str | None:
     return stop.reason
 
 
-def _wants_full_state(replica: _Replica, step: int) -> bool:
+def _wants_full_state(replica: Replica, step: int) -> bool:
     """One save decision for all replicas, from the first replica's state-manager policy."""
     return bool(replica.state.should_save(step))
 
 
-def _check_probe(last_loss, step: int, length: int, replica: _Replica) -> None:
+def _check_probe(last_loss, step: int, length: int, replica: Replica) -> None:
     if getattr(last_loss, "is_fully_addressable", True) is False:  # a sweep over several processes
         last_loss = distributed.local_rows(last_loss)
     if not np.all(np.isfinite(np.asarray(last_loss))):
         raise NonFiniteError(_nonfinite_message(f"within steps {step - length}..{step}", replica))
 
 
-def _nonfinite_message(where: str, r: _Replica) -> str:
+def _nonfinite_message(where: str, r: Replica) -> str:
     r.params.wait_until_finished()
     good = ckpt.list_param_steps(r.dir)
     last = good[-1] if good else None

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from grokjax import data as mnist_data
+from grokjax.modadd import data as modadd_data, step as modadd_step
+from grokjax.train import engine
 from grokjax.train.config import TrainConfig
 
 
@@ -31,42 +34,28 @@ class MnistMLP:
     name = "mnist_mlp"
 
     def load_host(self, cfg: TrainConfig, mnist: dict | None):
-        from grokjax.data import load_mnist  # noqa: PLC0415
-
-        return mnist if mnist is not None else load_mnist(cfg.cache_dir, cfg.idx_dir)
+        return mnist if mnist is not None else mnist_data.load_mnist(cfg.cache_dir, cfg.idx_dir)
 
     def make_data(self, cfg: TrainConfig, host):
-        from grokjax.train.engine import make_data  # noqa: PLC0415
-
-        return make_data(cfg, host)
+        return engine.make_data(cfg, host)
 
     def order(self, cfg: TrainConfig) -> np.ndarray:
-        from grokjax.train.engine import batch_perm  # noqa: PLC0415
-
-        return batch_perm(cfg)
+        return engine.batch_perm(cfg)
 
     def init_state(self, cfg: TrainConfig):
-        from grokjax.train.engine import init_state  # noqa: PLC0415
-
-        return init_state(cfg)
+        return engine.init_state(cfg)
 
     def make_chunk(self, cfg: TrainConfig, n_seeds: int | None, wds):
-        from grokjax.train.engine import make_train_chunk  # noqa: PLC0415
-
-        return make_train_chunk(cfg, n_seeds, wds=wds)
+        return engine.make_train_chunk(cfg, n_seeds, wds=wds)
 
     def columns(self, cfg: TrainConfig, orders: np.ndarray, data):
-        from grokjax.train.engine import pixel_columns  # noqa: PLC0415
-
-        return pixel_columns(cfg, orders, np.asarray(data.x_train))
+        return engine.pixel_columns(cfg, orders, np.asarray(data.x_train))
 
     def make_evaluate(self, n_seeds: int | None):
-        from grokjax.train.engine import make_evaluate  # noqa: PLC0415
-
-        return make_evaluate(n_seeds)
+        return engine.make_evaluate(n_seeds)
 
     def monitor_inputs(self, cfg: TrainConfig, host) -> dict:
-        from grokjax.analysis.progress import load_inputs  # noqa: PLC0415
+        from grokjax.analysis.progress import load_inputs  # noqa: PLC0415  (pandas, scipy: only with the monitor)
 
         return load_inputs(cfg.n_per_class, cfg.data_seed, cfg.seed, mnist=host)
 
@@ -77,29 +66,19 @@ class ModAdd:
     name = "modadd"
 
     def load_host(self, cfg: TrainConfig, mnist: dict | None):
-        from grokjax.modadd.data import make_split  # noqa: PLC0415
-
-        return make_split(cfg.modadd())
+        return modadd_data.make_split(cfg.modadd())
 
     def make_data(self, cfg: TrainConfig, host):
-        from grokjax.modadd.data import to_device  # noqa: PLC0415
-
-        return to_device(host)
+        return modadd_data.to_device(host)
 
     def order(self, cfg: TrainConfig) -> np.ndarray:
-        from grokjax.modadd.data import split_indices  # noqa: PLC0415
-
-        return split_indices(cfg.p, cfg.frac_train, cfg.split_seed)[0].astype(np.int64)
+        return modadd_data.split_indices(cfg.p, cfg.frac_train, cfg.split_seed)[0].astype(np.int64)
 
     def init_state(self, cfg: TrainConfig):
-        from grokjax.modadd.step import init_state  # noqa: PLC0415
-
-        return init_state(cfg.modadd())
+        return modadd_step.init_state(cfg.modadd())
 
     def make_chunk(self, cfg: TrainConfig, n_seeds: int | None, wds):
-        from grokjax.modadd.step import make_train_chunk  # noqa: PLC0415
-
-        chunk = make_train_chunk(cfg.modadd(), cfg.forward, n_seeds, wds=wds)
+        chunk = modadd_step.make_train_chunk(cfg.modadd(), cfg.forward, n_seeds, wds=wds)
 
         def run(state, order, data, length: int, cols=None):  # noqa: ARG001  (full batch: no order, no columns)
             return chunk(state, data, length)
@@ -110,12 +89,10 @@ class ModAdd:
         return None
 
     def make_evaluate(self, n_seeds: int | None):
-        from grokjax.modadd.step import make_evaluate  # noqa: PLC0415
-
-        return make_evaluate(n_seeds)
+        return modadd_step.make_evaluate(n_seeds)
 
     def monitor_inputs(self, cfg: TrainConfig, host) -> dict:  # noqa: ARG002
-        from grokjax.analysis.modadd import load_inputs  # noqa: PLC0415
+        from grokjax.analysis.modadd import load_inputs  # noqa: PLC0415  (pandas, scipy: only with the monitor)
 
         return load_inputs(cfg.p, cfg.frac_train, cfg.split_seed)
 
