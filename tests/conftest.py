@@ -48,22 +48,66 @@ def torch_one_thread():
 
 
 @pytest.fixture(scope="session")
-def small_run(tmp_path_factory, mnist):
-    """One finished run of helpers.SMALL (defaults otherwise), shared read-only by the modules that compare with it."""
-    from helpers import SMALL
+def small_run(tmp_path_factory, request):
+    """One finished run of helpers.SMALL (defaults otherwise), shared read-only by the modules that compare with it
+    (trained once per session, also under pytest-xdist: helpers.build_once)."""
+    from helpers import SMALL, build_once
 
     from grokjax.train.config import TrainConfig
     from grokjax.train.runner import run
 
-    return run(TrainConfig(out=str(tmp_path_factory.mktemp("small") / "r"), **SMALL), mnist=mnist)[0]
+    def build(d):
+        run(TrainConfig(out=str(d / "r"), **SMALL), mnist=request.getfixturevalue("mnist"))
+
+    return build_once(tmp_path_factory, "small", build) / "r"
 
 
 @pytest.fixture(scope="session")
-def run300(tmp_path_factory, mnist):
-    """One finished run of helpers.RUN300 (monitor on), shared read-only by test_monitor and test_ablation."""
-    from helpers import RUN300
+def run300(tmp_path_factory, request):
+    """One finished run of helpers.RUN300 (monitor on), shared read-only by test_monitor, test_ablation and
+    test_analysis (trained once per session, also under pytest-xdist: helpers.build_once)."""
+    from helpers import RUN300, build_once
 
     from grokjax.train.config import TrainConfig
     from grokjax.train.runner import run
 
-    return run(TrainConfig(out=str(tmp_path_factory.mktemp("run300") / "wd0"), **RUN300), mnist=mnist)[0]
+    def build(d):
+        run(TrainConfig(out=str(d / "wd0"), **RUN300), mnist=request.getfixturevalue("mnist"))
+
+    return build_once(tmp_path_factory, "run300", build) / "wd0"
+
+
+# Under pytest-xdist (`-n 2 --dist loadgroup`, the README's command) each test is a unit of work that goes to the
+# next free worker, in collection order. These long tests (subprocesses, long runs, the torch reference of the
+# transformer) go first, longest first, so that the suite does not end waiting on one of them; a test not listed
+# keeps its place. Run alone (no xdist), the suite keeps pytest's order.
+LONG_FIRST = (
+    "test_modadd_train.py::test_parity_with_torch_reference",
+    "test_distributed.py::test_two_processes_equal_one_process",
+    "test_distributed.py::test_four_processes_of_one_device_equal_one_process",
+    "test_distributed.py::test_a_lagging_monitor_ends_cleanly",
+    "test_distributed.py::test_one_process_of_four_devices_equals_two_processes_with_one_pool_size",
+    "test_long_runs.py::test_sweep_pauses_and_resumes_identically",
+    "test_distributed.py::test_losing_a_process_stops_the_other_with_one_line_then_resumes_bitwise",
+    "test_long_runs.py::test_several_pauses_multi_seed",
+    "test_multiseed.py::test_sweep_of_weight_decays_equals_separate_runs",
+    "test_runner.py::test_cli_smoke_and_kill_9_resume",
+    "test_long_runs.py::test_cli_sigterm_pauses_with_code_75_and_resumes_identically",
+    "test_multiseed.py::test_seed_axis_sharded_over_two_cpu_devices",
+    "test_distributed.py::test_sigterm_pauses_every_replica_at_one_step_and_resumes",
+    "test_analysis.py::test_cli_on_trained_run",
+    "test_multiseed.py::test_sweep_sharded_over_two_cpu_devices",
+    "test_long_runs.py::test_pause_between_evaluations_then_resume_is_bitwise_identical",
+    "test_runner.py::test_xla_cpu_threads_are_recorded_and_a_resume_with_another_count_is_said",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return
+
+    def rank(item):
+        name = f"{item.path.name}::{item.originalname}"
+        return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order

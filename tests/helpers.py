@@ -1,10 +1,41 @@
 """Small shared helpers for the tests."""
 
+import os
+import shutil
+from pathlib import Path
+
 from grokjax.bench.init import torch_init  # noqa: F401  (PyTorch's default Linear init x 8, numpy)
 
-# The small run most run-level tests train: 120 steps, 6 evaluation points per decade, chunks of 16.
-SMALL = dict(steps=120, log_points_per_decade=6, authors_grid=False, chunk=16, progress=False, full_save_secs=0,
+try:
+    import fcntl
+except ImportError:  # not POSIX: every pytest-xdist worker builds its own copy
+    fcntl = None
+
+# The small run most run-level tests train: 120 steps, 3 evaluation points per decade (9 evaluations, each over the
+# 10,000 test images: most of the run's cost), chunks of 16.
+SMALL = dict(steps=120, log_points_per_decade=3, authors_grid=False, chunk=16, progress=False, full_save_secs=0,
              monitor=False)
 
 # A 300-step run evaluated (and checkpointed, with the monitor's records) at 10 log-spaced steps.
 RUN300 = dict(steps=300, log_points_per_decade=3, authors_grid=False, chunk=64, progress=False, full_save_secs=0)
+
+
+def build_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder `name`, filled by `build(folder)` once per test session and then only read.
+
+    Under pytest-xdist the workers share it: the first one to ask builds it while the others
+    wait, so a run that several test modules read is trained once, whichever worker runs them.
+    A build that failed is started again by the next test that asks."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER") is not None and fcntl is not None
+    base = tmp_path_factory.getbasetemp()
+    base = base.parent if worker else base  # the session's folder, above each worker's own
+    d, done = base / f"shared-{name}", base / f"shared-{name}.done"
+    with open(base / f"shared-{name}.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir()
+            build(d)
+            done.touch()
+    return d

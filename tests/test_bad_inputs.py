@@ -33,19 +33,24 @@ SPECTRA_MAIN = _spectra_main()
 
 
 @pytest.fixture(scope="session")
-def golden(tmp_path_factory, mnist):
-    """A 300-step run, analysed once (outputs, figures and cache in <run>/analysis)."""
+def golden(tmp_path_factory, request):
+    """A 300-step run, analysed once (outputs, figures and cache in <run>/analysis); trained once per
+    session, also under pytest-xdist (helpers.build_once), and only ever copied."""
+    from helpers import build_once
+
     from grokjax.train.config import TrainConfig
     from grokjax.train.runner import run
 
-    d = tmp_path_factory.mktemp("golden") / "wd0"
-    # monitor=False: these cases are about params checkpoints (with a monitor record a missing or
-    # unreadable checkpoint costs nothing: the analysis reads the record)
-    run(TrainConfig(steps=300, out=str(d), progress=False, log_points_per_decade=3, authors_grid=False, monitor=False),
-        mnist=mnist)
-    assert SPECTRA_MAIN([str(d), *FAST]) == 0
-    assert (d / "analysis" / "figures" / "fig3_traps.png").is_file()
-    return d
+    def build(folder):
+        d = folder / "wd0"
+        # monitor=False: these cases are about params checkpoints (with a monitor record a missing or
+        # unreadable checkpoint costs nothing: the analysis reads the record)
+        run(TrainConfig(steps=300, out=str(d), progress=False, log_points_per_decade=3, authors_grid=False,
+                        monitor=False), mnist=request.getfixturevalue("mnist"))
+        assert SPECTRA_MAIN([str(d), *FAST]) == 0
+        assert (d / "analysis" / "figures" / "fig3_traps.png").is_file()
+
+    return build_once(tmp_path_factory, "golden", build) / "wd0"
 
 
 @pytest.fixture

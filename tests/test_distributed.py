@@ -24,6 +24,7 @@ import pytest
 from grokjax import ckpt
 from grokjax.train.cli import build_parser
 from grokjax.analysis.preflight import check_run
+from helpers import build_once
 
 ARGS = ["--steps", "300", "--width", "64", "--log_points_per_decade", "4", "--authors_grid", "false",
         "--chunk", "16", "--full_save_secs", "0", "--progress", "false", "--monitor", "false", "--seeds", "0,1"]
@@ -97,21 +98,33 @@ def _assert_same_run(a, b):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, root):
-    """Each process's half of the grid, trained by one process over two devices."""
-    d = tmp_path_factory.mktemp("reference")
-    for wd in ("0", "0.01"):
-        r = subprocess.run([sys.executable, str(root / "experiments" / "run.py"), *ARGS, "--wds", wd,
-                            "--out", str(d)], env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-        assert r.returncode == 0, r.stderr[-2000:]
-    return d
+    """Each process's half of the grid, trained by one process over two devices (the two halves
+    side by side; once per session, also under pytest-xdist: helpers.build_once)."""
+    def build(d):
+        procs = []
+        try:
+            for wd in ("0", "0.01"):
+                cmd = [sys.executable, str(root / "experiments" / "run.py"), *ARGS, "--wds", wd, "--out", str(d)]
+                procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
+                                              stderr=open(d / f"wd{wd}.log", "w")))  # noqa: SIM115
+            for p in procs:
+                p.wait(timeout=TIMEOUT)
+        finally:
+            _kill(procs)
+        for wd, p in zip(("0", "0.01"), procs):
+            assert p.returncode == 0, (d / f"wd{wd}.log").read_text()[-2000:]
+
+    return build_once(tmp_path_factory, "distributed-reference", build)
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, root):
-    d = tmp_path_factory.mktemp("sweep")
-    codes, errs = _two(root, d / "out", d)
-    assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
-    return d / "out", errs
+    def build(d):
+        codes, errs = _two(root, d / "out", d)
+        assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+
+    d = build_once(tmp_path_factory, "distributed-sweep", build)
+    return d / "out", [(d / f"run{i}.log").read_text() for i in range(2)]
 
 
 def test_two_processes_equal_one_process(sweep, reference):
@@ -154,10 +167,15 @@ def test_one_process_of_four_devices_equals_two_processes_with_one_pool_size(roo
     """The 2 x 2 grid in one process over four forced devices and in two processes over two
     devices each, every process with a 4-thread XLA CPU pool: every replica bitwise the same."""
     env = _env(4, nproc=4)
-    r = subprocess.run([sys.executable, str(root / "experiments" / "run.py"), *ARGS, "--wds", WDS,
-                        "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    codes, errs = _two(root, tmp_path / "two", tmp_path, env=_env(2, nproc=4))
+    one = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *ARGS, "--wds", WDS,
+                            "--out", str(tmp_path / "one")], env=env, stdout=subprocess.DEVNULL,
+                           stderr=open(tmp_path / "one.log", "w"))  # noqa: SIM115
+    try:  # side by side with the two processes
+        codes, errs = _two(root, tmp_path / "two", tmp_path, env=_env(2, nproc=4))
+        one.wait(timeout=TIMEOUT)
+    finally:
+        _kill([one])
+    assert one.returncode == 0, (tmp_path / "one.log").read_text()[-2000:]
     assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
     assert json.loads((tmp_path / "two" / "sweep.json").read_text())["xla_cpu_threads"] == [4, 4]
     for name in RUNS:

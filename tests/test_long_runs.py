@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,9 +122,10 @@ def test_several_pauses_multi_seed(tmp_path, mnist, monkeypatch):
                 assert e["cpu"] and e["host"] and "xla_cpu_threads" in e, e
 
 
-def test_rerun_of_complete_run_says_so_and_touches_nothing(tmp_path, mnist, capsys):
-    cfg = TrainConfig(out=str(tmp_path / "r"), **SMALL)
-    d = run(cfg, mnist=mnist)[0]
+def test_rerun_of_complete_run_says_so_and_touches_nothing(tmp_path, mnist, capsys, reference):
+    d = tmp_path / "r"
+    shutil.copytree(reference, d)  # a complete run of SMALL
+    cfg = TrainConfig(out=str(d), **SMALL)
     before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
     capsys.readouterr()
     run(cfg, mnist=mnist)
@@ -131,9 +133,10 @@ def test_rerun_of_complete_run_says_so_and_touches_nothing(tmp_path, mnist, caps
     assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
 
 
-def test_corrupt_metrics_in_the_middle_is_refused_untouched(tmp_path, mnist):
-    cfg = TrainConfig(out=str(tmp_path / "r"), **SMALL)
-    d = run(cfg, mnist=mnist)[0]
+def test_corrupt_metrics_in_the_middle_is_refused_untouched(tmp_path, mnist, reference):
+    d = tmp_path / "r"
+    shutil.copytree(reference, d)  # a complete run of SMALL
+    cfg = TrainConfig(out=str(d), **SMALL)
     lines = (d / "metrics.jsonl").read_text().splitlines()
     lines[3] = lines[3][:10]
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
@@ -205,17 +208,27 @@ def test_cli_export_bad_input(root, tmp_path):
 
 def test_cli_sigterm_pauses_with_code_75_and_resumes_identically(root, tmp_path):
     ref = tmp_path / "ref"
-    r = _cli(root, *CLI_ARGS, "--out", str(ref))
-    assert r.returncode == 0, r.stderr
-    d = tmp_path / "r"
     env = {**os.environ, "GROKJAX_OFFLINE": "1"}
-    p = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *CLI_ARGS, "--out", str(d)],
-                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(ckpt.list_param_steps(d)) < 6 and p.poll() is None:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
-    err = p.communicate(timeout=240)[1]
+    # the uninterrupted reference trains side by side with the run that is signalled
+    r = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *CLI_ARGS, "--out", str(ref)],
+                         env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "ref.log", "w"))  # noqa: SIM115
+    p = None
+    try:
+        d = tmp_path / "r"
+        p = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *CLI_ARGS, "--out", str(d)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and len(ckpt.list_param_steps(d)) < 6 and p.poll() is None:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        err = p.communicate(timeout=240)[1]
+        r.wait(timeout=300)
+    finally:
+        for proc in (r, p):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert r.returncode == 0, (tmp_path / "ref.log").read_text()[-2000:]
     assert p.returncode == 75, err
     assert "paused at step" in err and "rerun the same command to continue" in err
     r = _cli(root, *CLI_ARGS, "--out", str(d))

@@ -11,8 +11,10 @@ import pytest
 from grokjax import ckpt
 from grokjax.train.config import TrainConfig
 from grokjax.train.runner import run
+from helpers import build_once
 
-SMALL = dict(steps=60, log_points_per_decade=4, authors_grid=False, chunk=16, progress=False, monitor=False)
+# 6 evaluations (0, 1, 3, 8, 22, 60): each one covers the 10,000 test images
+SMALL = dict(steps=60, log_points_per_decade=2, authors_grid=False, chunk=16, progress=False, monitor=False)
 
 
 def _assert_params_close(a, b):
@@ -25,16 +27,29 @@ def _metrics(d):
     return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_vmapped_seeds_equal_separate_runs(tmp_path, mnist):
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, mnist):
+    """single(wd, seed): the separate run of SMALL at (wd, seed), trained once for the module's tests
+    (also under pytest-xdist: helpers.build_once)."""
+    def get(wd, seed):
+        def build(d):
+            run(TrainConfig(out=str(d / "r"), wd=wd, seed=seed, **SMALL), mnist=mnist)
+
+        return build_once(tmp_path_factory, f"multiseed-wd{wd}-seed{seed}", build) / "r"
+
+    return get
+
+
+def test_vmapped_seeds_equal_separate_runs(tmp_path, mnist, single):
     dirs = run(TrainConfig(out=str(tmp_path / "multi"), **SMALL), seeds=[0, 3], mnist=mnist)
     assert [d.name for d in dirs] == ["seed0", "seed3"]
     for seed, d in zip((0, 3), dirs):
-        single = run(TrainConfig(out=str(tmp_path / f"single{seed}"), seed=seed, **SMALL), mnist=mnist)[0]
+        single_run = single(TrainConfig(out="unused").wd, seed)  # the default weight decay
         cfg = json.loads((d / "config.json").read_text())["config"]
         assert cfg["seed"] == seed and cfg["out"] == str(d)
-        assert ckpt.list_param_steps(d) == ckpt.list_param_steps(single)
-        _assert_params_close(ckpt.load_params(d, 60), ckpt.load_params(single, 60))
-        for a, b in zip(_metrics(d), _metrics(single)):
+        assert ckpt.list_param_steps(d) == ckpt.list_param_steps(single_run)
+        _assert_params_close(ckpt.load_params(d, 60), ckpt.load_params(single_run, 60))
+        for a, b in zip(_metrics(d), _metrics(single_run)):
             assert a["step"] == b["step"]
             assert a["test/acc"] == b["test/acc"]
             np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-10)
@@ -42,8 +57,26 @@ def test_vmapped_seeds_equal_separate_runs(tmp_path, mnist):
     assert not np.allclose(ckpt.load_params(dirs[0], 60)["fc1"]["kernel"], ckpt.load_params(dirs[1], 60)["fc1"]["kernel"])
 
 
+def _sharded(root, code, out):
+    """The subprocess that trains `code` over two forced CPU devices, started (it trains side by side
+    with the test's in-process reference)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "GROKJAX_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+
+
+def _finish(proc):
+    """(return code, stderr) of a `_sharded` process."""
+    try:
+        err = proc.communicate(timeout=300)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
 def test_seed_axis_sharded_over_two_cpu_devices(tmp_path, root, mnist):
-    ref = run(TrainConfig(out=str(tmp_path / "ref"), **SMALL), seeds=[1, 2], mnist=mnist)
     code = (
         "import grokjax, jax, sys\n"
         "from grokjax.train.config import TrainConfig\n"
@@ -51,26 +84,28 @@ def test_seed_axis_sharded_over_two_cpu_devices(tmp_path, root, mnist):
         "assert len(jax.devices()) == 2, jax.devices()\n"
         f"run(TrainConfig(out=sys.argv[1], **{SMALL!r}), seeds=[1, 2])\n"
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "GROKJAX_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "sharded")], capture_output=True, text=True,
-                       env=env, cwd=root, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "sharding 2 seeds over 2 devices" in r.stderr
+    proc = _sharded(root, code, tmp_path / "sharded")
+    try:
+        ref = run(TrainConfig(out=str(tmp_path / "ref"), **SMALL), seeds=[1, 2], mnist=mnist)
+    finally:
+        rc, err = _finish(proc)
+    assert rc == 0, err[-2000:]
+    assert "sharding 2 seeds over 2 devices" in err
     for seed, d in zip((1, 2), ref):
         _assert_params_close(ckpt.load_params(tmp_path / "sharded" / f"seed{seed}", 60), ckpt.load_params(d, 60))
 
 
-def test_sweep_of_weight_decays_equals_separate_runs(tmp_path, mnist):
+def test_sweep_of_weight_decays_equals_separate_runs(tmp_path, mnist, single):
     dirs = run(TrainConfig(out=str(tmp_path / "sweep"), **SMALL), seeds=[0, 3], wds=[0.0, 0.01], mnist=mnist)
     assert [d.name for d in dirs] == ["wd0_seed0", "wd0_seed3", "wd0.01_seed0", "wd0.01_seed3"]
     finals = []
     for d, (wd, seed) in zip(dirs, [(0.0, 0), (0.0, 3), (0.01, 0), (0.01, 3)]):
         cfg = json.loads((d / "config.json").read_text())["config"]
         assert (cfg["wd"], cfg["seed"], cfg["out"]) == (wd, seed, str(d))
-        single = run(TrainConfig(out=str(tmp_path / f"single_{d.name}"), wd=wd, seed=seed, **SMALL), mnist=mnist)[0]
-        assert ckpt.list_param_steps(d) == ckpt.list_param_steps(single)
-        _assert_params_close(ckpt.load_params(d, 60), ckpt.load_params(single, 60))
-        for a, b in zip(_metrics(d), _metrics(single)):
+        single_run = single(wd, seed)
+        assert ckpt.list_param_steps(d) == ckpt.list_param_steps(single_run)
+        _assert_params_close(ckpt.load_params(d, 60), ckpt.load_params(single_run, 60))
+        for a, b in zip(_metrics(d), _metrics(single_run)):
             assert a["step"] == b["step"] and a["test/acc"] == b["test/acc"]
             np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-10)
         finals.append(ckpt.load_params(d, 60)["fc1"]["kernel"])
@@ -80,7 +115,6 @@ def test_sweep_of_weight_decays_equals_separate_runs(tmp_path, mnist):
 @pytest.mark.parametrize("mode", ["batch", "subset"])  # subset: FC1 narrowed per chunk, sharded
 def test_sweep_sharded_over_two_cpu_devices(tmp_path, root, mnist, mode):
     small = {**SMALL, "skip_zero_pixels": mode}
-    ref = run(TrainConfig(out=str(tmp_path / "ref"), **small), seeds=[1], wds=[0.0, 0.01], mnist=mnist)
     code = (
         "import grokjax, jax, sys\n"
         "from grokjax.train.config import TrainConfig\n"
@@ -88,10 +122,12 @@ def test_sweep_sharded_over_two_cpu_devices(tmp_path, root, mnist, mode):
         "assert len(jax.devices()) == 2, jax.devices()\n"
         f"run(TrainConfig(out=sys.argv[1], **{small!r}), seeds=[1], wds=[0.0, 0.01])\n"
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "GROKJAX_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "sharded")], capture_output=True, text=True,
-                       env=env, cwd=root, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "sharding 2 seeds over 2 devices" in r.stderr
+    proc = _sharded(root, code, tmp_path / "sharded")
+    try:
+        ref = run(TrainConfig(out=str(tmp_path / "ref"), **small), seeds=[1], wds=[0.0, 0.01], mnist=mnist)
+    finally:
+        rc, err = _finish(proc)
+    assert rc == 0, err[-2000:]
+    assert "sharding 2 seeds over 2 devices" in err
     for d in ref:
         _assert_params_close(ckpt.load_params(tmp_path / "sharded" / d.name, 60), ckpt.load_params(d, 60))

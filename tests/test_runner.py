@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,17 +89,17 @@ def test_resume_after_crash_mid_chunk_is_bitwise_identical(tmp_path, mnist, smal
     _same_params(_final(d, 120), _final(ref, 120))
 
 
-def test_rerun_of_finished_run_changes_nothing(tmp_path, mnist):
-    cfg = TrainConfig(out=str(tmp_path / "r"), **SMALL)
-    d = run(cfg, mnist=mnist)[0]
+def test_rerun_of_finished_run_changes_nothing(tmp_path, mnist, small_run):
+    d = tmp_path / "r"
+    shutil.copytree(small_run, d)  # a finished run of SMALL
+    cfg = TrainConfig(out=str(d), **SMALL)
     before = _records(d)
     run(cfg, mnist=mnist)
     assert _records(d) == before
 
 
-def test_different_config_is_refused_unless_overwrite(tmp_path, mnist):
-    cfg = TrainConfig(out=str(tmp_path / "r"), **SMALL)
-    run(cfg, mnist=mnist)
+def test_different_config_is_refused_unless_overwrite(tmp_path, mnist, small_run):
+    shutil.copytree(small_run, tmp_path / "r")  # a finished run of SMALL
     other = TrainConfig(out=str(tmp_path / "r"), **{**SMALL, "wd": 0.01})
     with pytest.raises(ConfigError, match="different config"):
         run(other, mnist=mnist)
@@ -147,17 +148,27 @@ def test_cli_smoke_and_kill_9_resume(root, tmp_path):
     args = ["--steps", "400", "--log_points_per_decade", "12", "--authors_grid", "false", "--chunk", "8",
             "--full_save_secs", "0", "--progress", "false", "--monitor", "false"]
     ref = tmp_path / "ref"
-    r = _cli(root, *args, "--out", str(ref))
-    assert r.returncode == 0, r.stderr
-    run_dir = tmp_path / "killed"
     env = {**os.environ, "GROKJAX_OFFLINE": "1"}
-    p = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *args, "--out", str(run_dir)],
-                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(ckpt.list_param_steps(run_dir)) < 12 and p.poll() is None:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    # the uninterrupted reference trains side by side with the run that is killed
+    r = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *args, "--out", str(ref)],
+                         env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "ref.log", "w"))  # noqa: SIM115
+    p = None
+    try:
+        run_dir = tmp_path / "killed"
+        p = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *args, "--out", str(run_dir)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while time.time() < deadline and len(ckpt.list_param_steps(run_dir)) < 12 and p.poll() is None:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        r.wait(timeout=300)
+    finally:
+        for proc in (r, p):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert r.returncode == 0, (tmp_path / "ref.log").read_text()[-2000:]
     r = _cli(root, *args, "--out", str(run_dir))
     assert r.returncode == 0, r.stderr
     assert _records(run_dir) == _records(ref)
@@ -190,9 +201,10 @@ def test_overwrite_never_deletes_a_foreign_directory(tmp_path, mnist):
     assert (tmp_path / "mine.txt").read_text() == "precious"
 
 
-def test_truncated_latest_full_state_falls_back_to_previous(tmp_path, mnist):
-    cfg = TrainConfig(out=str(tmp_path / "r"), **SMALL)
-    d = run(cfg, mnist=mnist)[0]
+def test_truncated_latest_full_state_falls_back_to_previous(tmp_path, mnist, small_run):
+    d = tmp_path / "r"
+    shutil.copytree(small_run, d)  # a finished run of SMALL
+    cfg = TrainConfig(out=str(d), **SMALL)
     before = _records(d)
     final = _final(d, 120)
     states = sorted(int(p.name) for p in (d / "checkpoints" / "state").iterdir() if p.name.isdigit())

@@ -13,7 +13,7 @@ from grokjax import ckpt
 from grokjax.train import engine
 from grokjax.train.config import LEGACY_FIELDS, TrainConfig
 from grokjax.train.runner import run
-from helpers import SMALL
+from helpers import SMALL, build_once
 
 N_STEPS = 300
 
@@ -29,18 +29,25 @@ def setup(mnist):
 
 
 @pytest.fixture(scope="module")
-def torch_runs(setup, torch_one_thread):
-    """The torch reference after N_STEPS at a weight decay, computed once (shared by both column sets)."""
+def torch_runs(setup, torch_one_thread, tmp_path_factory):
+    """The torch reference after N_STEPS at a weight decay, computed once (shared by both column sets and,
+    under pytest-xdist, by every worker: helpers.build_once; float64 arrays saved and read back exactly)."""
     from grokjax.bench.torch_reference import train_reference
 
     data, perm, _ = setup
     p0 = jax.tree.map(np.asarray, engine.init_state(TrainConfig(out="unused")).params)
-    done = {}
 
     def get(wd):
-        if wd not in done:
-            done[wd] = train_reference(p0, np.asarray(data.x_train), np.asarray(data.y_train), perm, N_STEPS, wd=wd)[0]
-        return done[wd]
+        def build(d):
+            ref = train_reference(p0, np.asarray(data.x_train), np.asarray(data.y_train), perm, N_STEPS, wd=wd)[0]
+            np.savez(d / "params.npz", **{f"{layer}/{k}": v for layer, leaves in ref.items() for k, v in leaves.items()})
+
+        with np.load(build_once(tmp_path_factory, f"torch-mlp-wd{wd}", build) / "params.npz") as f:
+            ref = {}
+            for key in f.files:
+                layer, k = key.split("/")
+                ref.setdefault(layer, {})[k] = f[key]
+        return ref
 
     return get
 
