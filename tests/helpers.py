@@ -2,8 +2,12 @@
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+from grokjax import ckpt
 from grokjax.bench.init import torch_init  # noqa: F401  (PyTorch's default Linear init x 8, numpy)
 
 try:
@@ -39,3 +43,32 @@ def build_once(tmp_path_factory, name: str, build) -> Path:
             build(d)
             done.touch()
     return d
+
+
+
+def interrupt_beside_reference(root, args: list[str], run_dir: Path, ref: Path, log: Path, *, n_ckpts: int,
+                               sig: int) -> tuple[int, str]:
+    """Trains `run.py args` twice side by side: uninterrupted into `ref` (it must exit 0; its
+    stderr goes to `log`), and into `run_dir`, which gets `sig` once it holds `n_ckpts` params
+    checkpoints. Returns the interrupted run's exit code and stderr."""
+    env = {**os.environ, "GROKJAX_OFFLINE": "1"}
+    cmd = [sys.executable, str(root / "experiments" / "run.py"), *args]
+    r = subprocess.Popen([*cmd, "--out", str(ref)], env=env, stdout=subprocess.DEVNULL,
+                         stderr=open(log, "w"))  # noqa: SIM115
+    p = None
+    try:
+        p = subprocess.Popen([*cmd, "--out", str(run_dir)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and len(ckpt.list_param_steps(run_dir)) < n_ckpts and p.poll() is None:
+            time.sleep(0.05)
+        p.send_signal(sig)
+        err = p.communicate(timeout=240)[1]
+        r.wait(timeout=300)
+    finally:
+        for proc in (r, p):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert r.returncode == 0, log.read_text()[-2000:]
+    return p.returncode, err

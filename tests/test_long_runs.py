@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from grokjax.train import stops
 from grokjax.train.config import ConfigError, TrainConfig, parse_duration
 from grokjax.train.export import export_run
 from grokjax.train.runner import Paused, run
-from helpers import SMALL
+from helpers import SMALL, interrupt_beside_reference
 
 
 def _records(d):
@@ -207,29 +206,11 @@ def test_cli_export_bad_input(root, tmp_path):
 
 
 def test_cli_sigterm_pauses_with_code_75_and_resumes_identically(root, tmp_path):
-    ref = tmp_path / "ref"
-    env = {**os.environ, "GROKJAX_OFFLINE": "1"}
+    ref, d = tmp_path / "ref", tmp_path / "r"
     # the uninterrupted reference trains side by side with the run that is signalled
-    r = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *CLI_ARGS, "--out", str(ref)],
-                         env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "ref.log", "w"))  # noqa: SIM115
-    p = None
-    try:
-        d = tmp_path / "r"
-        p = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *CLI_ARGS, "--out", str(d)],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 240
-        while time.time() < deadline and len(ckpt.list_param_steps(d)) < 6 and p.poll() is None:
-            time.sleep(0.05)
-        p.send_signal(signal.SIGTERM)
-        err = p.communicate(timeout=240)[1]
-        r.wait(timeout=300)
-    finally:
-        for proc in (r, p):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert r.returncode == 0, (tmp_path / "ref.log").read_text()[-2000:]
-    assert p.returncode == 75, err
+    code, err = interrupt_beside_reference(root, CLI_ARGS, d, ref, tmp_path / "ref.log", n_ckpts=6,
+                                           sig=signal.SIGTERM)
+    assert code == 75, err
     assert "paused at step" in err and "rerun the same command to continue" in err
     r = _cli(root, *CLI_ARGS, "--out", str(d))
     assert r.returncode == 0, r.stderr

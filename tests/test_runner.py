@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from grokjax.train.config import ConfigError, TrainConfig
 from grokjax.train.progress import Progress, Throughput, eta_text, progress_line
 from grokjax.train.runner import NonFiniteError, run
 from grokjax.train.schedule import chunk_lengths, eval_steps
-from helpers import SMALL
+from helpers import SMALL, interrupt_beside_reference
 
 
 def _records(d):
@@ -147,28 +146,11 @@ def test_cli_smoke_and_kill_9_resume(root, tmp_path):
     """A real CLI run killed with SIGKILL at a random moment resumes to the same result."""
     args = ["--steps", "400", "--log_points_per_decade", "12", "--authors_grid", "false", "--chunk", "8",
             "--full_save_secs", "0", "--progress", "false", "--monitor", "false"]
-    ref = tmp_path / "ref"
-    env = {**os.environ, "GROKJAX_OFFLINE": "1"}
+    ref, run_dir = tmp_path / "ref", tmp_path / "killed"
     # the uninterrupted reference trains side by side with the run that is killed
-    r = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *args, "--out", str(ref)],
-                         env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "ref.log", "w"))  # noqa: SIM115
-    p = None
-    try:
-        run_dir = tmp_path / "killed"
-        p = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *args, "--out", str(run_dir)],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 240
-        while time.time() < deadline and len(ckpt.list_param_steps(run_dir)) < 12 and p.poll() is None:
-            time.sleep(0.05)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        r.wait(timeout=300)
-    finally:
-        for proc in (r, p):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert r.returncode == 0, (tmp_path / "ref.log").read_text()[-2000:]
+    code, _ = interrupt_beside_reference(root, args, run_dir, ref, tmp_path / "ref.log", n_ckpts=12,
+                                         sig=signal.SIGKILL)
+    assert code == -signal.SIGKILL
     r = _cli(root, *args, "--out", str(run_dir))
     assert r.returncode == 0, r.stderr
     assert _records(run_dir) == _records(ref)

@@ -79,6 +79,16 @@ def _summary(long: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return vals.groupby(keys, sort=False)["value"].agg(mean="mean", std="std", n="count").reset_index()
 
 
+def _phase_cells(rows: pd.DataFrame, metric: str, fmt) -> list[str]:
+    """One table cell per phase from summary rows (mean, std, n), '–' where a phase has none."""
+    cells = []
+    for phase in PHASES:
+        r = rows[rows["phase"] == phase]
+        cells.append("–" if r.empty else fmt(float(r["mean"].iloc[0]), float(r["std"].iloc[0]),
+                                             int(r["n"].iloc[0]), metric))
+    return cells
+
+
 def matrices_table(long: pd.DataFrame, collapsed=None) -> tuple[pd.DataFrame, str]:
     """The 8-matrix record: per (wd, steps, engine), one line per matrix and metric, one column per phase."""
     sub = long[long["matrix"] != "-"]
@@ -92,11 +102,7 @@ def matrices_table(long: pd.DataFrame, collapsed=None) -> tuple[pd.DataFrame, st
                 rows = grp[(grp["matrix"] == m) & (grp["metric"] == metric)]
                 if rows.empty:
                     continue
-                cells = []
-                for phase in PHASES:
-                    r = rows[rows["phase"] == phase]
-                    cells.append("–" if r.empty else format_cell(float(r["mean"].iloc[0]), float(r["std"].iloc[0]),
-                                                                 int(r["n"].iloc[0]), metric))
+                cells = _phase_cells(rows, metric, format_cell)
                 lines.append(f"| {wd:g} | {int(n_steps):,} | {engine} | {m} {label} | " + " | ".join(cells)
                              + f" | {int(rows['n'].max())} |")
     return summary, "\n".join(lines) + "\n"
@@ -116,11 +122,7 @@ def appendix_h_table(long: pd.DataFrame, collapsed=None) -> tuple[pd.DataFrame, 
             sub = grp[grp["metric"] == metric]
             if sub.empty:
                 continue
-            cells = []
-            for phase in PHASES:
-                r = sub[sub["phase"] == phase]
-                cells.append("–" if r.empty else _cell(float(r["mean"].iloc[0]), float(r["std"].iloc[0]),
-                                                       int(r["n"].iloc[0]), metric))
+            cells = _phase_cells(sub, metric, _cell)
             paper = ", ".join(f"{v} ({p})" for (m, p), v in PAPER.items() if m == metric) or "–"
             lines.append(f"| {wd:g} | {int(n_steps):,} | {engine} | {label} | " + " | ".join(cells)
                          + f" | {paper} | {int(sub['n'].max())} |")
