@@ -147,10 +147,25 @@ def seeds_checks() -> list[tuple[str, str]]:
         listed = pauses[0] if len(pauses) == 1 else f"{', '.join(pauses[:-1])} and {pauses[-1]}"
         out.append(("segment pauses", f"the segments paused at {listed}"))
     ev = [json.loads(x) for x in (camp / "wd0.01_seed0" / "events.jsonl").read_text().splitlines() if x.strip()]
-    w = [e for e in ev if e.get("event") == "warning" and e.get("layer") == "fc2" and e.get("signal") == "alpha<2"]
-    if w:
-        out.append(("WD 0.01 FC2 alpha warning", f"FC2 alpha < 2 from {w[0]['onset']:,} ({w[0]['value']:.2f} at "
-                                                  f"{w[0]['step']:,})"))
+    for layer in ("fc2", "fc1"):
+        w = [e for e in ev if e.get("event") == "warning" and e.get("layer") == layer and e.get("signal") == "alpha<2"]
+        if w:
+            out.append((f"WD 0.01 {layer.upper()} alpha warning",
+                        f"{layer.upper()} alpha < 2 from {w[0]['onset']:,} ({w[0]['value']:.2f} at {w[0]['step']:,})"))
+    steps = camp / "analysis" / "all_steps.csv"
+    for name in ("wd0.01_seed0", "wd0_seed1"):
+        if (camp / name / "metrics.jsonl").is_file():
+            m = _metrics(camp / name)
+            last = m.iloc[int(m["step"].to_numpy().argmax())]
+            drop = 100 * (m["test/acc"].max() - last["test/acc"])
+            out.append((f"{name} where it stands", f"{last['test/acc']:.4f} at {int(last['step']):,}, {drop:.1f} points "
+                                                   "below its peak"))
+    if steps.is_file():  # the analysis of the exported records: FC1 alpha and centred traps at seed 1's last step
+        s = pd.read_csv(steps)
+        s = s[(s["run"] == "wd0_seed1")].dropna(subset=["native/alpha_fc1"]).sort_values("step").iloc[-1]
+        out.append(("wd0_seed1 FC1 alpha at its last step", f"with FC1 alpha {s['native/alpha_fc1']:.2f} and "
+                    + ("no centred trap" if s["native/traps_centred_fc1"] + s["native/traps_centred_fc2"] == 0
+                       else "CHECK centred traps")))
     return out
 
 
