@@ -56,6 +56,27 @@ class TorchTransformer(nn.Module):
         x = x + hidden @ self.fc2_kernel + self.fc2_bias
         return x @ self.unembed
 
+    def forward_last(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (batch, n) -> the last position's logits (batch, vocab), computing only what they need.
+
+        The same function as `forward(tokens)[:, -1]`, written out for one query: the keys and
+        values of every position, the last position's query, its attention row (the causal mask
+        hides nothing from the last position), its residual, MLP and unembedding. The rounding
+        differs from `forward` in the last bits (shorter sums in other orders)."""
+        n = tokens.shape[1]
+        x = self.embed[tokens] + self.pos_embed[:n]
+        k = torch.einsum("bpd,dhk->bhpk", x, self.W_K)
+        v = torch.einsum("bpd,dhk->bhpk", x, self.W_V)
+        last = x[:, -1]
+        q = torch.einsum("bd,dhk->bhk", last, self.W_Q)
+        scores = torch.einsum("bhpk,bhk->bhp", k, q)
+        attn = torch.softmax(scores / math.sqrt(self.d_head), dim=-1)
+        z = torch.einsum("bhpk,bhp->bhk", v, attn)
+        last = last + torch.einsum("bhk,hkd->bd", z, self.W_O)
+        hidden = torch.relu(last @ self.fc1_kernel + self.fc1_bias)
+        last = last + hidden @ self.fc2_kernel + self.fc2_bias
+        return last @ self.unembed
+
     def params(self) -> dict:
         """The parameters in the JAX layout, as float64 numpy."""
         out: dict = {}
@@ -84,7 +105,8 @@ def evaluate(model: TorchTransformer, tokens: torch.Tensor, labels: torch.Tensor
 
 def train_reference(params: dict, train_tokens: np.ndarray, train_labels: np.ndarray, steps: int, *,
                     lr: float = 1e-3, wd: float = 1.0, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-8,
-                    warmup: int = 10, eval_at=(), test_tokens=None, test_labels=None, threads: int | None = None):
+                    warmup: int = 10, eval_at=(), test_tokens=None, test_labels=None, threads: int | None = None,
+                    positions: str = "all"):
     """Runs Nanda et al.'s loop from `params` for `steps` full-batch updates.
 
     Args:
@@ -93,15 +115,21 @@ def train_reference(params: dict, train_tokens: np.ndarray, train_labels: np.nda
         warmup: update t runs at lr * min(t / warmup, 1); 0 means a constant lr.
         eval_at: steps t at which to record metrics before update t (t == steps: after the loop).
         threads: torch intra-op threads (None: leave torch's setting).
+        positions: "all" computes every position, as Nanda et al.'s code (the reference); "last"
+            only what the loss reads (`TorchTransformer.forward_last`), the same function about
+            2.3 times cheaper, for long parity runs once "all" and "last" are shown to agree.
 
     Returns:
         (final params in the JAX layout, list of records {step, train/acc, train/loss[, test/...]}).
     """
     if steps < 0 or warmup < 0:
         raise ValueError(f"need steps >= 0 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if positions not in ("all", "last"):
+        raise ValueError(f"positions must be 'all' or 'last', got {positions!r}")
     if threads:
         torch.set_num_threads(threads)
     model = TorchTransformer(params)
+    logits = (lambda tokens: model(tokens)[:, -1]) if positions == "all" else model.forward_last
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd, betas=betas, eps=eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda t: min(t / warmup, 1)) if warmup else (lambda t: 1.0))
     x = torch.from_numpy(np.asarray(train_tokens, np.int64))
@@ -115,7 +143,7 @@ def train_reference(params: dict, train_tokens: np.ndarray, train_labels: np.nda
     for t in range(steps):
         if t in eval_at:
             record(t)
-        loss = cross_entropy_high_precision(model(x)[:, -1], y)
+        loss = cross_entropy_high_precision(logits(x), y)
         loss.backward()
         opt.step()
         sched.step()
