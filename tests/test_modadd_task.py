@@ -217,6 +217,11 @@ def test_monitor_and_spectra_give_the_8_matrices_and_the_appendix_h_tables(tmp_p
     assert int(alpha["n"].iloc[0]) == 8  # over the 8 matrices of the one run
     report = (out / "report.md").read_text()
     assert "The 8 matrices at the phases" in report and "App. H" in report
+    # App. H's numbers sit beside ours: alpha over the 8 matrices per phase, each matrix's traps in anti-grokking
+    alpha_row = next(line for line in report.splitlines() if "| α (8 matrices) |" in line)
+    assert "4.10 ± 0.83 (pre), 2.02 ± 0.44 (grok), 3.89 ± 0.68 (anti)" in alpha_row
+    fc2_traps = next(line for line in report.splitlines() if "| fc2 traps |" in line)
+    assert fc2_traps.split("|")[-3].strip() == "7"
     assert {p.name for p in (out / "figures").iterdir()} >= {"fig1_accuracy.png", "fig_modadd_matrices.png",
                                                             "fig_modadd_measures.png", "fig_modadd_fourier.png"}
     steps = pd.read_csv(out / "all_steps.csv")
