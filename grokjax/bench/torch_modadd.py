@@ -51,7 +51,10 @@ class TorchTransformer(nn.Module):
         masked = torch.tril(scores) - 1e10 * (1 - mask)
         attn = torch.softmax(masked / math.sqrt(self.d_head), dim=-1)
         z = torch.einsum("bhpk,bhqp->bqhk", v, attn)
-        x = x + torch.einsum("bqhk,hkd->bqd", z, self.W_O)
+        return self._mlp_unembed(x + torch.einsum("bqhk,hkd->bqd", z, self.W_O))
+
+    def _mlp_unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual after attention (..., d_model) -> logits (..., vocab): MLP, residual, unembedding."""
         hidden = torch.relu(x @ self.fc1_kernel + self.fc1_bias)
         x = x + hidden @ self.fc2_kernel + self.fc2_bias
         return x @ self.unembed
@@ -72,10 +75,7 @@ class TorchTransformer(nn.Module):
         scores = torch.einsum("bhpk,bhk->bhp", k, q)
         attn = torch.softmax(scores / math.sqrt(self.d_head), dim=-1)
         z = torch.einsum("bhpk,bhp->bhk", v, attn)
-        last = last + torch.einsum("bhk,hkd->bd", z, self.W_O)
-        hidden = torch.relu(last @ self.fc1_kernel + self.fc1_bias)
-        last = last + hidden @ self.fc2_kernel + self.fc2_bias
-        return last @ self.unembed
+        return self._mlp_unembed(last + torch.einsum("bhk,hkd->bd", z, self.W_O))
 
     def params(self) -> dict:
         """The parameters in the JAX layout, as float64 numpy."""
