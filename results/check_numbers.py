@@ -169,10 +169,61 @@ def seeds_checks() -> list[tuple[str, str]]:
     return out
 
 
+def modadd_checks() -> list[tuple[str, str]]:
+    """The transformer's section: its steps, accuracies, App. H table and the fit of its last evaluation."""
+    out = []
+    run = HERE / "modadd_seed0"
+    m = _metrics(run)
+    ev = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if x.strip()]
+    pause = [e for e in ev if e.get("event") == "pause"][-1]
+    last = int(m["step"].max())
+    out.append(("modadd steps", f"paused by SIGTERM at {pause['step']:,} of its"))
+    out.append(("modadd last evaluation", f"its last evaluation is at {last:,}"))
+    out.append(("modadd train 1.0", f"train accuracy reaches 1.0 at {int(m[m['train/acc'] == 1.0]['step'].min()):,}"))
+    first = int(m[m["test/acc"] >= 0.95]["step"].min())
+    stays = bool((m[m["step"] >= first]["test/acc"] >= 0.95).all())
+    out.append(("modadd passes 0.95", f"test accuracy passes 0.95 at {first:,} and stays above it" if stays
+                else "CHECK 0.95"))
+    one = int(m[m["test/acc"] == 1.0]["step"].min())
+    out.append(("modadd 1.0", f"is 1.0 from {one:,} on" if (m[m["step"] >= one]["test/acc"] == 1.0).all() else "CHECK"))
+    out.append(("modadd evaluations", f"monitor's record ({len(m)} evaluations)"))
+    a = HERE / "modadd_seed0" / "analysis"
+    ph = pd.read_csv(a / "phases.csv").iloc[0]
+    h = pd.read_csv(a / "appendix_h.csv").set_index(["metric", "phase"])
+    cols = [("pre", int(ph["pre_ckpt"])), ("grok", int(ph["grok_ckpt"])), ("anti", int(ph["anti_ckpt"]))]
+    out.append(("modadd phase steps", f"| pre-grokking ({cols[0][1]:,}) | grokking ({cols[1][1]:,}) | last "
+                                      f"({cols[2][1]:,}) |"))
+    acc = " | ".join(f"{h.loc[('test/acc', p), 'mean']:.4f}" for p, _ in cols)
+    out.append(("modadd test accuracy row", f"| test accuracy | {acc} |"))
+    al = [h.loc[("alpha", p)] for p, _ in cols]
+    cells = [f"{r['mean']:.2f}" + ("" if int(r["n"]) == 8 else f" ({int(r['n'])} matrices)") for r in al]
+    out.append(("modadd alpha row", "| α, mean of the 8 matrices | " + " | ".join(cells) + " |"))
+    tr = " | ".join(f"{h.loc[('traps', p), 'mean']:.0f}" for p, _ in cols)
+    out.append(("modadd traps row", f"| traps per matrix | {tr} |"))
+    fo = " | ".join(f"{h.loc[('progress/fourier_peak', p), 'mean']:.4f}" for p, _ in cols)
+    out.append(("modadd Fourier row", f"| peak Fourier energy of W_E | {fo} |"))
+    out.append(("modadd Fourier at grokking", f"({h.loc[('progress/fourier_peak', 'grok'), 'mean']:.4f} against 0.218)"))
+    s = pd.read_csv(a / "all_steps.csv").sort_values("step").dropna(subset=["native/alpha_mean"])
+    below = (s["native/alpha_mean"] < 2).to_numpy()
+    i = next(k for k in range(len(below) - 2) if below[k:k + 3].all())
+    out.append(("modadd alpha below 2", f"below 2 on average from {int(s['step'].iloc[i]):,} steps, while test "
+                                        f"accuracy is still {s['test/acc'].iloc[i]:.4f}"))
+    lay = pd.read_csv(a / "all_layers.csv")
+    lay = lay[lay["step"] == cols[2][1]]
+    failed = sorted(lay[lay["alpha"].isna()]["layer"])
+    ok = lay[lay["alpha"].notna()]
+    out.append(("modadd failed fits", f"the power-law fit fails for {' and '.join(failed)}"))
+    out.append(("modadd tail sizes", f"holds {ok['num_pl_spikes'].min():.0f}-{ok['num_pl_spikes'].max():.0f} of their "
+                                     f"{ok['num_evals'].min():.0f}-{ok['num_evals'].max():.0f} eigenvalues, from an "
+                                     f"x_min of {ok['xmin'].min():.5f}-{ok['xmin'].max():.4f} up to a largest eigenvalue "
+                                     f"of {ok['lambda_max'].min():.2f}-{ok['lambda_max'].max():.2f}"))
+    return out
+
+
 def main() -> int:
     text = README.read_text()
     flat = " ".join(text.split())
-    every = checks() + seeds_checks()
+    every = checks() + seeds_checks() + modadd_checks()
     bad = [(what, want) for what, want in every if " ".join(want.split()) not in flat]
     for what, want in bad:
         print(f"results/README.md does not state {what}: expected '{want}'")

@@ -131,3 +131,12 @@ def test_extended_columns_and_per_head_rows(params):
     assert len(heads) == 16 and all(r["M"] == 32 and r["N"] == 128 for r in heads)
     with pytest.raises(ValueError, match="k_shuffles must be a non-negative integer"):
         ana.analyze_params(params, k_shuffles=-1)
+
+
+def test_fourier_figure_without_params_checkpoints_warns_and_is_left_out(tmp_path):
+    from grokjax.analysis import modadd_report  # noqa: PLC0415
+
+    path = tmp_path / "fig_modadd_fourier.png"
+    with pytest.warns(UserWarning, match="no params checkpoints, so fig_modadd_fourier.png"):
+        got = modadd_report.fig_fourier(tmp_path, {"pre": 10.0, "grok": 20.0, "anti": 30.0}, 113, path, "t")
+    assert got is None and not path.exists()

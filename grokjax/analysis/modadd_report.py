@@ -19,6 +19,7 @@ markdown, mean ± std over runs with the same weight decay and length, sample st
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -242,9 +243,12 @@ def fig_measures(d: pd.DataFrame, ph: dict, p: int, path: Path, title: str) -> P
 
 def fig_fourier(run_dir: Path, at: dict[str, float], p: int, path: Path, title: str) -> Path | None:
     """The embedding's Fourier spectrum (energy fraction per frequency k) at each phase, read from
-    the params checkpoint nearest to the phase's checkpoint; None without params checkpoints."""
+    the params checkpoint nearest to the phase's checkpoint; None, with a warning, without params
+    checkpoints (an exported record carries none: the tables' Fourier peaks come from the monitor)."""
     saved = ckpt.list_param_steps(run_dir)
     if not saved:
+        warnings.warn(f"{run_dir}: no params checkpoints, so {path.name} (the embedding's Fourier spectrum at "
+                      "the phases) is left out; the tables' Fourier peaks come from the monitor record", stacklevel=2)
         return None
     fig, axes = plt.subplots(1, len(PHASES), figsize=(12, 3.4), sharey=True)
     for ax, phase in zip(axes, PHASES):
