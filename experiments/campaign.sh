@@ -9,9 +9,11 @@
 #                                         # write results/campaign_1e7/SEGMENTS.md (every segment's CPU)
 #   experiments/campaign.sh status        # the step each run has reached
 #
-# Slot 0 (core 0) trains wd0.01_seed0, wd0_seed2, wd0.01_seed2 in turn; slot 1 (core 1) trains
-# wd0_seed1, wd0.01_seed1: the order, two at a time. A run that finishes hands its slot
-# to the next. Run directories live in $GROKJAX_RUNS (default ~/grokjax-runs/campaign_1e7); when
+# Two slots, one a core, take the runs in the order (wd0.01_seed0, wd0_seed1, wd0_seed2,
+# wd0.01_seed1, wd0.01_seed2), two at a time: a slot whose run finishes takes the first run that
+# is neither complete nor held by the other slot (a claim is a folder under $RUNS/.claims, made
+# atomically, cleared at each start), so neither core idles while a run is left. A complete run
+# answers "already complete" at once and the slot moves on. Run directories live in $GROKJAX_RUNS (default ~/grokjax-runs/campaign_1e7); when
 # one is missing there, it continues from its export in results/campaign_1e7/ (the full state
 # the export carries), so a new machine resumes where the last commit left off. Every segment
 # records its CPU and XLA thread count in the run's events.jsonl (start and resume events).
@@ -22,19 +24,18 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 RUNS=${GROKJAX_RUNS:-$HOME/grokjax-runs/campaign_1e7}
 EXPORTS=results/campaign_1e7
-SLOT0="0.01:0 0:2 0.01:2"
-SLOT1="0:1 0.01:1"
 ALL="0.01:0 0:1 0:2 0.01:1 0.01:2"
 
 name() { echo "wd${1%%:*}_seed${1##*:}"; }
 
-slot() {  # slot CORE UNTIL_EPOCH RUNS...
-  local core=$1 until=$2; shift 2
-  for r in "$@"; do
+slot() {  # slot CORE UNTIL_EPOCH: train the unclaimed runs, in order, until one pauses
+  local core=$1 until=$2
+  for r in $ALL; do
     local n; n=$(name "$r")
+    mkdir "$RUNS/.claims/$n" 2>/dev/null || continue   # the other slot holds it
     if [ ! -d "$RUNS/$n" ] && [ -d "$EXPORTS/$n" ]; then
       echo "slot $core: $n continues from its export $EXPORTS/$n"
-      mkdir -p "$RUNS" && cp -r "$EXPORTS/$n" "$RUNS/$n"
+      cp -r "$EXPORTS/$n" "$RUNS/$n"
     fi
     local left=$(( until - $(date +%s) ))
     if [ "$left" -lt 120 ]; then echo "slot $core: no time left for $n"; return 0; fi
@@ -53,11 +54,10 @@ case "${1:-}" in
   run)
     [ $# -eq 2 ] || { echo "usage: $0 run UNTIL (e.g. '22:05')" >&2; exit 2; }
     until=$(date -d "$2" +%s) || { echo "bad time: $2" >&2; exit 2; }
-    mkdir -p "$RUNS"
-    # shellcheck disable=SC2086
-    slot 0 "$until" $SLOT0 &
-    # shellcheck disable=SC2086
-    slot 1 "$until" $SLOT1 &
+    rm -rf "$RUNS/.claims"; mkdir -p "$RUNS/.claims"
+    slot 0 "$until" &
+    sleep 1   # slot 0 claims first: the first run goes to core 0
+    slot 1 "$until" &
     wait ;;
   export)
     mkdir -p "$EXPORTS"
