@@ -27,7 +27,7 @@ from grokjax.analysis.preflight import check_run
 from helpers import build_once
 
 ARGS = ["--steps", "300", "--width", "64", "--log_points_per_decade", "4", "--authors_grid", "false",
-        "--chunk", "16", "--full_save_secs", "0", "--progress", "false", "--monitor", "false", "--seeds", "0,1"]
+        "--chunk", "2", "--full_save_secs", "0", "--progress", "false", "--monitor", "false", "--seeds", "0,1"]
 WDS = "0,0.01"
 RUNS = ["wd0_seed0", "wd0_seed1", "wd0.01_seed0", "wd0.01_seed1"]
 TIMEOUT = 300
@@ -117,10 +117,18 @@ def reference(tmp_path_factory, root):
     return build_once(tmp_path_factory, "distributed-reference", build)
 
 
+# A SIGTERM during the final evaluation (process 0) and while closing (process 1), placed by a
+# test-only hook: the run has nothing left to pause, so it ends as it would without them
+# (test_a_sigterm_after_the_last_step_ends_the_sweep_as_done; the sweep equals the reference).
+LATE_SIGNALS = ({**_env(), "GROKJAX_TEST_SIGNAL_AT": "final_evaluation"}, {**_env(), "GROKJAX_TEST_SIGNAL_AT": "closing"})
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, root):
+    """The 2 x 2 grid over two processes of two devices, each process signalled after its last
+    step was dispatched (LATE_SIGNALS): its run directories and the two processes' stderr."""
     def build(d):
-        codes, errs = _two(root, d / "out", d)
+        codes, errs = _two(root, d / "out", d, env=LATE_SIGNALS)
         assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
 
     d = build_once(tmp_path_factory, "distributed-sweep", build)
@@ -192,7 +200,7 @@ def test_config_mismatch_is_refused_before_training(root, tmp_path):
     assert not any((tmp_path / "out" / name).exists() for name in RUNS)
 
 
-def test_sigterm_pauses_every_replica_at_one_step_and_resumes(root, tmp_path, sweep):
+def test_sigterm_pauses_every_replica_at_one_step_and_resumes(root, tmp_path, reference):
     out = tmp_path / "out"
     procs, logs = _two(root, out, tmp_path, wait=False, tag="first")
     try:
@@ -218,7 +226,7 @@ def test_sigterm_pauses_every_replica_at_one_step_and_resumes(root, tmp_path, sw
     assert codes == [0, 0], errs
     assert all("resuming" in e and "paused by SIGTERM" in e and "unreadable" not in e for e in errs), errs
     for name in RUNS:
-        _assert_same_run(out / name, sweep[0] / name)
+        _assert_same_run(out / name, reference / name)
 
 
 def test_unreachable_coordinator_gives_up_with_one_line(root, tmp_path):
@@ -271,7 +279,7 @@ def test_a_lagging_monitor_ends_cleanly(tmp_path, root):
     collective error."""
     out = tmp_path / "out"
     lag = {**_env(), "GROKJAX_TEST_MONITOR_DELAY": "0.5", "GROKJAX_TEST_MONITOR_BACKLOG": "1"}
-    more = ["--monitor", "true", "--log_points_per_decade", "10", "--keep_params", "all"]
+    more = ["--monitor", "true", "--keep_params", "all"]
     codes, errs = _two(root, out, tmp_path, extra=(more, more), env=(_env(), lag))
     assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
     # the lag made process 1's monitor read checkpoints while closing (its backfill)
@@ -286,7 +294,7 @@ def test_a_lagging_monitor_ends_cleanly(tmp_path, root):
 
 
 @pytest.mark.parametrize("victim", [0, 1])
-def test_losing_a_process_stops_the_other_with_one_line_then_resumes_bitwise(root, tmp_path, sweep, victim):
+def test_losing_a_process_stops_the_other_with_one_line_then_resumes_bitwise(root, tmp_path, reference, victim):
     """kill -9 of one process mid-run: the other stops within about the (shortened)
     initialization timeout, with one line naming the lost process and exit 76, no abort and no
     C++ log; the rerun of the same command resumes every replica bitwise as the uninterrupted sweep."""
@@ -313,7 +321,7 @@ def test_losing_a_process_stops_the_other_with_one_line_then_resumes_bitwise(roo
     codes, errs = _two(root, out, tmp_path, tag="second")
     assert codes == [0, 0], errs
     for name in RUNS:
-        _assert_same_run(out / name, sweep[0] / name)
+        _assert_same_run(out / name, reference / name)
 
 
 def test_the_lost_process_is_named_from_the_service_error():
@@ -336,7 +344,7 @@ def _events(out):
             for name in RUNS}
 
 
-def test_a_sigterm_before_the_first_chunk_pauses_every_process_at_the_start(root, tmp_path, sweep):
+def test_a_sigterm_before_the_first_chunk_pauses_every_process_at_the_start(root, tmp_path, reference):
     """Process 1's supervising parent gets a SIGTERM just after starting its training child
     (a test-only hook), before the child has a handler: the child holds it, and both processes
     pause at step 0 with exit 75; the rerun equals the uninterrupted sweep bitwise."""
@@ -351,18 +359,15 @@ def test_a_sigterm_before_the_first_chunk_pauses_every_process_at_the_start(root
     codes, errs = _two(root, out, tmp_path, tag="second")
     assert codes == [0, 0], errs
     for name in RUNS:
-        _assert_same_run(out / name, sweep[0] / name)
+        _assert_same_run(out / name, reference / name)
 
 
-def test_a_sigterm_after_the_last_step_ends_the_sweep_as_done(root, tmp_path, sweep):
-    """A SIGTERM during the final evaluation (process 0) or while closing (process 1, before its
-    monitors' drain and its run directories' closing), placed by a test-only hook: nothing is
-    left to pause, so both processes finish their closing work and exit 0, every record complete
-    and bitwise as the uninterrupted sweep's."""
-    out = tmp_path / "out"
-    envs = ({**_env(), "GROKJAX_TEST_SIGNAL_AT": "final_evaluation"}, {**_env(), "GROKJAX_TEST_SIGNAL_AT": "closing"})
-    codes, errs = _two(root, out, tmp_path, env=envs)
-    assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+def test_a_sigterm_after_the_last_step_ends_the_sweep_as_done(sweep, reference):
+    """The sweep fixture's SIGTERMs, during the final evaluation (process 0) and while closing
+    (process 1, before its monitors' drain and its run directories' closing): nothing is left to
+    pause, so both processes finished their closing work and exited 0 (the fixture asserts it),
+    every record complete and bitwise as the uninterrupted reference."""
+    out, errs = sweep
     for e in errs:
         assert "the run has dispatched its last step: finishing it and its closing work" in e, e[-2000:]
         assert "SIGTERM came after the last step was dispatched: the run is complete" in e, e[-2000:]
@@ -370,5 +375,5 @@ def test_a_sigterm_after_the_last_step_ends_the_sweep_as_done(root, tmp_path, sw
     for events in _events(out).values():
         assert [e["event"] for e in events] == ["start"], events
     for name in RUNS:
-        _assert_same_run(out / name, sweep[0] / name)
+        _assert_same_run(out / name, reference / name)
         assert check_run(out / name).steps[-1] == 300
