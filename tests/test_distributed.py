@@ -279,7 +279,7 @@ def test_a_lagging_monitor_ends_cleanly(tmp_path, root):
     collective error."""
     out = tmp_path / "out"
     lag = {**_env(), "GROKJAX_TEST_MONITOR_DELAY": "0.5", "GROKJAX_TEST_MONITOR_BACKLOG": "1"}
-    more = ["--monitor", "true", "--keep_params", "all"]
+    more = ["--monitor", "true", "--log_points_per_decade", "10", "--keep_params", "all"]
     codes, errs = _two(root, out, tmp_path, extra=(more, more), env=(_env(), lag))
     assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
     # the lag made process 1's monitor read checkpoints while closing (its backfill)
