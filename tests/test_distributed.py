@@ -297,7 +297,7 @@ def test_a_lagging_monitor_ends_cleanly(tmp_path, root):
 def test_losing_a_process_stops_the_other_with_one_line_then_resumes_bitwise(root, tmp_path, reference, victim):
     """kill -9 of one process mid-run: the other stops within about the (shortened)
     initialization timeout, with one line naming the lost process and exit 76, no abort and no
-    C++ log; the rerun of the same command resumes every replica bitwise as the uninterrupted sweep."""
+    C++ log; the rerun of the same command resumes every replica bitwise as the uninterrupted reference."""
     out = tmp_path / "out"
     fast = ["--initialization_timeout", "20"]
     procs, logs = _two(root, out, tmp_path, extra=(fast, fast), wait=False, tag="first")
@@ -347,7 +347,7 @@ def _events(out):
 def test_a_sigterm_before_the_first_chunk_pauses_every_process_at_the_start(root, tmp_path, reference):
     """Process 1's supervising parent gets a SIGTERM just after starting its training child
     (a test-only hook), before the child has a handler: the child holds it, and both processes
-    pause at step 0 with exit 75; the rerun equals the uninterrupted sweep bitwise."""
+    pause at step 0 with exit 75; the rerun equals the uninterrupted reference bitwise."""
     out = tmp_path / "out"
     codes, errs = _two(root, out, tmp_path, env=(_env(), {**_env(), "GROKJAX_TEST_SIGNAL_AT": "launch"}))
     assert codes == [75, 75], errs[0][-2000:] + errs[1][-2000:]
