@@ -94,7 +94,7 @@ LONG_FIRST = (
     "test_runner.py::test_cli_smoke_and_kill_9_resume",
     "test_long_runs.py::test_cli_sigterm_pauses_with_code_75_and_resumes_identically",
     "test_multiseed.py::test_seed_axis_sharded_over_two_cpu_devices",
-    "test_distributed.py::test_sigterm_pauses_every_replica_at_one_step_and_resumes",
+    "test_distributed.py::test_sigterms_before_the_first_chunk_and_mid_run_pause_every_process_at_one_step",
     "test_analysis.py::test_cli_on_trained_run",
     "test_multiseed.py::test_sweep_sharded_over_two_cpu_devices",
     "test_long_runs.py::test_pause_between_evaluations_then_resume_is_bitwise_identical",

@@ -235,7 +235,8 @@ _WORKER = _RecordWorker()
 # Tests only: seconds each record waits first (a monitor made slow on purpose, to test how a
 # sweep over several processes ends when one process's monitor lags).
 _TEST_DELAY = float(os.environ.get("GROKJAX_TEST_MONITOR_DELAY", "0") or 0)
-# Tests only: a smaller MAX_BACKLOG, so that a lagging monitor surely defers steps to its backfill.
+# Tests only: a smaller MAX_BACKLOG, so that a lagging monitor surely defers steps to its backfill
+# (-1: every step whose params checkpoint is kept).
 _BACKLOG = int(os.environ.get("GROKJAX_TEST_MONITOR_BACKLOG") or MAX_BACKLOG)
 atexit.register(_WORKER.shutdown)
 
@@ -369,6 +370,8 @@ class Monitor:
             self._replay_warning()
 
     def _record(self, params: dict, step: int) -> tuple[dict, dict]:
+        if _TEST_DELAY:
+            time.sleep(_TEST_DELAY)  # tests only: a monitor that lags behind the training
         return _WORKER.record(params, step=step, run_seed=self.run_seed, key=self._key, inputs=self.inputs)
 
     def _replay_warning(self) -> None:
@@ -386,8 +389,6 @@ class Monitor:
 
     def _one(self, step: int, params: dict) -> None:
         t0 = time.perf_counter()
-        if _TEST_DELAY:
-            time.sleep(_TEST_DELAY)  # tests only: a monitor that lags behind the training
         rec, spectra = self._record(params, step)
         rundir.write_spectra(self.dir, step, spectra)
         self._file.write(json.dumps(rec) + "\n")
