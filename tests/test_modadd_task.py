@@ -129,8 +129,8 @@ def test_cli_run_completes_logs_metrics_and_refuses_the_other_task(root, tmp_pat
 def test_time_limit_pause_and_resume_are_bitwise_equal(tmp_path, reference, capsys):
     cfg = TrainConfig(out=str(tmp_path / "r"), time_limit=1.0, **TINY)
 
-    def slow(t):  # the chunk up to step 32 outlasts the time limit: the run pauses after it
-        if t == 32:
+    def slow(t):  # the chunk up to step 40 (a chunk's end, between evaluations) outlasts the time limit
+        if t == 40:
             time.sleep(1.2)
 
     with pytest.raises(Paused) as info:

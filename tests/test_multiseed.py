@@ -13,8 +13,8 @@ from grokjax.train.config import TrainConfig
 from grokjax.train.runner import run
 from helpers import build_once
 
-# Width 64 (as helpers.SMALL), 6 evaluations (0, 1, 3, 8, 22, 60): each one covers the 10,000 test images
-SMALL = dict(width=64, steps=60, log_points_per_decade=2, authors_grid=False, chunk=16, progress=False, monitor=False)
+# 6 evaluations (0, 1, 3, 8, 22, 60): each one covers the 10,000 test images
+SMALL = dict(steps=60, log_points_per_decade=2, authors_grid=False, chunk=16, progress=False, monitor=False)
 
 
 def _assert_params_close(a, b):

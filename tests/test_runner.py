@@ -73,7 +73,7 @@ def test_run_writes_config_metrics_checkpoints(tmp_path, mnist, capsys):
             "params/l2_fc3", "schedule/authors"} <= set(recs[0])
     assert ckpt.list_param_steps(d) == steps
     p = _final(d, 120)
-    assert p["fc1"]["kernel"].shape == (784, SMALL["width"]) and p["fc1"]["kernel"].dtype == np.float64
+    assert p["fc1"]["kernel"].shape == (784, 200) and p["fc1"]["kernel"].dtype == np.float64
 
 
 def test_resume_after_crash_mid_chunk_is_bitwise_identical(tmp_path, mnist, small_run):

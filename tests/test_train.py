@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grokjax.train import schedule, engine, tasks
+from grokjax.train import schedule, engine
 from grokjax.train.config import ConfigError, TrainConfig, parse_steps
 from grokjax.data import SUBSET_SHA256, select_subset, to_inputs, verify
 
@@ -193,20 +193,3 @@ def test_reshuffle_changes_batches_but_keeps_float64(setup):
     b = engine.run_steps(CFG, engine.init_state(CFG), jnp.asarray(perm), data, 10)
     assert a.params["fc1"]["kernel"].dtype == jnp.float64
     assert not np.allclose(np.asarray(a.params["fc1"]["kernel"]), np.asarray(b.params["fc1"]["kernel"]))
-
-
-def test_programs_are_built_once_per_science():
-    """Runs that differ only in fields that never enter a program share its jitted functions;
-    any science field, the replica count or a weight decay gives new ones."""
-    base = TrainConfig(out="a", steps=120, chunk=16)
-    chunk, evaluate = tasks.programs(base, None, None)
-    same = dataclasses.replace(base, out="b", chunk=64, progress=False, time_limit=60.0, monitor=False,
-                               keep_params="all", full_save_secs=0.0)
-    assert tasks.programs(same, None, None) == (chunk, evaluate)
-    for other, n, wds in ((dataclasses.replace(base, lr=1e-3), None, None),
-                          (dataclasses.replace(base, skip_zero_pixels="off"), None, None),
-                          (base, 2, None), (base, 2, [0.0, 0.01]), (base, 2, [0.0, 0.1])):
-        assert tasks.programs(other, n, wds)[0] is not chunk
-    assert tasks.programs(base, 2, [0.0, 0.01])[0] is tasks.programs(base, 2, (0, 0.01))[0]
-    modadd = TrainConfig(out="m", task="modadd")
-    assert tasks.programs(modadd, None, None)[0] is not chunk

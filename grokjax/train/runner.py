@@ -44,7 +44,7 @@ from grokjax.train.provenance import segment_fields, xla_cpu_threads
 from grokjax.train.stops import StopRequest, signal_for_test
 from grokjax.train.schedule import authors_log_steps, chunk_lengths, eval_steps
 from grokjax.train.sweep import Sweep, make_sweep
-from grokjax.train.tasks import programs, task_of
+from grokjax.train.tasks import task_of
 from grokjax.train.workdir import science_notes
 
 class NonFiniteError(RuntimeError):
@@ -244,7 +244,8 @@ class _Segment:
         self.cfg, self.replicas, self.axis, self.stop = cfg, replicas, axis, stop
         self.authors, self.on_chunk = authors, on_chunk
         task = task_of(cfg)
-        self.chunk, self.evaluate_params = programs(cfg, axis.size, wds)
+        self.chunk = task.make_chunk(cfg, axis.size, wds)
+        self.evaluate_params = task.make_evaluate(axis.size)
         cols = task.columns(cfg, axis.stack(perms), data)
         cols = None if cols is None else jnp.asarray(cols)
         self.perms = perms[axis.mine(len(replicas))]  # this process's replicas' batch orders

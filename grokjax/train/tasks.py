@@ -14,15 +14,11 @@ the monitor are the same code for both tasks. Per task it says:
 * `columns(cfg, orders, data)`: the MLP's FC1 pixel columns, None for the transformer;
 * `make_evaluate(n_seeds)`: the metrics of one evaluation (`train/loss`, `train/acc`,
   `test/loss`, `test/acc`, `params/l2`, and the MLP's `params/l2_weights`, `params/l2_fc3`);
-  the runner takes both programs from `programs`, which builds them once per process;
 * `monitor_inputs(cfg, host)`: what the in-loop monitor computes its progress measures from
   (MNIST images; the pairs and the split for the transformer's Fourier measures).
 """
 
 from __future__ import annotations
-
-import dataclasses
-import functools
 
 import numpy as np
 
@@ -107,23 +103,3 @@ TASKS = {t.name: t for t in (MnistMLP(), ModAdd())}
 def task_of(cfg: TrainConfig):
     """The `Task` that trains `cfg` (by `cfg.task`)."""
     return TASKS[cfg.task]
-
-
-def programs(cfg: TrainConfig, n_seeds: int | None, wds) -> tuple:
-    """`(chunk, evaluate)` of `task_of(cfg)` for `n_seeds` replicas and their weight decays `wds`.
-
-    Built once per process for each (science fields of `cfg`, n_seeds, wds): a later run in the
-    same process with the same science (its resume, a sweep's separate reference run) reuses
-    the same jitted functions, so JAX traces, lowers and compiles them once. The fields with
-    `science=False` (`out`, `chunk`, `time_limit`, ...) never enter a program, and the jitted
-    functions take the data, the state and the chunk length as arguments, so a reused program
-    computes exactly what a new one would."""
-    science = dataclasses.replace(cfg, **{f.name: f.default for f in dataclasses.fields(cfg)
-                                          if not f.metadata["science"]})
-    return _programs(science, n_seeds, None if wds is None else tuple(float(w) for w in wds))
-
-
-@functools.lru_cache(maxsize=8)
-def _programs(cfg: TrainConfig, n_seeds: int | None, wds: tuple[float, ...] | None) -> tuple:
-    task = task_of(cfg)
-    return task.make_chunk(cfg, n_seeds, None if wds is None else list(wds)), task.make_evaluate(n_seeds)
