@@ -160,12 +160,26 @@ def seeds_checks() -> list[tuple[str, str]]:
             drop = 100 * (m["test/acc"].max() - last["test/acc"])
             out.append((f"{name} where it stands", f"{last['test/acc']:.4f} at {int(last['step']):,}, {drop:.1f} points "
                                                    "below its peak"))
-    if steps.is_file():  # the analysis of the exported records: FC1 alpha and centred traps at seed 1's last step
+    if steps.is_file():  # the analysis of the exported records: seed 1's FC1 alpha and centred traps since its peak
+        m = _metrics(camp / "wd0_seed1")
+        peak, peak_step = m["test/acc"].max(), int(m["step"].iloc[int(m["test/acc"].to_numpy().argmax())])
         s = pd.read_csv(steps)
-        s = s[(s["run"] == "wd0_seed1")].dropna(subset=["native/alpha_fc1"]).sort_values("step").iloc[-1]
-        out.append(("wd0_seed1 FC1 alpha at its last step", f"with FC1 alpha {s['native/alpha_fc1']:.2f} and "
-                    + ("no centred trap" if s["native/traps_centred_fc1"] + s["native/traps_centred_fc2"] == 0
-                       else "CHECK centred traps")))
+        s = s[(s["run"] == "wd0_seed1") & (s["step"] >= peak_step)].dropna(subset=["native/alpha_fc1"])
+        s = s.sort_values("step")
+        last, low = s.iloc[-1], s["native/alpha_fc1"].min()
+        out.append(("wd0_seed1 FC1 alpha at its last step",
+                    f"with FC1 alpha {last['native/alpha_fc1']:.2f}" + (", never below 2 since its peak" if low >= 2
+                                                                          else " CHECK FC1 alpha below 2")))
+        centred = s[s["native/traps_centred_fc1"] + s["native/traps_centred_fc2"] > 0]
+        if len(centred):
+            first = int(centred["step"].iloc[0])
+            lost = 100 * (peak - float(m[m["step"] == first]["test/acc"].iloc[0]))
+            gone = last["native/traps_centred_fc1"] + last["native/traps_centred_fc2"] == 0
+            out.append(("wd0_seed1 centred traps",
+                        f"a centred trap at {len(centred)} evaluations from {first:,}, after {lost:.1f} points were "
+                        f"lost" + (", none at its last" if gone else "")))
+        else:
+            out.append(("wd0_seed1 centred traps", "no centred trap since its peak"))
     return out
 
 
