@@ -15,8 +15,9 @@
 # atomically, cleared at each start), so neither core idles while a run is left. A complete run
 # answers "already complete" at once and the slot moves on. Run directories live in
 # $GROKJAX_RUNS (default ~/grokjax-runs/campaign_1e7); when one is missing there, it continues
-# from its export in results/campaign_1e7/ (the full state the export carries), so a new machine resumes where the last commit left off. Every segment
-# records its CPU and XLA thread count in the run's events.jsonl (start and resume events).
+# from its export in results/campaign_1e7/ (the full state the export carries), so a new machine
+# resumes where the last commit left off. Every segment records its CPU and XLA thread count in
+# the run's events.jsonl (start and resume events).
 # Params checkpoints: --keep_params all (about 0.45 GB a run), so the trap ablation can run at
 # the peak, 10^6, the first persistent centred trap, the collapse minimum and 10^7.
 set -euo pipefail
