@@ -26,7 +26,8 @@ from grokjax.train.cli import build_parser
 from grokjax.analysis.preflight import check_run
 from helpers import build_once
 
-ARGS = ["--steps", "300", "--width", "64", "--log_points_per_decade", "4", "--authors_grid", "false",
+STEPS = 100  # 9 evaluations (1 to 100 at 4 a decade): a launch's cost is mostly its start and compilation
+ARGS = ["--steps", str(STEPS), "--width", "64", "--log_points_per_decade", "4", "--authors_grid", "false",
         "--chunk", "2", "--full_save_secs", "0", "--progress", "false", "--monitor", "false", "--seeds", "0,1"]
 WDS = "0,0.01"
 RUNS = ["wd0_seed0", "wd0_seed1", "wd0.01_seed0", "wd0.01_seed1"]
@@ -85,7 +86,7 @@ def _records(d):
             for line in (d / "metrics.jsonl").read_text().splitlines()]
 
 
-def _assert_same_run(a, b, last=300):
+def _assert_same_run(a, b, last=STEPS):
     assert _records(a) == _records(b), (a, b)
     steps = ckpt.list_param_steps(a)
     assert steps == ckpt.list_param_steps(b) and steps[-1] == last
@@ -140,7 +141,7 @@ def test_two_processes_equal_one_process(sweep, reference):
     for name in RUNS:
         _assert_same_run(out / name, reference / name)
         check = check_run(out / name)  # the analysis takes every checkpoint, whichever process wrote it
-        assert not check.errors and not check.skipped and check.steps[-1] == 300, (check.errors, check.skipped)
+        assert not check.errors and not check.skipped and check.steps[-1] == STEPS, (check.errors, check.skipped)
     manifest = json.loads((out / "sweep.json").read_text())
     assert manifest["processes"] == 2 and manifest["devices"] == 4
     threads = manifest["xla_cpu_threads"]
@@ -175,12 +176,11 @@ def test_one_process_of_four_devices_equals_two_processes_with_one_pool_size(roo
     """The 2 x 2 grid in one process over four forced devices and in two processes over two
     devices each, every process with a 4-thread XLA CPU pool: every replica bitwise the same."""
     env = _env(4, nproc=4)
-    short = ["--steps", "100"]  # the two are compared with each other, not with the reference
-    one = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *ARGS, *short, "--wds", WDS,
+    one = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *ARGS, "--wds", WDS,
                             "--out", str(tmp_path / "one")], env=env, stdout=subprocess.DEVNULL,
                            stderr=open(tmp_path / "one.log", "w"))  # noqa: SIM115
     try:  # side by side with the two processes
-        codes, errs = _two(root, tmp_path / "two", tmp_path, extra=(short, short), env=_env(2, nproc=4))
+        codes, errs = _two(root, tmp_path / "two", tmp_path, env=_env(2, nproc=4))
         one.wait(timeout=TIMEOUT)
     finally:
         _kill([one])
@@ -189,7 +189,7 @@ def test_one_process_of_four_devices_equals_two_processes_with_one_pool_size(roo
     assert json.loads((tmp_path / "two" / "sweep.json").read_text())["xla_cpu_threads"] == [4, 4]
     for name in RUNS:
         assert json.loads((tmp_path / "one" / name / "config.json").read_text())["device"]["xla_cpu_threads"] == 4
-        _assert_same_run(tmp_path / "one" / name, tmp_path / "two" / name, last=100)
+        _assert_same_run(tmp_path / "one" / name, tmp_path / "two" / name)
 
 
 def test_config_mismatch_is_refused_before_training(root, tmp_path):
@@ -272,7 +272,7 @@ def _kill_one_mid_run(root, out, tmp_path, victim, tag):
     """Starts the sweep, kill -9s process `victim` once the first replica holds a full state past
     the one it started from, and returns the survivor's return code and stderr text."""
     last = max(ckpt.list_state_steps(out / RUNS[0]), default=-1) if (out / RUNS[0]).exists() else -1
-    fast = ["--initialization_timeout", "20"]
+    fast = ["--initialization_timeout", "10"]  # the heartbeat timeout: max(10 s, this)
     procs, logs = _two(root, out, tmp_path, extra=(fast, fast), wait=False, tag=tag)
     try:
         deadline = time.time() + TIMEOUT
@@ -362,7 +362,7 @@ def test_sigterms_before_the_first_chunk_and_mid_run_pause_every_process_at_one_
     assert codes == [75, 75], errs[0][-2000:] + errs[1][-2000:]
     assert "SIGTERM received: pausing at the next chunk boundary" in errs[1], errs[1][-2000:]
     for e in errs:
-        assert "paused at step 0 of 300" in e and "Traceback" not in e, e[-2000:]
+        assert f"paused at step 0 of {STEPS}" in e and "Traceback" not in e, e[-2000:]
     for events in _events(out).values():
         assert [(e["event"], e["step"]) for e in events] == [("start", 0), ("pause", 0)], events
 
@@ -370,7 +370,7 @@ def test_sigterms_before_the_first_chunk_and_mid_run_pause_every_process_at_one_
     assert codes == [75, 75], errs
     events = _events(out)
     pauses = {events[name][-1]["step"] for name in RUNS}
-    assert len(pauses) == 1 and 0 < min(pauses) < 300, events
+    assert len(pauses) == 1 and 0 < min(pauses) < STEPS, events
     for name in RUNS:
         assert [e["event"] for e in events[name]] == ["start", "pause", "resume", "pause"], events[name]
 
@@ -395,4 +395,4 @@ def test_a_sigterm_after_the_last_step_ends_the_sweep_as_done(sweep, reference):
         assert [e["event"] for e in events] == ["start"], events
     for name in RUNS:
         _assert_same_run(out / name, reference / name)
-        assert check_run(out / name).steps[-1] == 300
+        assert check_run(out / name).steps[-1] == STEPS

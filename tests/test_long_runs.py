@@ -182,8 +182,8 @@ def _cli(root, *args, timeout=300):
                           text=True, timeout=timeout, env=env)
 
 
-# 1000 steps: the SIGTERM comes once 6 checkpoints exist (step 10), with ~990 steps (~124 chunks) still to train.
-CLI_ARGS = ["--steps", "1000", "--log_points_per_decade", "4", "--authors_grid", "false", "--chunk", "8",
+# 1000 steps: the SIGTERM comes once 6 checkpoints exist (step 10), with ~990 steps (~495 chunks) still to train.
+CLI_ARGS = ["--steps", "1000", "--log_points_per_decade", "4", "--authors_grid", "false", "--chunk", "2",
             "--full_save_secs", "0", "--progress", "false", "--monitor", "false"]
 
 

@@ -144,7 +144,7 @@ def test_cli_unwritable_out(root, tmp_path):
 
 def test_cli_smoke_and_kill_9_resume(root, tmp_path):
     """A real CLI run killed with SIGKILL at a random moment resumes to the same result."""
-    args = ["--steps", "400", "--log_points_per_decade", "12", "--authors_grid", "false", "--chunk", "8",
+    args = ["--steps", "400", "--log_points_per_decade", "12", "--authors_grid", "false", "--chunk", "2",
             "--full_save_secs", "0", "--progress", "false", "--monitor", "false"]
     ref, run_dir = tmp_path / "ref", tmp_path / "killed"
     # the uninterrupted reference trains side by side with the run that is killed
@@ -162,7 +162,7 @@ def test_xla_cpu_threads_are_recorded_and_a_resume_with_another_count_is_said(ro
     blocking, hence the float64 rounding, depends on it). Rerunning with another size says so in
     one line; with the same size it says nothing."""
     args = ["--steps", "40", "--width", "32", "--log_points_per_decade", "4", "--authors_grid", "false",
-            "--chunk", "8", "--progress", "false", "--monitor", "false", "--out", str(tmp_path / "r")]
+            "--chunk", "2", "--progress", "false", "--monitor", "false", "--out", str(tmp_path / "r")]
     r = _cli(root, *args, PJRT_NPROC="3")
     assert r.returncode == 0, r.stderr
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
