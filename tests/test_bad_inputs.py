@@ -45,8 +45,9 @@ def golden(tmp_path_factory, request):
         d = folder / "wd0"
         # monitor=False: these cases are about params checkpoints (with a monitor record a missing or
         # unreadable checkpoint costs nothing: the analysis reads the record)
+        # chunk=2: the chunk programs of helpers.SMALL, compiled once a session (the default 4096 needs eight)
         run(TrainConfig(steps=300, out=str(d), progress=False, log_points_per_decade=3, authors_grid=False,
-                        monitor=False), mnist=request.getfixturevalue("mnist"))
+                        monitor=False, chunk=2), mnist=request.getfixturevalue("mnist"))
         assert SPECTRA_MAIN([str(d), *FAST]) == 0
         assert (d / "analysis" / "figures" / "fig3_traps.png").is_file()
 

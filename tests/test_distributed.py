@@ -250,10 +250,10 @@ def test_a_lagging_monitor_ends_cleanly(tmp_path, root):
     leaving, both exit 0, every replica's monitor record is complete, and nothing reports a
     collective error."""
     out = tmp_path / "out"
-    # Process 1's monitors defer every step to the backfill (a backlog of -1) and wait 1.5 s before
-    # each record: 100 steps at 3 evaluations a decade give 8 records per replica, at least 12 s
-    # of backfill per replica, much of it left when the training ends.
-    lag = {**_env(), "GROKJAX_TEST_MONITOR_DELAY": "1.5", "GROKJAX_TEST_MONITOR_BACKLOG": "-1"}
+    # Process 1's monitors defer every step to the backfill (a backlog of -1) and wait 0.75 s before
+    # each record: 100 steps at 3 evaluations a decade give 8 records per replica, at least 6 s of
+    # backfill per replica, much of it left when the training (50 chunks of 2 steps) ends.
+    lag = {**_env(), "GROKJAX_TEST_MONITOR_DELAY": "0.75", "GROKJAX_TEST_MONITOR_BACKLOG": "-1"}
     more = ["--monitor", "true", "--steps", "100", "--log_points_per_decade", "3", "--keep_params", "all"]
     codes, errs = _two(root, out, tmp_path, extra=(more, more), env=(_env(), lag))
     assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]

@@ -144,11 +144,11 @@ def test_cli_unwritable_out(root, tmp_path):
 
 def test_cli_smoke_and_kill_9_resume(root, tmp_path):
     """A real CLI run killed with SIGKILL at a random moment resumes to the same result."""
-    args = ["--steps", "400", "--log_points_per_decade", "12", "--authors_grid", "false", "--chunk", "2",
+    args = ["--steps", "400", "--log_points_per_decade", "6", "--authors_grid", "false", "--chunk", "2",
             "--full_save_secs", "0", "--progress", "false", "--monitor", "false"]
     ref, run_dir = tmp_path / "ref", tmp_path / "killed"
     # the uninterrupted reference trains side by side with the run that is killed
-    code, _ = interrupt_beside_reference(root, args, run_dir, ref, tmp_path / "ref.log", n_ckpts=12,
+    code, _ = interrupt_beside_reference(root, args, run_dir, ref, tmp_path / "ref.log", n_ckpts=6,
                                          sig=signal.SIGKILL)
     assert code == -signal.SIGKILL
     r = _cli(root, *args, "--out", str(run_dir))

@@ -54,7 +54,7 @@ def torch_runs(setup, torch_one_thread, tmp_path_factory):
 
 def _train(setup, n, **kw):
     data, perm, _ = setup
-    cfg = TrainConfig(out="unused", chunk=64, **kw)
+    cfg = TrainConfig(out="unused", chunk=2, **kw)  # n even: one chunk program per variant (see helpers.SMALL)
     return engine.run_steps(cfg, engine.init_state(cfg), jnp.asarray(perm), data, n)
 
 
@@ -127,7 +127,7 @@ def test_subset_sweep_narrows_every_replica(setup, grad):
     """The subset set narrows FC1 for a whole chunk; vmapped with a weight decay per replica, each
     replica is its own run, and the rows outside the set only decay, bitwise as in a dense run."""
     data, perm_np, never = setup
-    cfg = TrainConfig(out="unused", chunk=16, skip_zero_pixels="subset", fc1_weight_grad=grad)
+    cfg = TrainConfig(out="unused", chunk=2, skip_zero_pixels="subset", fc1_weight_grad=grad)
     perms = np.stack([perm_np, engine.batch_perm(cfg, 1)])
     stacked = jax.tree.map(lambda *a: jnp.stack(a), engine.init_state(cfg, 0), engine.init_state(cfg, 1))
     chunk = engine.make_train_chunk(cfg, 2, wds=[0.0, 0.01])
