@@ -86,7 +86,6 @@ LONG_FIRST = (
     "test_distributed.py::test_two_processes_equal_one_process",
     "test_distributed.py::test_four_processes_of_one_device_equal_one_process",
     "test_distributed.py::test_a_lagging_monitor_ends_cleanly",
-    "test_distributed.py::test_one_process_of_four_devices_equals_two_processes_with_one_pool_size",
     "test_long_runs.py::test_sweep_pauses_and_resumes_identically",
     "test_distributed.py::test_losing_a_process_stops_the_other_with_one_line_then_resumes_bitwise",
     "test_long_runs.py::test_several_pauses_multi_seed",

@@ -1,13 +1,13 @@
 """A sweep over local processes joined by jax.distributed (forced CPU devices).
 
-Reference: each process's half of the 2 x 2 grid trained by one process over two devices. Two
-processes x 2 devices and four processes x 1 device both equal it bit for bit.
+Reference: the whole 2 x 2 grid trained by one process over four devices. Two processes x 2
+devices and four processes x 1 device both equal it bit for bit.
 
-One process over four forced devices equals two processes over two devices when every process
-has the same size of XLA's CPU thread pool (set with PJRT_NPROC). XLA sizes the pool as the
-cores, but never below the process's devices, and Eigen's GEMM blocking follows the pool's size:
-on a 2-core host one process with four devices has 4 threads where the others have 2, and its
-float64 sums differ in the last bit from the first step on (see `grokjax.train.provenance.xla_cpu_threads`).
+Every process here has a 4-thread XLA CPU pool (PJRT_NPROC=4): the equality holds when every
+process has the same size of pool. XLA sizes the pool as the cores, but never below the
+process's devices, and Eigen's GEMM blocking follows the pool's size: on a 2-core host, without
+PJRT_NPROC, one process with four devices has 4 threads where the others have 2, and its float64
+sums differ in the last bit from the first step on (see `grokjax.train.provenance.xla_cpu_threads`).
 """
 
 import json
@@ -34,7 +34,7 @@ RUNS = ["wd0_seed0", "wd0_seed1", "wd0.01_seed0", "wd0.01_seed1"]
 TIMEOUT = 300
 
 
-def _env(devices=2, nproc=None):
+def _env(devices=2, nproc=4):
     env = {**os.environ, "GROKJAX_OFFLINE": "1", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     if nproc is not None:
         env["PJRT_NPROC"] = str(nproc)
@@ -99,21 +99,13 @@ def _assert_same_run(a, b, last=STEPS):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, root):
-    """Each process's half of the grid, trained by one process over two devices (the two halves
-    side by side; once per session, also under pytest-xdist: helpers.build_once)."""
+    """The whole grid, trained by one process over four devices (once per session, also under
+    pytest-xdist: helpers.build_once)."""
     def build(d):
-        procs = []
-        try:
-            for wd in ("0", "0.01"):
-                cmd = [sys.executable, str(root / "experiments" / "run.py"), *ARGS, "--wds", wd, "--out", str(d)]
-                procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
-                                              stderr=open(d / f"wd{wd}.log", "w")))  # noqa: SIM115
-            for p in procs:
-                p.wait(timeout=TIMEOUT)
-        finally:
-            _kill(procs)
-        for wd, p in zip(("0", "0.01"), procs):
-            assert p.returncode == 0, (d / f"wd{wd}.log").read_text()[-2000:]
+        cmd = [sys.executable, str(root / "experiments" / "run.py"), *ARGS, "--wds", WDS, "--out", str(d)]
+        r = subprocess.run(cmd, env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr[-2000:]
 
     return build_once(tmp_path_factory, "distributed-reference", build)
 
@@ -137,6 +129,8 @@ def sweep(tmp_path_factory, root):
 
 
 def test_two_processes_equal_one_process(sweep, reference):
+    """The 2 x 2 grid over two processes of two devices equals it in one process over four
+    devices, every process with a 4-thread XLA CPU pool: every replica bitwise the same."""
     out, errs = sweep
     for name in RUNS:
         _assert_same_run(out / name, reference / name)
@@ -144,8 +138,9 @@ def test_two_processes_equal_one_process(sweep, reference):
         assert not check.errors and not check.skipped and check.steps[-1] == STEPS, (check.errors, check.skipped)
     manifest = json.loads((out / "sweep.json").read_text())
     assert manifest["processes"] == 2 and manifest["devices"] == 4
-    threads = manifest["xla_cpu_threads"]
-    assert len(threads) == 2 and threads[0] == threads[1] >= 2, threads
+    assert manifest["xla_cpu_threads"] == [4, 4], manifest["xla_cpu_threads"]
+    for name in RUNS:
+        assert json.loads((reference / name / "config.json").read_text())["device"]["xla_cpu_threads"] == 4
     assert [(r["dir"], r["process"]) for r in manifest["replicas"]] == list(zip(RUNS, (0, 0, 1, 1)))
     assert "this process writes wd0_seed0, wd0_seed1" in errs[0]
     assert "this process writes wd0.01_seed0, wd0.01_seed1" in errs[1]
@@ -170,26 +165,6 @@ def test_four_processes_of_one_device_equal_one_process(root, tmp_path, referenc
     for name in RUNS:
         _assert_same_run(tmp_path / "out" / name, reference / name)
     assert json.loads((tmp_path / "out" / "sweep.json").read_text())["processes"] == 4
-
-
-def test_one_process_of_four_devices_equals_two_processes_with_one_pool_size(root, tmp_path):
-    """The 2 x 2 grid in one process over four forced devices and in two processes over two
-    devices each, every process with a 4-thread XLA CPU pool: every replica bitwise the same."""
-    env = _env(4, nproc=4)
-    one = subprocess.Popen([sys.executable, str(root / "experiments" / "run.py"), *ARGS, "--wds", WDS,
-                            "--out", str(tmp_path / "one")], env=env, stdout=subprocess.DEVNULL,
-                           stderr=open(tmp_path / "one.log", "w"))  # noqa: SIM115
-    try:  # side by side with the two processes
-        codes, errs = _two(root, tmp_path / "two", tmp_path, env=_env(2, nproc=4))
-        one.wait(timeout=TIMEOUT)
-    finally:
-        _kill([one])
-    assert one.returncode == 0, (tmp_path / "one.log").read_text()[-2000:]
-    assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
-    assert json.loads((tmp_path / "two" / "sweep.json").read_text())["xla_cpu_threads"] == [4, 4]
-    for name in RUNS:
-        assert json.loads((tmp_path / "one" / name / "config.json").read_text())["device"]["xla_cpu_threads"] == 4
-        _assert_same_run(tmp_path / "one" / name, tmp_path / "two" / name)
 
 
 def test_config_mismatch_is_refused_before_training(root, tmp_path):
