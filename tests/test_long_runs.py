@@ -101,17 +101,22 @@ def test_pause_between_evaluations_then_resume_is_bitwise_identical(tmp_path, mn
     _same_params(ckpt.load_params(d, 120), ckpt.load_params(reference, 120))
 
 
-def test_several_pauses_multi_seed(tmp_path, mnist, monkeypatch):
-    ref = run(TrainConfig(out=str(tmp_path / "ref"), **SMALL), seeds=[0, 1], mnist=mnist)
-    cfg = TrainConfig(out=str(tmp_path / "r"), **SMALL)
+def test_several_pauses_of_a_sweep_resume_identically(tmp_path, mnist, monkeypatch):
+    """A 2 x 2 sweep (seeds x weight decays, keep_params=log) paused three times by SIGTERM and
+    resumed: every replica bitwise as the uninterrupted sweep, every segment's machine recorded."""
+    kw = dict(SMALL, keep_params="log")
+    ref = run(TrainConfig(out=str(tmp_path / "ref"), **kw), seeds=[0, 1], wds=[0.0, 0.01], mnist=mnist)
+    cfg = TrainConfig(out=str(tmp_path / "r"), **kw)
     for n in (3, 4, 7):
         _stop_after(monkeypatch, n, reason="SIGTERM")
         with pytest.raises(Paused):
-            run(cfg, seeds=[0, 1], mnist=mnist)
+            run(cfg, seeds=[0, 1], wds=[0.0, 0.01], mnist=mnist)
         monkeypatch.undo()
-    got = run(cfg, seeds=[0, 1], mnist=mnist)
-    for a, b in zip(got, ref):
+    got = run(cfg, seeds=[0, 1], wds=[0.0, 0.01], mnist=mnist)
+    assert [d.name for d in got] == ["wd0_seed0", "wd0_seed1", "wd0.01_seed0", "wd0.01_seed1"]
+    for a, b in zip(got, ref, strict=True):
         assert _records(a) == _records(b)
+        assert ckpt.list_param_steps(a) == ckpt.list_param_steps(b)
         _same_params(ckpt.load_params(a, 120), ckpt.load_params(b, 120))
         events = _events(a)
         assert [e["event"] for e in events] == ["start"] + ["pause", "resume"] * 3
@@ -227,24 +232,6 @@ def test_cli_time_limit_pauses_with_code_75(root, tmp_path):
     assert len(line) == 1 and "of 200000 after" in line[0] and "time limit" in line[0]
     step = int(line[0].split()[3])
     assert ckpt.list_state_steps(d)[-1] == step
-
-
-def test_sweep_pauses_and_resumes_identically(tmp_path, mnist, monkeypatch):
-    kw = dict(SMALL, keep_params="log")
-    ref = run(TrainConfig(out=str(tmp_path / "ref"), **kw), seeds=[0], wds=[0.0, 0.01], mnist=mnist)
-    cfg = TrainConfig(out=str(tmp_path / "r"), **kw)
-    for n in (3, 7):
-        _stop_after(monkeypatch, n, reason="SIGTERM")
-        with pytest.raises(Paused):
-            run(cfg, seeds=[0], wds=[0.0, 0.01], mnist=mnist)
-        monkeypatch.undo()
-    got = run(cfg, seeds=[0], wds=[0.0, 0.01], mnist=mnist)
-    assert [d.name for d in got] == ["wd0_seed0", "wd0.01_seed0"]
-    for a, b in zip(got, ref):
-        assert _records(a) == _records(b)
-        assert ckpt.list_param_steps(a) == ckpt.list_param_steps(b)
-        _same_params(ckpt.load_params(a, 120), ckpt.load_params(b, 120))
-        assert [e["event"] for e in _events(a)] == ["start"] + ["pause", "resume"] * 2
 
 
 @pytest.mark.parametrize("value, msg", [("-0.1,0", "finite numbers >= 0"), ("0,x", "comma-separated weight decays"),
