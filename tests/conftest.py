@@ -83,16 +83,15 @@ def run300(tmp_path_factory, request):
 # keeps its place. Run alone (no xdist), the suite keeps pytest's order.
 LONG_FIRST = (
     "test_modadd_train.py::test_parity_with_torch_reference",
+    "test_distributed.py::test_sigterms_and_lost_processes_interrupt_one_sweep_that_resumes_bitwise",
     "test_distributed.py::test_two_processes_equal_one_process",
     "test_distributed.py::test_four_processes_of_one_device_equal_one_process",
     "test_distributed.py::test_a_lagging_monitor_ends_cleanly",
-    "test_distributed.py::test_losing_a_process_stops_the_other_with_one_line_then_resumes_bitwise",
     "test_long_runs.py::test_several_pauses_of_a_sweep_resume_identically",
     "test_multiseed.py::test_sweep_of_weight_decays_equals_separate_runs",
     "test_runner.py::test_cli_smoke_and_kill_9_resume",
     "test_long_runs.py::test_cli_sigterm_pauses_with_code_75_and_resumes_identically",
     "test_multiseed.py::test_seed_axis_sharded_over_two_cpu_devices",
-    "test_distributed.py::test_sigterms_before_the_first_chunk_and_mid_run_pause_every_process_at_one_step",
     "test_analysis.py::test_cli_on_trained_run",
     "test_multiseed.py::test_sweep_sharded_over_two_cpu_devices",
     "test_long_runs.py::test_pause_between_evaluations_then_resume_is_bitwise_identical",

@@ -265,24 +265,6 @@ def _kill_one_mid_run(root, out, tmp_path, victim, tag):
     return other.returncode, logs[1 - victim].read_text()
 
 
-def test_losing_a_process_stops_the_other_with_one_line_then_resumes_bitwise(root, tmp_path, reference):
-    """kill -9 of process 0 mid-run, then of process 1 mid-way through the rerun: each time the
-    other stops within about the (shortened) initialization timeout, with one line naming the
-    lost process and exit 76, no abort and no C++ log; the third run of the same command
-    resumes every replica bitwise as the uninterrupted reference."""
-    out = tmp_path / "out"
-    for victim, tag in ((0, "first"), (1, "second")):
-        code, err = _kill_one_mid_run(root, out, tmp_path, victim, tag)
-        assert code == 76, err[-3000:]
-        lines = [x for x in err.splitlines() if x.startswith("run.py:")]
-        assert len(lines) == 1 and f"lost process {victim}" in lines[0], err[-3000:]
-        assert "Traceback" not in err and "Terminating process" not in err, err[-3000:]
-    codes, errs = _two(root, out, tmp_path, tag="third")
-    assert codes == [0, 0], errs
-    for name in RUNS:
-        _assert_same_run(out / name, reference / name)
-
-
 def test_the_lost_process_is_named_from_the_service_error():
     from grokjax.train.supervise import lost_process
 
@@ -324,14 +306,17 @@ def _sigterm_both_mid_run(root, out, tmp_path, tag):
     return [p.returncode for p in procs], [f.read_text() for f in logs]
 
 
-def test_sigterms_before_the_first_chunk_and_mid_run_pause_every_process_at_one_step(root, tmp_path, reference):
-    """Three launches of one sweep, each resuming the last.
+def test_sigterms_and_lost_processes_interrupt_one_sweep_that_resumes_bitwise(root, tmp_path, reference):
+    """Five launches of one sweep, each resuming the last.
 
     1. Process 1's supervising parent gets a SIGTERM just after starting its training child (a
        test-only hook), before the child has a handler: the child holds it, and both processes
        pause at step 0 with exit 75.
     2. Both processes get a SIGTERM mid-run: both pause at one common step with exit 75.
-    3. The rerun finishes, and every replica equals the uninterrupted reference bitwise."""
+    3. kill -9 of process 0 mid-run, then 4. of process 1: each time the other stops within about
+       the (shortened) heartbeat timeout, with one line naming the lost process and exit 76, no
+       abort and no C++ log.
+    5. The rerun finishes, and every replica equals the uninterrupted reference bitwise."""
     out = tmp_path / "out"
     codes, errs = _two(root, out, tmp_path, env=(_env(), {**_env(), "GROKJAX_TEST_SIGNAL_AT": "launch"}))
     assert codes == [75, 75], errs[0][-2000:] + errs[1][-2000:]
@@ -349,9 +334,18 @@ def test_sigterms_before_the_first_chunk_and_mid_run_pause_every_process_at_one_
     for name in RUNS:
         assert [e["event"] for e in events[name]] == ["start", "pause", "resume", "pause"], events[name]
 
-    codes, errs = _two(root, out, tmp_path, tag="third")
+    for victim, tag in ((0, "third"), (1, "fourth")):
+        code, err = _kill_one_mid_run(root, out, tmp_path, victim, tag)
+        assert code == 76, err[-3000:]
+        lines = [x for x in err.splitlines() if x.startswith("run.py:")]
+        assert len(lines) == 1 and f"lost process {victim}" in lines[0], err[-3000:]
+        assert "Traceback" not in err and "Terminating process" not in err, err[-3000:]
+        if victim == 0:  # the launch after the mid-run SIGTERMs resumed from their pause
+            assert "resuming" in err and "paused by SIGTERM" in err, err[-3000:]
+
+    codes, errs = _two(root, out, tmp_path, tag="fifth")
     assert codes == [0, 0], errs
-    assert all("resuming" in e and "paused by SIGTERM" in e and "unreadable" not in e for e in errs), errs
+    assert all("resuming" in e and "unreadable" not in e for e in errs), errs
     for name in RUNS:
         _assert_same_run(out / name, reference / name)
 
