@@ -166,18 +166,31 @@ def seeds_checks() -> list[tuple[str, str]]:
         s = pd.read_csv(steps)
         s = s[(s["run"] == "wd0_seed1") & (s["step"] >= peak_step)].dropna(subset=["native/alpha_fc1"])
         s = s.sort_values("step")
-        last, low = s.iloc[-1], s["native/alpha_fc1"].min()
-        out.append(("wd0_seed1 FC1 alpha at its last step",
-                    f"with FC1 alpha {last['native/alpha_fc1']:.2f}" + (", never below 2 since its peak" if low >= 2
-                                                                          else " CHECK FC1 alpha below 2")))
-        centred = s[s["native/traps_centred_fc1"] + s["native/traps_centred_fc2"] > 0]
-        if len(centred):
-            first = int(centred["step"].iloc[0])
-            lost = 100 * (peak - float(m[m["step"] == first]["test/acc"].iloc[0]))
-            gone = last["native/traps_centred_fc1"] + last["native/traps_centred_fc2"] == 0
-            out.append(("wd0_seed1 centred traps",
-                        f"a centred trap at {len(centred)} evaluations from {first:,}, after {lost:.1f} points were "
-                        f"lost" + (", none at its last" if gone else "")))
+        last = s.iloc[-1]
+
+        def lost_at(step):  # test points lost from the peak at an evaluation
+            return 100 * (peak - float(m[m["step"] == step]["test/acc"].iloc[0]))
+
+        def first_of_three(flags):  # the first step that starts 3 consecutive flagged evaluations, or None
+            f, st = flags.to_numpy(), s["step"].to_numpy()
+            return next((int(st[i]) for i in range(len(f) - 2) if f[i] and f[i + 1] and f[i + 2]), None)
+
+        below = s["native/alpha_fc1"] < 2
+        if not below.any():
+            alpha = ", never below 2 since its peak"
+        else:
+            first = int(s["step"][below].iloc[0])
+            since = "since" if below[below.idxmax():].all() else "first at"
+            alpha = f", below 2 {since} {first:,} (after {lost_at(first):.1f} points were lost)"
+        out.append(("wd0_seed1 FC1 alpha at its last step", f"with FC1 alpha {last['native/alpha_fc1']:.2f}{alpha}"))
+        trap = s["native/traps_centred_fc1"] + s["native/traps_centred_fc2"] > 0
+        if trap.any():
+            first = int(s["step"][trap].iloc[0])
+            three = first_of_three(trap)
+            text = f"a centred trap at {int(trap.sum())} evaluations from {first:,}, after {lost_at(first):.1f} points were lost"
+            if three is not None:
+                text += f", on 3 consecutive evaluations from {three:,} ({lost_at(three):.1f} points lost)"
+            out.append(("wd0_seed1 centred traps", text + (", none at its last" if not trap.iloc[-1] else "")))
         else:
             out.append(("wd0_seed1 centred traps", "no centred trap since its peak"))
     return out
