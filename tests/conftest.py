@@ -3,6 +3,8 @@
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -77,6 +79,20 @@ def run300(tmp_path_factory, request):
     return build_once(tmp_path_factory, "run300", build) / "wd0"
 
 
+@pytest.fixture(scope="session")
+def cli_reference(tmp_path_factory):
+    """The uninterrupted CLI run of helpers.CLI_RUN, which the CLI runs interrupted by SIGTERM and by kill -9 must
+    equal bitwise once resumed (trained once per session, also under pytest-xdist: helpers.build_once)."""
+    from helpers import CLI_RUN, build_once
+
+    def build(d):
+        r = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), *CLI_RUN, "--out", str(d / "ref")],
+                           env={**os.environ, "GROKJAX_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    return build_once(tmp_path_factory, "cli-reference", build) / "ref"
+
+
 # Under pytest-xdist (`-n 2 --dist loadgroup`, the README's command) each test is a unit of work that goes to the
 # next free worker, in collection order. These long tests (subprocesses, long runs, the torch reference of the
 # transformer) go first, longest first, so that the suite does not end waiting on one of them; a test not listed
@@ -91,9 +107,8 @@ LONG_FIRST = (
     "test_multiseed.py::test_sweep_of_weight_decays_equals_separate_runs",
     "test_runner.py::test_cli_smoke_and_kill_9_resume",
     "test_long_runs.py::test_cli_sigterm_pauses_with_code_75_and_resumes_identically",
-    "test_multiseed.py::test_seed_axis_sharded_over_two_cpu_devices",
+    "test_multiseed.py::test_sweeps_sharded_over_two_cpu_devices",
     "test_analysis.py::test_cli_on_trained_run",
-    "test_multiseed.py::test_sweep_sharded_over_two_cpu_devices",
     "test_long_runs.py::test_pause_between_evaluations_then_resume_is_bitwise_identical",
     "test_runner.py::test_xla_cpu_threads_are_recorded_and_a_resume_with_another_count_is_said",
 )

@@ -16,7 +16,7 @@ from grokjax.train import stops
 from grokjax.train.config import ConfigError, TrainConfig, parse_duration
 from grokjax.train.export import export_run
 from grokjax.train.runner import Paused, run
-from helpers import SMALL, interrupt_beside_reference
+from helpers import CLI_RUN, SMALL, interrupt
 
 
 def _records(d):
@@ -187,11 +187,6 @@ def _cli(root, *args, timeout=300):
                           text=True, timeout=timeout, env=env)
 
 
-# 1000 steps: the SIGTERM comes once 6 checkpoints exist (step 10), with ~990 steps (~495 chunks) still to train.
-CLI_ARGS = ["--steps", "1000", "--log_points_per_decade", "4", "--authors_grid", "false", "--chunk", "2",
-            "--full_save_secs", "0", "--progress", "false", "--monitor", "false"]
-
-
 @pytest.mark.parametrize("args, msg", [
     (["--time_limit", "soon"], "time limit must look like"),
     (["--steps", "1e30"], "steps must be at most"),
@@ -210,23 +205,21 @@ def test_cli_export_bad_input(root, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_sigterm_pauses_with_code_75_and_resumes_identically(root, tmp_path):
-    ref, d = tmp_path / "ref", tmp_path / "r"
-    # the uninterrupted reference trains side by side with the run that is signalled
-    code, err = interrupt_beside_reference(root, CLI_ARGS, d, ref, tmp_path / "ref.log", n_ckpts=6,
-                                           sig=signal.SIGTERM)
+def test_cli_sigterm_pauses_with_code_75_and_resumes_identically(root, tmp_path, cli_reference):
+    d = tmp_path / "r"
+    code, err = interrupt(root, CLI_RUN, d, n_ckpts=6, sig=signal.SIGTERM)
     assert code == 75, err
     assert "paused at step" in err and "rerun the same command to continue" in err
-    r = _cli(root, *CLI_ARGS, "--out", str(d))
+    r = _cli(root, *CLI_RUN, "--out", str(d))
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stderr and "paused by SIGTERM" in r.stderr
-    assert _records(d) == _records(ref)
-    _same_params(ckpt.load_params(d, 1000), ckpt.load_params(ref, 1000))
+    assert _records(d) == _records(cli_reference)
+    _same_params(ckpt.load_params(d, 400), ckpt.load_params(cli_reference, 400))
 
 
 def test_cli_time_limit_pauses_with_code_75(root, tmp_path):
     d = tmp_path / "r"
-    r = _cli(root, *CLI_ARGS[:1], "200000", *CLI_ARGS[2:], "--time_limit", "4s", "--out", str(d))
+    r = _cli(root, *CLI_RUN[:1], "200000", *CLI_RUN[2:], "--time_limit", "4s", "--out", str(d))
     assert r.returncode == 75, r.stderr
     line = [x for x in r.stderr.splitlines() if x.startswith("paused at step")]
     assert len(line) == 1 and "of 200000 after" in line[0] and "time limit" in line[0]
@@ -247,10 +240,10 @@ def test_cli_sigterm_before_the_first_chunk_pauses_at_the_start(root, tmp_path):
     has restored, compiled or trained anything: paused at the step it started from, exit 75."""
     d = tmp_path / "r"
     env = {**os.environ, "GROKJAX_OFFLINE": "1", "GROKJAX_TEST_SIGNAL_AT": "start"}
-    r = subprocess.run([sys.executable, str(root / "experiments" / "run.py"), *CLI_ARGS, "--out", str(d)],
+    r = subprocess.run([sys.executable, str(root / "experiments" / "run.py"), *CLI_RUN, "--out", str(d)],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 75, r.stderr
-    assert "paused at step 0 of 1000" in r.stderr and "(SIGTERM)" in r.stderr, r.stderr
+    assert "paused at step 0 of 400" in r.stderr and "(SIGTERM)" in r.stderr, r.stderr
     assert ckpt.list_state_steps(d) == [0]
     events = [json.loads(line)["event"] for line in (d / "events.jsonl").read_text().splitlines()]
     assert events == ["start", "pause"]

@@ -76,25 +76,6 @@ def _finish(proc):
     return proc.returncode, err
 
 
-def test_seed_axis_sharded_over_two_cpu_devices(tmp_path, root, mnist):
-    code = (
-        "import grokjax, jax, sys\n"
-        "from grokjax.train.config import TrainConfig\n"
-        "from grokjax.train.runner import run\n"
-        "assert len(jax.devices()) == 2, jax.devices()\n"
-        f"run(TrainConfig(out=sys.argv[1], **{SMALL!r}), seeds=[1, 2])\n"
-    )
-    proc = _sharded(root, code, tmp_path / "sharded")
-    try:
-        ref = run(TrainConfig(out=str(tmp_path / "ref"), **SMALL), seeds=[1, 2], mnist=mnist)
-    finally:
-        rc, err = _finish(proc)
-    assert rc == 0, err[-2000:]
-    assert "sharding 2 seeds over 2 devices" in err
-    for seed, d in zip((1, 2), ref):
-        _assert_params_close(ckpt.load_params(tmp_path / "sharded" / f"seed{seed}", 60), ckpt.load_params(d, 60))
-
-
 def test_sweep_of_weight_decays_equals_separate_runs(tmp_path, mnist, single):
     dirs = run(TrainConfig(out=str(tmp_path / "sweep"), **SMALL), seeds=[0, 3], wds=[0.0, 0.01], mnist=mnist)
     assert [d.name for d in dirs] == ["wd0_seed0", "wd0_seed3", "wd0.01_seed0", "wd0.01_seed3"]
@@ -112,22 +93,38 @@ def test_sweep_of_weight_decays_equals_separate_runs(tmp_path, mnist, single):
     assert not np.allclose(finals[0], finals[2])  # the weight decay really differs per replica
 
 
-@pytest.mark.parametrize("mode", ["batch", "subset"])  # subset: FC1 narrowed per chunk, sharded
-def test_sweep_sharded_over_two_cpu_devices(tmp_path, root, mnist, mode):
-    small = {**SMALL, "skip_zero_pixels": mode}
+# Three sweeps over two forced CPU devices, trained by one subprocess (its start and its shared
+# programs paid once) beside their in-process references on one device: a seed axis (the default
+# skip_zero_pixels=subset), and a weight-decay axis with per-batch FC1 columns (batch) and with FC1
+# narrowed per chunk (subset).
+SHARDED = {
+    "seeds": (dict(SMALL), dict(seeds=[1, 2])),
+    "wds-batch": ({**SMALL, "skip_zero_pixels": "batch"}, dict(seeds=[1], wds=[0.0, 0.01])),
+    "wds-subset": ({**SMALL, "skip_zero_pixels": "subset"}, dict(seeds=[1], wds=[0.0, 0.01])),
+}
+
+
+def test_sweeps_sharded_over_two_cpu_devices(tmp_path, root, mnist):
     code = (
         "import grokjax, jax, sys\n"
+        "from pathlib import Path\n"
         "from grokjax.train.config import TrainConfig\n"
         "from grokjax.train.runner import run\n"
         "assert len(jax.devices()) == 2, jax.devices()\n"
-        f"run(TrainConfig(out=sys.argv[1], **{small!r}), seeds=[1], wds=[0.0, 0.01])\n"
+        f"for name, (cfg, axes) in {SHARDED!r}.items():\n"
+        "    run(TrainConfig(out=str(Path(sys.argv[1]) / name), **cfg), **axes)\n"
+        "    print(f'done {name}', file=sys.stderr)\n"
     )
     proc = _sharded(root, code, tmp_path / "sharded")
     try:
-        ref = run(TrainConfig(out=str(tmp_path / "ref"), **small), seeds=[1], wds=[0.0, 0.01], mnist=mnist)
+        refs = {name: run(TrainConfig(out=str(tmp_path / "ref" / name), **cfg), mnist=mnist, **axes)
+                for name, (cfg, axes) in SHARDED.items()}
     finally:
         rc, err = _finish(proc)
     assert rc == 0, err[-2000:]
-    assert "sharding 2 seeds over 2 devices" in err
-    for d in ref:
-        _assert_params_close(ckpt.load_params(tmp_path / "sharded" / d.name, 60), ckpt.load_params(d, 60))
+    assert err.count("sharding 2 seeds over 2 devices") == 3, err[-2000:]
+    assert [d.name for d in refs["seeds"]] == ["seed1", "seed2"]
+    assert [d.name for d in refs["wds-batch"]] == ["wd0_seed1", "wd0.01_seed1"]
+    for name, ref in refs.items():
+        for d in ref:
+            _assert_params_close(ckpt.load_params(tmp_path / "sharded" / name / d.name, 60), ckpt.load_params(d, 60))

@@ -17,7 +17,7 @@ from grokjax.train.config import ConfigError, TrainConfig
 from grokjax.train.progress import Progress, Throughput, eta_text, progress_line
 from grokjax.train.runner import NonFiniteError, run
 from grokjax.train.schedule import chunk_lengths, eval_steps
-from helpers import SMALL, interrupt_beside_reference
+from helpers import CLI_RUN, SMALL, interrupt
 
 
 def _records(d):
@@ -142,19 +142,15 @@ def test_cli_unwritable_out(root, tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
-def test_cli_smoke_and_kill_9_resume(root, tmp_path):
+def test_cli_smoke_and_kill_9_resume(root, tmp_path, cli_reference):
     """A real CLI run killed with SIGKILL at a random moment resumes to the same result."""
-    args = ["--steps", "400", "--log_points_per_decade", "6", "--authors_grid", "false", "--chunk", "2",
-            "--full_save_secs", "0", "--progress", "false", "--monitor", "false"]
-    ref, run_dir = tmp_path / "ref", tmp_path / "killed"
-    # the uninterrupted reference trains side by side with the run that is killed
-    code, _ = interrupt_beside_reference(root, args, run_dir, ref, tmp_path / "ref.log", n_ckpts=6,
-                                         sig=signal.SIGKILL)
+    run_dir = tmp_path / "killed"
+    code, _ = interrupt(root, CLI_RUN, run_dir, n_ckpts=6, sig=signal.SIGKILL)
     assert code == -signal.SIGKILL
-    r = _cli(root, *args, "--out", str(run_dir))
+    r = _cli(root, *CLI_RUN, "--out", str(run_dir))
     assert r.returncode == 0, r.stderr
-    assert _records(run_dir) == _records(ref)
-    _same_params(_final(run_dir, 400), _final(ref, 400))
+    assert _records(run_dir) == _records(cli_reference)
+    _same_params(_final(run_dir, 400), _final(cli_reference, 400))
 
 
 def test_xla_cpu_threads_are_recorded_and_a_resume_with_another_count_is_said(root, tmp_path):
