@@ -100,7 +100,6 @@ def cli_reference(tmp_path_factory):
 LONG_FIRST = (
     "test_modadd_train.py::test_parity_with_torch_reference",
     "test_distributed.py::test_sigterms_and_lost_processes_interrupt_one_sweep_that_resumes_bitwise",
-    "test_distributed.py::test_two_processes_equal_one_process",
     "test_distributed.py::test_four_processes_of_one_device_equal_one_process",
     "test_distributed.py::test_a_lagging_monitor_ends_cleanly",
     "test_long_runs.py::test_several_pauses_of_a_sweep_resume_identically",

@@ -1,7 +1,8 @@
 """A sweep over local processes joined by jax.distributed (forced CPU devices).
 
-Reference: the whole 2 x 2 grid trained by one process over four devices. Two processes x 2
-devices and four processes x 1 device both equal it bit for bit.
+Reference: the whole 2 x 2 grid trained by one process over four devices. Four processes x 1
+device (uninterrupted, with SIGTERMs after the last step) and two processes x 2 devices (paused,
+killed and resumed five times) both equal it bit for bit.
 
 Every process here has a 4-thread XLA CPU pool (PJRT_NPROC=4): the equality holds when every
 process has the same size of pool. XLA sizes the pool as the cores, but never below the
@@ -113,58 +114,58 @@ def reference(tmp_path_factory, root):
 # A SIGTERM during the final evaluation (process 0) and while closing (process 1), placed by a
 # test-only hook: the run has nothing left to pause, so it ends as it would without them
 # (test_a_sigterm_after_the_last_step_ends_the_sweep_as_done; the sweep equals the reference).
-LATE_SIGNALS = ({**_env(), "GROKJAX_TEST_SIGNAL_AT": "final_evaluation"}, {**_env(), "GROKJAX_TEST_SIGNAL_AT": "closing"})
+LATE_SIGNALS = ({**_env(1), "GROKJAX_TEST_SIGNAL_AT": "final_evaluation"},
+                {**_env(1), "GROKJAX_TEST_SIGNAL_AT": "closing"}, _env(1), _env(1))
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, root):
-    """The 2 x 2 grid over two processes of two devices, each process signalled after its last
-    step was dispatched (LATE_SIGNALS): its run directories and the two processes' stderr."""
+    """The 2 x 2 grid over four processes of one device, processes 0 and 1 signalled after their
+    last step was dispatched (LATE_SIGNALS): its output folder and the four processes' stderr."""
     def build(d):
-        codes, errs = _two(root, d / "out", d, env=LATE_SIGNALS)
-        assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+        port = _free_port()
+        procs = []
+        try:
+            for i in range(4):
+                cmd = [sys.executable, str(root / "experiments" / "run.py"), *ARGS, "--wds", WDS, "--out",
+                       str(d / "out"), "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "4",
+                       "--process_id", str(i)]
+                procs.append(subprocess.Popen(cmd, env=LATE_SIGNALS[i], stdout=subprocess.DEVNULL,
+                                              stderr=open(d / f"p{i}.log", "w")))  # noqa: SIM115
+            for p in procs:
+                p.wait(timeout=TIMEOUT)
+        finally:
+            _kill(procs)
+        assert [p.returncode for p in procs] == [0] * 4, [(d / f"p{i}.log").read_text()[-1000:] for i in range(4)]
 
     d = build_once(tmp_path_factory, "distributed-sweep", build)
-    return d / "out", [(d / f"run{i}.log").read_text() for i in range(2)]
+    return d / "out", [(d / f"p{i}.log").read_text() for i in range(4)]
 
 
-def test_two_processes_equal_one_process(sweep, reference):
-    """The 2 x 2 grid over two processes of two devices equals it in one process over four
-    devices, every process with a 4-thread XLA CPU pool: every replica bitwise the same."""
-    out, errs = sweep
+def _assert_sweep(out, errs, reference, processes):
+    """Every replica of the sweep in `out` bitwise as the reference, readable by the analysis;
+    its manifest and the processes' stderr (`errs`, by process) name who wrote which replica."""
     for name in RUNS:
         _assert_same_run(out / name, reference / name)
         check = check_run(out / name)  # the analysis takes every checkpoint, whichever process wrote it
         assert not check.errors and not check.skipped and check.steps[-1] == STEPS, (check.errors, check.skipped)
     manifest = json.loads((out / "sweep.json").read_text())
-    assert manifest["processes"] == 2 and manifest["devices"] == 4
-    assert manifest["xla_cpu_threads"] == [4, 4], manifest["xla_cpu_threads"]
+    assert manifest["processes"] == processes and manifest["devices"] == 4
+    assert manifest["xla_cpu_threads"] == [4] * processes, manifest["xla_cpu_threads"]
+    owner = [i * processes // len(RUNS) for i in range(len(RUNS))]
+    assert [(r["dir"], r["process"]) for r in manifest["replicas"]] == list(zip(RUNS, owner))
+    for i, e in enumerate(errs):
+        mine = ", ".join(n for n, o in zip(RUNS, owner) if o == i)
+        assert f"this process writes {mine}" in e, e[-2000:]
+
+
+def test_four_processes_of_one_device_equal_one_process(sweep, reference):
+    """The 2 x 2 grid over four processes of one device equals it in one process over four
+    devices, every process with a 4-thread XLA CPU pool: every replica bitwise the same."""
+    out, errs = sweep
+    _assert_sweep(out, errs, reference, processes=4)
     for name in RUNS:
         assert json.loads((reference / name / "config.json").read_text())["device"]["xla_cpu_threads"] == 4
-    assert [(r["dir"], r["process"]) for r in manifest["replicas"]] == list(zip(RUNS, (0, 0, 1, 1)))
-    assert "this process writes wd0_seed0, wd0_seed1" in errs[0]
-    assert "this process writes wd0.01_seed0, wd0.01_seed1" in errs[1]
-
-
-def test_four_processes_of_one_device_equal_one_process(root, tmp_path, reference):
-    """The same grid over 4 processes x 1 device: every replica bitwise as in the reference."""
-    port = _free_port()
-    procs = []
-    try:
-        for i in range(4):
-            cmd = [sys.executable, str(root / "experiments" / "run.py"), *ARGS, "--wds", WDS, "--out",
-                   str(tmp_path / "out"), "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "4",
-                   "--process_id", str(i)]
-            procs.append(subprocess.Popen(cmd, env=_env(1), stdout=subprocess.DEVNULL,
-                                          stderr=open(tmp_path / f"p{i}.log", "w")))  # noqa: SIM115
-        for p in procs:
-            p.wait(timeout=TIMEOUT)
-    finally:
-        _kill(procs)
-    assert [p.returncode for p in procs] == [0] * 4, [(tmp_path / f"p{i}.log").read_text()[-1000:] for i in range(4)]
-    for name in RUNS:
-        _assert_same_run(tmp_path / "out" / name, reference / name)
-    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["processes"] == 4
 
 
 def test_config_mismatch_is_refused_before_training(root, tmp_path):
@@ -316,7 +317,8 @@ def test_sigterms_and_lost_processes_interrupt_one_sweep_that_resumes_bitwise(ro
     3. kill -9 of process 0 mid-run, then 4. of process 1: each time the other stops within about
        the (shortened) heartbeat timeout, with one line naming the lost process and exit 76, no
        abort and no C++ log.
-    5. The rerun finishes, and every replica equals the uninterrupted reference bitwise."""
+    5. The rerun finishes, and every replica equals the uninterrupted reference bitwise: two
+       processes of two devices equal one process of four."""
     out = tmp_path / "out"
     codes, errs = _two(root, out, tmp_path, env=(_env(), {**_env(), "GROKJAX_TEST_SIGNAL_AT": "launch"}))
     assert codes == [75, 75], errs[0][-2000:] + errs[1][-2000:]
@@ -346,19 +348,19 @@ def test_sigterms_and_lost_processes_interrupt_one_sweep_that_resumes_bitwise(ro
     codes, errs = _two(root, out, tmp_path, tag="fifth")
     assert codes == [0, 0], errs
     assert all("resuming" in e and "unreadable" not in e for e in errs), errs
-    for name in RUNS:
-        _assert_same_run(out / name, reference / name)
+    _assert_sweep(out, errs, reference, processes=2)
 
 
 def test_a_sigterm_after_the_last_step_ends_the_sweep_as_done(sweep, reference):
     """The sweep fixture's SIGTERMs, during the final evaluation (process 0) and while closing
     (process 1, before its monitors' drain and its run directories' closing): nothing is left to
-    pause, so both processes finished their closing work and exited 0 (the fixture asserts it),
-    every record complete and bitwise as the uninterrupted reference."""
+    pause, so both processes finished their closing work and every process exited 0 (the fixture
+    asserts it), every record complete and bitwise as the uninterrupted reference."""
     out, errs = sweep
-    for e in errs:
+    for e in errs[:2]:
         assert "the run has dispatched its last step: finishing it and its closing work" in e, e[-2000:]
         assert "SIGTERM came after the last step was dispatched: the run is complete" in e, e[-2000:]
+    for e in errs:
         assert "paused" not in e and "Traceback" not in e, e[-2000:]
     for events in _events(out).values():
         assert [e["event"] for e in events] == ["start"], events
