@@ -146,6 +146,21 @@ def seeds_checks() -> list[tuple[str, str]]:
     if pauses:
         listed = pauses[0] if len(pauses) == 1 else f"{', '.join(pauses[:-1])} and {pauses[-1]}"
         out.append(("segment pauses", f"the segments paused at {listed}"))
+    hosts = {}  # each started run's segments (start and resume events) by CPU, in order
+    for name in ("wd0.01_seed0", "wd0_seed1", "wd0_seed2", "wd0.01_seed1", "wd0.01_seed2"):
+        if (camp / name / "events.jsonl").is_file():
+            ev = [json.loads(x) for x in (camp / name / "events.jsonl").read_text().splitlines() if x.strip()]
+            cpus = [e["cpu"] for e in ev if e.get("event") in ("start", "resume")]
+            runs = []  # (first segment, last segment, cpu) of each stretch on one CPU
+            for i, c in enumerate(cpus, 1):
+                if runs and runs[-1][2] == c:
+                    runs[-1][1] = i
+                else:
+                    runs.append([i, i, c])
+            hosts[name] = "; ".join(f"segment{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''} on {c}"
+                                    for a, b, c in runs)
+    for name, text in hosts.items():
+        out.append((f"{name} segments' CPUs", f"{name}: {text}"))
     ev = [json.loads(x) for x in (camp / "wd0.01_seed0" / "events.jsonl").read_text().splitlines() if x.strip()]
     for layer in ("fc2", "fc1"):
         w = [e for e in ev if e.get("event") == "warning" and e.get("layer") == layer and e.get("signal") == "alpha<2"]

@@ -48,8 +48,8 @@ def build_once(tmp_path_factory, name: str, build) -> Path:
 
 
 # The CLI run that the interrupted CLI tests (SIGTERM, kill -9) resume and compare with the uninterrupted one
-# (the `cli_reference` fixture, trained once a session): 400 steps at 6 evaluation points a decade (19 params
-# checkpoints); the signal comes once 6 exist (step 5), with ~395 steps (~198 chunks) still to train.
+# (the `cli_reference` fixture, trained once a session): 400 steps at 6 evaluation points a decade (17 params
+# checkpoints); the signal comes once 6 exist (step 7), with ~393 steps (~196 chunks) still to train.
 CLI_RUN = ["--steps", "400", "--log_points_per_decade", "6", "--authors_grid", "false", "--chunk", "2",
            "--full_save_secs", "0", "--progress", "false", "--monitor", "false"]
 
