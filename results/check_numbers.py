@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,10 @@ README = HERE / "README.md"
 def _metrics(run: Path) -> pd.DataFrame:
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     return pd.DataFrame([r for r in rows if "test/acc" in r]).sort_values("step").reset_index(drop=True)
+
+
+def _events(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "events.jsonl").read_text().splitlines() if ln.strip()]
 
 
 def _steps(run: Path) -> pd.DataFrame:
@@ -136,32 +141,23 @@ def seeds_checks() -> list[tuple[str, str]]:
             m = _metrics(camp / name)
             i = int(m["test/acc"].to_numpy().argmax())
             out.append((f"{name} peak", f"peaked at {m['test/acc'].iloc[i]:.4f} at {int(m['step'].iloc[i]):,}"))
-    pauses = []  # where each started run's last segment paused (the next one continues there)
+    pauses, hosts = [], []  # per started run: where its last segment paused; its segments' CPUs, in order
     for name in ("wd0.01_seed0", "wd0_seed1", "wd0_seed2", "wd0.01_seed1", "wd0.01_seed2"):
         if (camp / name / "events.jsonl").is_file():
-            ev = [json.loads(x) for x in (camp / name / "events.jsonl").read_text().splitlines() if x.strip()]
+            ev = _events(camp / name)
             last = [e for e in ev if e.get("event") in ("start", "resume", "pause")][-1]
             if last["event"] == "pause":
                 pauses.append(f"{last['step']:,}")
+            segs = enumerate((e["cpu"] for e in ev if e.get("event") in ("start", "resume")), 1)
+            stretches = [[i for i, _ in g] + [cpu] for cpu, g in groupby(segs, key=lambda x: x[1])]
+            hosts.append((name, "; ".join(f"segment {r[0]} on {r[-1]}" if len(r) == 2 else
+                                          f"segments {r[0]}-{r[-2]} on {r[-1]}" for r in stretches)))
     if pauses:
         listed = pauses[0] if len(pauses) == 1 else f"{', '.join(pauses[:-1])} and {pauses[-1]}"
         out.append(("segment pauses", f"the segments paused at {listed}"))
-    hosts = {}  # each started run's segments (start and resume events) by CPU, in order
-    for name in ("wd0.01_seed0", "wd0_seed1", "wd0_seed2", "wd0.01_seed1", "wd0.01_seed2"):
-        if (camp / name / "events.jsonl").is_file():
-            ev = [json.loads(x) for x in (camp / name / "events.jsonl").read_text().splitlines() if x.strip()]
-            cpus = [e["cpu"] for e in ev if e.get("event") in ("start", "resume")]
-            runs = []  # (first segment, last segment, cpu) of each stretch on one CPU
-            for i, c in enumerate(cpus, 1):
-                if runs and runs[-1][2] == c:
-                    runs[-1][1] = i
-                else:
-                    runs.append([i, i, c])
-            hosts[name] = "; ".join(f"segment{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''} on {c}"
-                                    for a, b, c in runs)
-    for name, text in hosts.items():
+    for name, text in hosts:
         out.append((f"{name} segments' CPUs", f"{name}: {text}"))
-    ev = [json.loads(x) for x in (camp / "wd0.01_seed0" / "events.jsonl").read_text().splitlines() if x.strip()]
+    ev = _events(camp / "wd0.01_seed0")
     for layer in ("fc2", "fc1"):
         w = [e for e in ev if e.get("event") == "warning" and e.get("layer") == layer and e.get("signal") == "alpha<2"]
         if w:
@@ -216,7 +212,7 @@ def modadd_checks() -> list[tuple[str, str]]:
     out = []
     run = HERE / "modadd_seed0"
     m = _metrics(run)
-    ev = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if x.strip()]
+    ev = _events(run)
     pause = [e for e in ev if e.get("event") == "pause"][-1]
     last = int(m["step"].max())
     out.append(("modadd steps", f"paused by SIGTERM at {pause['step']:,} of its"))

@@ -113,7 +113,6 @@ def test_sweeps_sharded_over_two_cpu_devices(tmp_path, root, mnist):
         "assert len(jax.devices()) == 2, jax.devices()\n"
         f"for name, (cfg, axes) in {SHARDED!r}.items():\n"
         "    run(TrainConfig(out=str(Path(sys.argv[1]) / name), **cfg), **axes)\n"
-        "    print(f'done {name}', file=sys.stderr)\n"
     )
     proc = _sharded(root, code, tmp_path / "sharded")
     try:
