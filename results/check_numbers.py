@@ -34,6 +34,12 @@ def _steps(run: Path) -> pd.DataFrame:
     return s[s["test/acc"].notna()].sort_values("step").reset_index(drop=True)
 
 
+def _and(items) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    items = [str(x) for x in items]
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
 def _at(df: pd.DataFrame, step: int, col: str) -> float:
     return float(df.loc[df["step"] == step, col].iloc[0])
 
@@ -100,36 +106,64 @@ def seeds_checks() -> list[tuple[str, str]]:
     out = []
     grid = pd.read_csv(HERE / "seeds_1e7" / "early_warning_grid.csv")
     corr = pd.read_csv(HERE / "seeds_1e7" / "alpha_correlation.csv")
-    runs = sorted(grid["run"].unique())
-    out.append(("finished runs in the grid", f"so far on the {'one finished run' if len(runs) == 1 else f'{len(runs)} finished runs'}"))
-    g = grid[grid["collapse"] == "drop2"]
-    late = g[g["signal"] != "traps>=1"]
-    out.append(("points lost when alpha and centred traps fire",
-                f"fire after {late['lost_pp'].min():.1f}-{late['lost_pp'].max():.1f} of the run's"))
-    out.append(("their steps", f"between {late['signal_step'].min():,.0f} and {late['signal_step'].max():,.0f} steps"))
-    cs = grid.drop_duplicates("collapse").set_index("collapse")["collapse_step"]
-    out.append(("collapse steps", f"first met at {cs['drop2']:,.0f}, {cs['drop5']:,.0f}, {cs['drop10']:,.0f} and "
-                                  f"{cs['drop25']:,.0f}"))
-    drops = grid[grid["collapse"].str.startswith("drop") & (grid["signal"] != "traps>=1")]
-    out.append(("late under every drop definition", "late under all four drop definitions"
-                if (drops["outcome"] == "late").all() else "NOT late under every drop definition"))
-    b = grid[grid["collapse"] == "below0.5"]
-    out.append(("below 0.5 step", f"'below 0.5' (first at {cs['below0.5']:,.0f})"))
-    warned = b[b["outcome"] == "warned"]
-    fc1 = warned[warned["signal"].str.startswith("fc1_alpha")]
-    ctrap = warned[(warned["signal"] == "traps_centred>=1") & (warned["rule"] == "first")]
-    both = pd.concat([fc1, ctrap])
-    out.append(("below-0.5 leads", f"fire {both['lead_steps'].min() / 1e6:.2f}-{both['lead_steps'].max() / 1e6:.2f} "
-                                   "million steps earlier"))
-    mean_late = (b[b["signal"].str.startswith("mean_alpha")]["outcome"] == "late").all()
-    out.append(("average alpha late for below 0.5", "the average alpha does not" if mean_late else "CHECK mean alpha"))
-    raw = grid[grid["signal"] == "traps>=1"]
-    out.append(("raw traps", "it held already at the peak" if raw["held_at_peak"].all() and
-                (raw["outcome"] == "warned").all() else "CHECK raw traps"))
-    out.append(("peak step", f"at the peak ({int(grid['peak_step'].iloc[0]):,})"))
-    c = corr[corr["alpha"] == "fc1_alpha"].iloc[0]
-    out.append(("FC1 alpha vs test accuracy", f"Spearman {c['spearman']:.2f}, Pearson {c['pearson']:.2f} over "
-                                              f"{int(c['n'])} evaluations"))
+    pred = pd.read_csv(HERE / "seeds_1e7" / "alpha_prediction.csv")
+    g0 = grid[grid["wd"] == 0]
+    runs = sorted(g0["run"].unique(), key=lambda r: int(g0.loc[g0["run"] == r, "seed"].iloc[0]))
+    seeds = [int(g0.loc[g0["run"] == r, "seed"].iloc[0]) for r in runs]
+    both = "in both runs" if len(runs) == 2 else f"in all {len(runs)} runs"
+    out.append(("finished WD-0 runs in the grid", f"(WD 0, seeds {_and(seeds)}: n = {len(runs)})"))
+    late_text, lost_text, cs_text, below_text, peaks = [], [], [], [], []
+    for run, seed in zip(runs, seeds):
+        g = g0[g0["run"] == run]
+        m = _metrics(HERE / "wd0_1e7" if run == "wd0_1e7" else HERE / "campaign_1e7" / run)
+        te = m["test/acc"].to_numpy()
+        ip = int(te.argmax())
+        total = 100 * (te[ip] - te[ip + 1:].min())
+        d = g[(g["collapse"] == "drop2") & (g["signal"] != "traps>=1")]
+        lost_text.append(f"after {d['lost_pp'].min():.1f}-{d['lost_pp'].max():.1f} of seed {seed}'s {total:.1f} points "
+                         f"were lost (between {d['signal_step'].min():,.0f} and {d['signal_step'].max():,.0f} steps)")
+        cs = g.drop_duplicates("collapse").set_index("collapse")["collapse_step"]
+        cs_text.append(f"seed {seed}: {cs['drop2']:,.0f}, {cs['drop5']:,.0f}, {cs['drop10']:,.0f} and {cs['drop25']:,.0f}")
+        b = g[(g["collapse"] == "below0.5") & (g["signal"] != "traps>=1")]
+        warned = b[b["outcome"] == "warned"]
+        if warned.empty:
+            lag = -b["lead_steps"]
+            below_text.append(f"in seed {seed} (first at {cs['below0.5']:,.0f}) every alpha and centred trap signal comes "
+                              f"{lag.min() / 1e6:.2f}-{lag.max() / 1e6:.2f} million steps later")
+        else:
+            names = sorted(warned["signal"].unique())
+            fc1 = warned[warned["signal"].str.startswith("fc1_alpha")]
+            ctrap = warned[(warned["signal"] == "traps_centred>=1") & (warned["rule"] == "first")]
+            shown = pd.concat([fc1, ctrap])
+            if set(names) == {"fc1_alpha<2", "fc1_alpha_centred<2", "traps_centred>=1"} and len(fc1) == 4 and \
+                    len(ctrap) == 1 and len(warned) == 5:
+                below_text.append(f"in seed {seed} (first at {cs['below0.5']:,.0f}) FC1's alpha < 2 (raw and centred, "
+                                  "either rule) and the centred trap count's first evaluation fire "
+                                  f"{shown['lead_steps'].min() / 1e6:.2f}-{shown['lead_steps'].max() / 1e6:.2f} "
+                                  "million steps earlier, the average alpha does not")
+            else:
+                below_text.append(f"seed {seed}: CHECK the below-0.5 signals {names}")
+        d = g[g["collapse"].str.startswith("drop") & (g["signal"] != "traps>=1")]
+        late_text.append((d["outcome"] == "late").all())
+        raw = g[g["signal"] == "traps>=1"]
+        peaks.append(f"{int(g['peak_step'].iloc[0]):,}" if raw["held_at_peak"].all() and (raw["outcome"] == "warned").all()
+                     else "CHECK raw traps")
+    out.append(("points lost when alpha and centred traps fire", "; ".join(lost_text)))
+    out.append(("collapse steps", "; ".join(cs_text)))
+    out.append(("late under every drop definition", f"late under all four drop definitions {both}" if all(late_text)
+                else "NOT late under every drop definition"))
+    out.append(("below 0.5", "; ".join(below_text)))
+    out.append(("raw traps", f"it held already at the peak ({_and(peaks)})"))
+    c = corr[(corr["alpha"] == "fc1_alpha") & (corr["wd"] == 0)].set_index("run").loc[runs]
+    out.append(("FC1 alpha vs test accuracy", f"Spearman {_and([f'{x:.2f}' for x in c['spearman']])}, Pearson "
+                                              f"{_and([f'{x:.2f}' for x in c['pearson']])} over "
+                                              f"{_and([int(x) for x in c['n']])} evaluations"))
+    if len(runs) > 1:
+        for alpha, label in (("fc1_alpha", "FC1's alpha"), ("mean_alpha", "the average alpha")):
+            p = pred[(pred["alpha"] == alpha) & (pred["wd"] == 0)].set_index("fit_run").loc[runs]
+            out.append((f"cross-seed prediction from {label}",
+                        f"{label} with a mean error of {_and([f'{x:.1f}' for x in p['mae_pp']])} points "
+                        f"(largest {_and([f'{x:.1f}' for x in p['max_pp']])})"))
     status = []
     camp = HERE / "campaign_1e7"
     for name in ("wd0.01_seed0", "wd0_seed1", "wd0_seed2", "wd0.01_seed1", "wd0.01_seed2"):
@@ -154,7 +188,8 @@ def seeds_checks() -> list[tuple[str, str]]:
                                           f"segments {r[0]}-{r[-2]} on {r[-1]}" for r in stretches)))
     if pauses:
         listed = pauses[0] if len(pauses) == 1 else f"{', '.join(pauses[:-1])} and {pauses[-1]}"
-        out.append(("segment pauses", f"the segments paused at {listed}"))
+        out.append(("segment pauses", f"the segments paused at {listed}" if len(pauses) > 1 else
+                    f"segment paused at {listed}"))
     for name, text in hosts:
         out.append((f"{name} segments' CPUs", f"{name}: {text}"))
     ev = _events(camp / "wd0.01_seed0")
