@@ -1,4 +1,4 @@
-"""Checks numbers stated in results/README.md against the committed files they come from.
+"""Checks numbers stated in results/README.md, and in the project README's results summary, against the committed files they come from.
 
     python results/check_numbers.py        # exit 0: every checked sentence agrees; 1: lists each that does not
 
@@ -164,6 +164,66 @@ def seeds_checks() -> list[tuple[str, str]]:
             out.append((f"cross-seed prediction from {label}",
                         f"{label} with a mean error of {_and([f'{x:.1f}' for x in p['mae_pp']])} points "
                         f"(largest {_and([f'{x:.1f}' for x in p['max_pp']])})"))
+    ctl = grid[grid["wd"] > 0]  # the WD 0.01 control(s) that reached 10^7
+    for run in sorted(ctl["run"].unique()):
+        g = ctl[ctl["run"] == run]
+        seed = int(g["seed"].iloc[0])
+        m = _metrics(HERE / "campaign_1e7" / run)
+        te, st = m["test/acc"].to_numpy(), m["step"].to_numpy()
+        ip = int(te.argmax())
+        imin = ip + 1 + int(te[ip + 1:].argmin())
+        out.append((f"{run} course", f"peaked at {te[ip]:.4f} at {st[ip]:,}, lost {100 * (te[ip] - te[imin]):.1f} points at "
+                                     f"most ({te[imin]:.4f} at {st[imin]:,})"))
+        tr = m["train/acc"].to_numpy()
+        out.append((f"{run} train accuracy", f"train accuracy 1.0 at every evaluation from {int(st[st > st[tr < 1.0].max()].min()):,} on"
+                    if (tr[st > st[tr < 1.0].max()] == 1.0).all() else "CHECK train accuracy"))
+        cs = g.drop_duplicates("collapse").set_index("collapse")["collapse_step"]
+        met = [f"{k[4:]} points at {v:,.0f}" for k, v in cs.items() if k.startswith("drop") and np.isfinite(v)]
+        never = [k for k, v in cs.items() if not np.isfinite(v)]
+        out.append((f"{run} collapses", f"it fell {_and(met)} below its peak, never "
+                    + " nor ".join(["25 points" if k == "drop25" else "below 0.5" for k in never])))
+        d = g[g["collapse"] == "drop25"]
+        first = d[d["rule"] == "first"].set_index("signal")
+
+        def at(sig):
+            return f"{int(first.loc[sig, 'signal_step']):,} ({first.loc[sig, 'lost_pp']:.1f} points lost)"
+
+        held = [s for s in ("traps>=1", "traps_centred>=1") if first.loc[s, "held_at_peak"]]
+        out.append((f"{run} signals", ("the raw and centred trap counts at its peak itself" if len(held) == 2 else
+                                       f"CHECK traps at the peak {held}")
+                    + f", the average alpha < 2 from {at('mean_alpha<2')} and FC1's alpha < 2 from {at('fc1_alpha<2')}"))
+        alarms = g[g["collapse"].isin(never)]
+        n_alarm, n_all = int(alarms["outcome"].eq("false_alarm").sum()), len(alarms)
+        out.append((f"{run} false alarms", f"under the {' and '.join('25-point' if k == 'drop25' else 'below-0.5' for k in never)} "
+                    f"definitions, which it never meets, all {n_all // len(never)} (six signals, each on its first and on 3 "
+                    "consecutive evaluations) are false alarms" if n_alarm == n_all else f"CHECK: {n_alarm} of {n_all} false alarms"))
+        s = pd.read_csv(HERE / "campaign_1e7" / run / "analysis" / "steps.csv")
+        last = s[s["test/acc"].notna()].sort_values("step").iloc[-1]
+        out.append((f"{run} at its end", f"FC1's alpha is {last['native/alpha_fc1']:.2f} and FC2's {last['native/alpha_fc2']:.2f}, "
+                    f"with {int(last['native/traps_fc1'])} and {int(last['native/traps_fc2'])} traps "
+                    f"({int(last['native/traps_centred_fc1'])} and {int(last['native/traps_centred_fc2'])} beyond the mean)"))
+        c = corr[(corr["run"] == run) & (corr["alpha"] == "fc1_alpha")].iloc[0]
+        out.append((f"{run} alpha vs accuracy", f"Spearman {c['spearman']:.2f}, Pearson {c['pearson']:.2f} over {int(c['n'])} "
+                                                "evaluations"))
+        out.append((f"{run} seed", f"(WD 0.01, seed {seed}; n = {len(ctl['run'].unique())})"))
+    cmp = pd.read_csv(HERE / "seeds_1e7" / "paper_comparison_v1_v2.csv")
+
+    def cell(wd, table, layer, metric, phase, places=2):  # (ours 'mean ± std', n, paper v1, paper v2)
+        r = cmp[(cmp["wd"] == wd) & (cmp["table"] == table) & (cmp["layer"] == layer) & (cmp["metric"] == metric)
+                & (cmp["phase"] == phase)].iloc[0]
+        return f"{r['value_mean']:.{places}f} ± {r['value_std']:.{places}f}", int(r["n"]), r["paper_text"], r["paper_v2_text"]
+
+    fc1, fc2 = cell(0, "Table 1", "fc1", "alpha", "anti"), cell(0, "Table 1", "fc2", "alpha", "anti")
+    out.append(("Table 1 over seeds, anti", f"FC1's alpha is {fc1[0]} (paper v1 {fc1[2]}, v2 {fc1[3]}) and FC2's "
+                                            f"{fc2[0]} (v1 {fc2[2]}, v2 {fc2[3]})"))
+    out.append(("Table 1 n", f"n = {fc1[1]} at WD 0"))
+    g1 = cell(0, "Table 1", "fc1", "alpha", "grok")
+    out.append(("Table 1 over seeds, peak", f"At the peak FC1's alpha is {g1[0]} (v1 {g1[2]}, v2 {g1[3]})"))
+    t1, t1c = cell(0, "Table 2", "fc1", "traps", "anti"), cell(0, "Table 2", "fc1", "traps_centred", "anti")
+    t2, t2c = cell(0, "Table 2", "fc2", "traps", "anti"), cell(0, "Table 2", "fc2", "traps_centred", "anti")
+    out.append(("Table 2 over seeds", f"FC1 holds {t1[0]} traps at the anti-grokking edge ({t1c[0]} beyond the mean; "
+                                      f"v1 {t1[2]}, v2 {t1[3]}), FC2 {t2[0]} ({t2c[0]} beyond the mean; v1 {t2[2]}, "
+                                      f"v2 {t2[3]})"))
     status = []
     camp = HERE / "campaign_1e7"
     for name in ("wd0.01_seed0", "wd0_seed1", "wd0_seed2", "wd0.01_seed1", "wd0.01_seed2"):
@@ -293,6 +353,40 @@ def modadd_checks() -> list[tuple[str, str]]:
     return out
 
 
+def summary_checks() -> list[tuple[str, str]]:
+    """The numbers of the project README's results summary, from the same files."""
+    out = []
+    grid = pd.read_csv(HERE / "seeds_1e7" / "early_warning_grid.csv")
+    corr = pd.read_csv(HERE / "seeds_1e7" / "alpha_correlation.csv")
+    pred = pd.read_csv(HERE / "seeds_1e7" / "alpha_prediction.csv")
+    g0 = grid[grid["wd"] == 0]
+    runs = sorted(g0["run"].unique(), key=lambda r: int(g0.loc[g0["run"] == r, "seed"].iloc[0]))
+    lost, totals = [], []
+    for i, run in enumerate(runs):
+        m = _metrics(HERE / "wd0_1e7" if run == "wd0_1e7" else HERE / "campaign_1e7" / run)
+        te, st = m["test/acc"].to_numpy(), m["step"].to_numpy()
+        ip = int(te.argmax())
+        imin = ip + 1 + int(te[ip + 1:].argmin())
+        totals.append(f"{100 * (te[ip] - te[imin]):.1f}")
+        if i == 0:
+            out.append(("seed 0 summary", f"grokked to test accuracy {te[ip]:.3f} at {st[ip] / 1e5:.1f}×10^5 steps and lost "
+                                          f"{totals[-1]} points, to {te[imin]:.3f} at {st[imin] / 1e6:.1f}×10^6"))
+        else:
+            out.append((f"seed {i} summary", f"seed {i} grokked to {te[ip]:.3f} and lost {totals[-1]} points"))
+        d = g0[(g0["run"] == run) & (g0["collapse"] == "drop2") & (g0["signal"] != "traps>=1")]
+        lost.append(f"{d['lost_pp'].min():.1f}-{d['lost_pp'].max():.1f}")
+    out.append(("n", f"In both runs (n = {len(runs)})" if len(runs) == 2 else f"In all {len(runs)} runs (n = {len(runs)})"))
+    out.append(("points lost", f"({_and(lost)} points lost)"))
+    c = corr[(corr["wd"] == 0) & (corr["alpha"] == "fc1_alpha")]["spearman"]
+    out.append(("rank correlation", f"(rank correlation {c.min():.2f}-{c.max():.2f})"))
+    e = pred[(pred["wd"] == 0) & (pred["alpha"] == "fc1_alpha")]["mae_pp"]
+    out.append(("prediction error", f"mean error of {e.min():.1f}-{e.max():.1f} points"))
+    m = _metrics(HERE / "campaign_1e7" / "wd0.01_seed0")
+    drop = 100 * (m["test/acc"].max() - m.iloc[int(m["step"].to_numpy().argmax())]["test/acc"])
+    out.append(("control", f"{drop:.1f} points over 10^7 steps"))
+    return out
+
+
 def main() -> int:
     text = README.read_text()
     flat = " ".join(text.split())
@@ -300,6 +394,13 @@ def main() -> int:
     bad = [(what, want) for what, want in every if " ".join(want.split()) not in flat]
     for what, want in bad:
         print(f"results/README.md does not state {what}: expected '{want}'")
+    top = " ".join((HERE.parent / "README.md").read_text().split())
+    summary = summary_checks()
+    for what, want in summary:
+        if " ".join(want.split()) not in top:
+            bad.append((what, want))
+            print(f"README.md's summary does not state {what}: expected '{want}'")
+    every += summary
     n = len(every)
     print(f"{n - len(bad)} of {n} checked statements agree with the files")
     return 1 if bad else 0
