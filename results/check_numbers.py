@@ -1,4 +1,5 @@
-"""Checks numbers stated in results/README.md, and in the project README's results summary, against the committed files they come from.
+"""Checks numbers stated in results/README.md, and in the project README's results summary,
+against the committed files they come from.
 
     python results/check_numbers.py        # exit 0: every checked sentence agrees; 1: lists each that does not
 

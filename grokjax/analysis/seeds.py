@@ -333,7 +333,10 @@ def make_figures(steps: pd.DataFrame, grid: pd.DataFrame, out_dir: Path) -> list
         ticks = []
         for r in runs:
             row = g[g["run"] == r].iloc[0]
-            ticks.append(f"{r}\nWD {row['wd']:g}, to {row['final_step']:.2g}")
+            df = _one_run(steps, r)
+            te = df.loc[df["step"] >= row["peak_step"], "test/acc"].to_numpy(float)
+            ticks.append(f"{r}\nWD {row['wd']:g}, to {row['final_step']:.2g}\n"
+                         f"at most {100 * (row['peak_acc'] - te.min()):.1f} pts lost")
         ax.set_xticks(range(len(runs)), ticks, fontsize=7, rotation=30, ha="right")
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set_title("Test points already lost when each signal fires (searched from the peak).\n"
