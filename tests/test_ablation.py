@@ -305,3 +305,20 @@ def test_cli_ablate_traps(real_run, tmp_path, capsys):
     assert e.value.code == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("spectra.py: error: ") and ">= 2" in err[0]
+
+
+def test_phase_steps_far_from_every_kept_checkpoint_are_skipped_not_misplaced():
+    """A run continued from its export keeps no params checkpoint near its early phase steps: those
+    are reported as missing, while a phase step with a checkpoint within the tolerance maps to it."""
+    steps = np.unique(np.round(np.logspace(0, 7, 141)).astype(int))
+    peak = int(steps[np.argmin(np.abs(steps - 700_000))])
+    test = np.where(steps <= peak, 0.1 + 0.75 * steps / peak, 0.85 - 0.4 * (steps - peak) / (1e7 - peak))
+    metrics = pd.DataFrame({"step": steps, "train/acc": np.ones(len(steps)), "test/acc": test})
+    late = [int(s) for s in steps if s >= 5_000_000]  # 5.0e6, 5.6e6, ... 10^7
+    chosen, missing = ablation.choose_steps(metrics, late, {late[1]: 1.0, late[-1]: 0.0})
+    assert missing["grok"] == peak and "anti" not in missing
+    assert set(chosen) == {late[1], late[-1]} and chosen[late[-1]] == "anti" and chosen[late[1]] == ""
+    # A kept checkpoint 0.05 decade from the peak (within the tolerance) stands for it.
+    near = int(peak * 10 ** 0.05)
+    chosen, missing = ablation.choose_steps(metrics, [near] + late, {})
+    assert "grok" not in missing and "grok" in chosen[near].split("+")

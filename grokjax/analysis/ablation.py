@@ -45,8 +45,9 @@ the same in every layer set and every worker.
 
 The experiment (`ablate_run`, `ablate_runs`) evaluates the network on all 10,000 test and
 the run's 1,000 training images at the phase steps (end of pre-grokking, test-accuracy peak,
-anti-grokking or final step, collapse onset; each mapped to the nearest kept params
-checkpoint) and at every kept checkpoint where the analysis counts a trap in any layer (the
+anti-grokking or final step, collapse onset; each mapped to the nearest kept params checkpoint,
+if one lies within PHASE_STEP_TOLERANCE_DECADES, else skipped with a warning) and at every kept
+checkpoint where the analysis counts a trap in any layer (the
 analysis' count: its tables do not hold the centred one). A checkpoint with one FC2 trap
 costs about 3 s on one busy CPU core (two SVDs and MP fits per layer and count, ~100
 forward passes of the 1,000 or 10,000 images, most of them from FC2 on: the activations
@@ -74,6 +75,7 @@ from grokjax.analysis import htsr, phases, pool  # noqa: E402
 from grokjax.analysis.htsr import permutation, permute  # noqa: E402,F401  (the ablation's shuffle, re-exported)
 from grokjax.analysis.pipeline import (AnalysisError, AnalysisOptions, analyze_run, checkpoint_seed,  # noqa: E402
                                        weights_of)
+from grokjax.analysis.preflight import AnalysisWarning  # noqa: E402
 from grokjax.analysis.runs import Run, find_named_runs, read_run, read_runs  # noqa: E402
 from grokjax.data import load_mnist, select_subset, to_inputs  # noqa: E402
 from grokjax.rundir import LAYERS  # noqa: E402
@@ -476,9 +478,17 @@ def ablate_checkpoint(params: Mapping, *, step: int, run_seed: int, data: Mappin
 # Runs
 
 
+# A phase step is ablated at the nearest kept params checkpoint only within this many decades of
+# it (in log(1 + step)): `--keep_params log` keeps about 5 a decade, so its nearest is within
+# 0.1 decade; a run whose early checkpoints are gone (a run continued from its export) has no
+# checkpoint near its early phase steps, and those are skipped with a warning, not misplaced.
+PHASE_STEP_TOLERANCE_DECADES = 0.15
+
+
 def choose_steps(metrics: pd.DataFrame, kept: Sequence[int], traps_by_step: Mapping[int, float], *,
-                 trap_steps: bool = True) -> dict[int, str]:
-    """{step: phase label} of the checkpoints to ablate.
+                 trap_steps: bool = True) -> tuple[dict[int, str], dict[str, int]]:
+    """({step: phase label} of the checkpoints to ablate, {phase: its step} of the phase steps
+    with no kept checkpoint within PHASE_STEP_TOLERANCE_DECADES).
 
     The phase steps of `phases.detect_phases` (pre: end of pre-grokking, grok: the
     test-accuracy peak, anti: the collapse minimum or the final step, drop: the collapse
@@ -487,6 +497,7 @@ def choose_steps(metrics: pd.DataFrame, kept: Sequence[int], traps_by_step: Mapp
     """
     kept_arr = np.asarray(sorted(int(s) for s in kept), dtype=np.int64)
     chosen: dict[int, list[str]] = {}
+    missing: dict[str, int] = {}
     if {"train/acc", "test/acc"} <= set(metrics.columns):
         m = metrics[metrics["test/acc"].notna()]
         if len(m):
@@ -494,13 +505,19 @@ def choose_steps(metrics: pd.DataFrame, kept: Sequence[int], traps_by_step: Mapp
             targets = dict(phases.phase_steps(ph), drop=ph["drop_step"])
             for label, target in targets.items():
                 s = phases.nearest_step(kept_arr, target)
-                if np.isfinite(s):
-                    chosen.setdefault(int(s), []).append(label)
+                if not np.isfinite(s):
+                    if np.isfinite(target):
+                        missing[label] = int(target)
+                    continue
+                if abs(np.log10(1 + s) - np.log10(1 + target)) > PHASE_STEP_TOLERANCE_DECADES:
+                    missing[label] = int(target)
+                    continue
+                chosen.setdefault(int(s), []).append(label)
     if trap_steps:
         for s in kept_arr:
             if traps_by_step.get(int(s), 0) > 0:
                 chosen.setdefault(int(s), [])
-    return {s: "+".join(labels) for s, labels in sorted(chosen.items())}
+    return {s: "+".join(labels) for s, labels in sorted(chosen.items())}, missing
 
 
 _WORKER: dict = {}
@@ -557,7 +574,17 @@ def ablate_run(run_dir: str | os.PathLike | Run, *, options: AblationOptions | N
     traps_by_step: dict[int, float] = {}
     for (s, _), t in counts.items():
         traps_by_step[s] = traps_by_step.get(s, 0.0) + (t if np.isfinite(t) else 0.0)
-    chosen = choose_steps(run.metrics, run.steps, traps_by_step, trap_steps=options.trap_steps)
+    # the steps whose params checkpoint is on disk (a monitor record alone cannot be ablated)
+    on_disk = set(ckpt.list_param_steps(run.path))
+    chosen, missing = choose_steps(run.metrics, [s for s in run.steps if s in on_disk], traps_by_step,
+                                   trap_steps=options.trap_steps)
+    if missing:
+        warnings.warn(f"{run.name}: no params checkpoint near the phase step(s) "
+                      + ", ".join(f"{label} {step:,}" for label, step in missing.items())
+                      + ": not ablated there", AnalysisWarning, stacklevel=2)
+    if not chosen:
+        raise AnalysisError(f"{run.name}: no params checkpoint to ablate (the trap ablation needs them: "
+                            "--keep_params log or all)")
     results = _run_tasks(run, list(chosen), options)
 
     logged = run.metrics.set_index("step")["test/acc"] if "test/acc" in run.metrics.columns else pd.Series(dtype=float)
