@@ -354,6 +354,34 @@ def modadd_checks() -> list[tuple[str, str]]:
     return out
 
 
+def ablation_checks() -> list[tuple[str, str]]:
+    """The trap ablations of the campaign's runs (results/campaign_1e7/ablation/<run>/ablation.csv)."""
+    out = []
+    for path in sorted((HERE / "campaign_1e7" / "ablation").glob("*/ablation.csv")):
+        run, t = path.parent.name, pd.read_csv(path)
+        steps = sorted(t["step"].unique())
+        fc1 = t[t["layer"] == "fc1"]
+        sub = fc1[fc1["variant"] == "subtract"]["test_acc_ablated"]
+        out.append((f"{run} ablation steps", f"{run}: {len(steps)} checkpoints from {steps[0]:,} to {steps[-1]:,}"))
+        out.append((f"{run} FC1 subtraction", f"subtracting FC1's traps (its mean among them) leaves "
+                                              f"{sub.min():.3f}-{sub.max():.3f}" if sub.min() != sub.max() else
+                    f"subtracting FC1's traps (its mean among them) leaves {sub.min():.3f} at every one"))
+        c = fc1[(fc1["variant"] == "subtract_centred") & (fc1["traps_centred"] > 0)]
+        d, dc = 100 * (c["test_acc_ablated"] - c["test_acc"]), 100 * (c["test_acc_control_mean"] - c["test_acc"])
+        lo = int((c["test_acc_ablated"] < c["test_acc_control_mean"] - 2 * c["test_acc_control_std"]).sum())
+        hi = int((c["test_acc_ablated"] > c["test_acc_control_mean"] + 2 * c["test_acc_control_std"]).sum())
+        out.append((f"{run} FC1 centred traps",
+                    f"its {int(c['traps_centred'].min())}-{int(c['traps_centred'].max())} centred traps at {len(c)} of them "
+                    f"moves test accuracy by {d.min():+.1f} to {d.max():+.1f} points, against {dc.min():+.1f} to "
+                    f"{dc.max():+.1f} for the control (below it by more than 2 control spreads at {lo}, above at {hi}); "
+                    f"train accuracy {c['train_acc_ablated'].min():.2f}-{c['train_acc_ablated'].max():.2f} against "
+                    f"{c['train_acc_control_mean'].min():.2f}-{c['train_acc_control_mean'].max():.2f}"))
+        f2 = t[(t["layer"] == "fc2") & (t["variant"] == "subtract") & (t["step"] == steps[-1])].iloc[0]
+        out.append((f"{run} FC2 at the end", f"{f2['test_acc']:.3f} → {f2['test_acc_ablated']:.3f} against "
+                                             f"{f2['test_acc_control_mean']:.3f} ± {f2['test_acc_control_std']:.3f}"))
+    return out
+
+
 def summary_checks() -> list[tuple[str, str]]:
     """The numbers of the project README's results summary, from the same files."""
     out = []
@@ -391,7 +419,7 @@ def summary_checks() -> list[tuple[str, str]]:
 def main() -> int:
     text = README.read_text()
     flat = " ".join(text.split())
-    every = checks() + seeds_checks() + modadd_checks()
+    every = checks() + seeds_checks() + ablation_checks() + modadd_checks()
     bad = [(what, want) for what, want in every if " ".join(want.split()) not in flat]
     for what, want in bad:
         print(f"results/README.md does not state {what}: expected '{want}'")
