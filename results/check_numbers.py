@@ -362,7 +362,12 @@ def ablation_checks() -> list[tuple[str, str]]:
         steps = sorted(t["step"].unique())
         fc1 = t[t["layer"] == "fc1"]
         sub = fc1[fc1["variant"] == "subtract"]["test_acc_ablated"]
-        out.append((f"{run} ablation steps", f"{run}: {len(steps)} checkpoints from {steps[0]:,} to {steps[-1]:,}"))
+        m = _metrics(HERE / "campaign_1e7" / run)
+        te, st = m["test/acc"].to_numpy(), m["step"].to_numpy()
+        ip = int(te.argmax())
+        lowest = int(st[ip + 1 + int(te[ip + 1:].argmin())])
+        out.append((f"{run} ablation steps", f"{run}: {len(steps)} checkpoints from {steps[0]:,} to {steps[-1]:,}"
+                    + (", the collapse minimum among them" if lowest in steps else f" (not its minimum {lowest:,})")))
         out.append((f"{run} FC1 subtraction", f"subtracting FC1's traps (its mean among them) leaves "
                                               f"{sub.min():.3f}-{sub.max():.3f}" if sub.min() != sub.max() else
                     f"subtracting FC1's traps (its mean among them) leaves {sub.min():.3f} at every one"))
