@@ -35,6 +35,27 @@ def _steps(run: Path) -> pd.DataFrame:
     return s[s["test/acc"].notna()].sort_values("step").reset_index(drop=True)
 
 
+def _seeds_outputs() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, list[str]]:
+    """(grid, correlations, predictions, the grid's WD-0 rows, its WD-0 runs by seed) of results/seeds_1e7."""
+    grid = pd.read_csv(HERE / "seeds_1e7" / "early_warning_grid.csv")
+    corr = pd.read_csv(HERE / "seeds_1e7" / "alpha_correlation.csv")
+    pred = pd.read_csv(HERE / "seeds_1e7" / "alpha_prediction.csv")
+    g0 = grid[grid["wd"] == 0]
+    runs = sorted(g0["run"].unique(), key=lambda r: int(g0.loc[g0["run"] == r, "seed"].iloc[0]))
+    return grid, corr, pred, g0, runs
+
+
+def _run_metrics(run: str) -> pd.DataFrame:
+    """The metrics of a run of the seeds outputs: seed 0's 10^7 run, or a campaign run."""
+    return _metrics(HERE / "wd0_1e7" if run == "wd0_1e7" else HERE / "campaign_1e7" / run)
+
+
+def _peak_and_min(te: np.ndarray) -> tuple[int, int]:
+    """Indices of the test-accuracy peak and of the lowest evaluation after it."""
+    ip = int(te.argmax())
+    return ip, ip + 1 + int(te[ip + 1:].argmin())
+
+
 def _and(items) -> str:
     """'a', 'a and b', 'a, b and c'."""
     items = [str(x) for x in items]
@@ -105,21 +126,17 @@ def seeds_checks() -> list[tuple[str, str]]:
     """The early-warning grid's verdict and the campaign's status, from results/seeds_1e7 and
     results/campaign_1e7."""
     out = []
-    grid = pd.read_csv(HERE / "seeds_1e7" / "early_warning_grid.csv")
-    corr = pd.read_csv(HERE / "seeds_1e7" / "alpha_correlation.csv")
-    pred = pd.read_csv(HERE / "seeds_1e7" / "alpha_prediction.csv")
-    g0 = grid[grid["wd"] == 0]
-    runs = sorted(g0["run"].unique(), key=lambda r: int(g0.loc[g0["run"] == r, "seed"].iloc[0]))
+    grid, corr, pred, g0, runs = _seeds_outputs()
     seeds = [int(g0.loc[g0["run"] == r, "seed"].iloc[0]) for r in runs]
     both = "in both runs" if len(runs) == 2 else f"in all {len(runs)} runs"
     out.append(("finished WD-0 runs in the grid", f"(WD 0, seeds {_and(seeds)}: n = {len(runs)})"))
     late_text, lost_text, cs_text, below_text, peaks = [], [], [], [], []
     for run, seed in zip(runs, seeds):
         g = g0[g0["run"] == run]
-        m = _metrics(HERE / "wd0_1e7" if run == "wd0_1e7" else HERE / "campaign_1e7" / run)
+        m = _run_metrics(run)
         te = m["test/acc"].to_numpy()
-        ip = int(te.argmax())
-        total = 100 * (te[ip] - te[ip + 1:].min())
+        ip, imin = _peak_and_min(te)
+        total = 100 * (te[ip] - te[imin])
         d = g[(g["collapse"] == "drop2") & (g["signal"] != "traps>=1")]
         lost_text.append(f"after {d['lost_pp'].min():.1f}-{d['lost_pp'].max():.1f} of seed {seed}'s {total:.1f} points "
                          f"were lost (between {d['signal_step'].min():,.0f} and {d['signal_step'].max():,.0f} steps)")
@@ -171,13 +188,12 @@ def seeds_checks() -> list[tuple[str, str]]:
         seed = int(g["seed"].iloc[0])
         m = _metrics(HERE / "campaign_1e7" / run)
         te, st = m["test/acc"].to_numpy(), m["step"].to_numpy()
-        ip = int(te.argmax())
-        imin = ip + 1 + int(te[ip + 1:].argmin())
+        ip, imin = _peak_and_min(te)
         out.append((f"{run} course", f"peaked at {te[ip]:.4f} at {st[ip]:,}, lost {100 * (te[ip] - te[imin]):.1f} points at "
                                      f"most ({te[imin]:.4f} at {st[imin]:,})"))
         tr = m["train/acc"].to_numpy()
-        out.append((f"{run} train accuracy", f"train accuracy 1.0 at every evaluation from {int(st[st > st[tr < 1.0].max()].min()):,} on"
-                    if (tr[st > st[tr < 1.0].max()] == 1.0).all() else "CHECK train accuracy"))
+        after = st > st[tr < 1.0].max()  # the evaluations after the last one below 1.0
+        out.append((f"{run} train accuracy", f"train accuracy 1.0 at every evaluation from {int(st[after].min()):,} on"))
         cs = g.drop_duplicates("collapse").set_index("collapse")["collapse_step"]
         met = [f"{k[4:]} points at {v:,.0f}" for k, v in cs.items() if k.startswith("drop") and np.isfinite(v)]
         never = [k for k, v in cs.items() if not np.isfinite(v)]
@@ -364,8 +380,7 @@ def ablation_checks() -> list[tuple[str, str]]:
         sub = fc1[fc1["variant"] == "subtract"]["test_acc_ablated"]
         m = _metrics(HERE / "campaign_1e7" / run)
         te, st = m["test/acc"].to_numpy(), m["step"].to_numpy()
-        ip = int(te.argmax())
-        lowest = int(st[ip + 1 + int(te[ip + 1:].argmin())])
+        lowest = int(st[_peak_and_min(te)[1]])
         out.append((f"{run} ablation steps", f"{run}: {len(steps)} checkpoints from {steps[0]:,} to {steps[-1]:,}"
                     + (", the collapse minimum among them" if lowest in steps else f" (not its minimum {lowest:,})")))
         out.append((f"{run} FC1 subtraction", f"subtracting FC1's traps (its mean among them) leaves "
@@ -390,17 +405,12 @@ def ablation_checks() -> list[tuple[str, str]]:
 def summary_checks() -> list[tuple[str, str]]:
     """The numbers of the project README's results summary, from the same files."""
     out = []
-    grid = pd.read_csv(HERE / "seeds_1e7" / "early_warning_grid.csv")
-    corr = pd.read_csv(HERE / "seeds_1e7" / "alpha_correlation.csv")
-    pred = pd.read_csv(HERE / "seeds_1e7" / "alpha_prediction.csv")
-    g0 = grid[grid["wd"] == 0]
-    runs = sorted(g0["run"].unique(), key=lambda r: int(g0.loc[g0["run"] == r, "seed"].iloc[0]))
+    grid, corr, pred, g0, runs = _seeds_outputs()
     lost, totals = [], []
     for i, run in enumerate(runs):
-        m = _metrics(HERE / "wd0_1e7" if run == "wd0_1e7" else HERE / "campaign_1e7" / run)
+        m = _run_metrics(run)
         te, st = m["test/acc"].to_numpy(), m["step"].to_numpy()
-        ip = int(te.argmax())
-        imin = ip + 1 + int(te[ip + 1:].argmin())
+        ip, imin = _peak_and_min(te)
         totals.append(f"{100 * (te[ip] - te[imin]):.1f}")
         if i == 0:
             out.append(("seed 0 summary", f"grokked to test accuracy {te[ip]:.3f} at {st[ip] / 1e5:.1f}×10^5 steps and lost "
