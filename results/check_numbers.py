@@ -56,6 +56,12 @@ def _peak_and_min(te: np.ndarray) -> tuple[int, int]:
     return ip, ip + 1 + int(te[ip + 1:].argmin())
 
 
+def _range2(v) -> str:
+    """'0.81-0.95', or '1.00' when both ends round alike."""
+    lo, hi = f"{v.min():.2f}", f"{v.max():.2f}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
 def _and(items) -> str:
     """'a', 'a and b', 'a, b and c'."""
     items = [str(x) for x in items]
@@ -378,14 +384,17 @@ def ablation_checks() -> list[tuple[str, str]]:
         steps = sorted(t["step"].unique())
         fc1 = t[t["layer"] == "fc1"]
         sub = fc1[fc1["variant"] == "subtract"]["test_acc_ablated"]
+        mean = fc1[fc1["variant"] == "mean"]["test_acc_ablated"]
+
+        def span(v):
+            return f"{v.min():.3f} at every one" if v.min() == v.max() else f"{v.min():.3f}-{v.max():.3f}"
         m = _metrics(HERE / "campaign_1e7" / run)
         te, st = m["test/acc"].to_numpy(), m["step"].to_numpy()
         lowest = int(st[_peak_and_min(te)[1]])
         out.append((f"{run} ablation steps", f"{run}: {len(steps)} checkpoints from {steps[0]:,} to {steps[-1]:,}"
-                    + (", the collapse minimum among them" if lowest in steps else f" (not its minimum {lowest:,})")))
-        out.append((f"{run} FC1 subtraction", f"subtracting FC1's traps (its mean among them) leaves "
-                                              f"{sub.min():.3f}-{sub.max():.3f}" if sub.min() != sub.max() else
-                    f"subtracting FC1's traps (its mean among them) leaves {sub.min():.3f} at every one"))
+                    + (", its lowest evaluation after the peak among them" if lowest in steps else f" (not its minimum {lowest:,})")))
+        out.append((f"{run} FC1 subtraction", f"subtracting FC1's traps (the raw count) leaves test accuracy at "
+                                              f"{span(sub)}, removing its mean at {span(mean)}"))
         c = fc1[(fc1["variant"] == "subtract_centred") & (fc1["traps_centred"] > 0)]
         d, dc = 100 * (c["test_acc_ablated"] - c["test_acc"]), 100 * (c["test_acc_control_mean"] - c["test_acc"])
         lo = int((c["test_acc_ablated"] < c["test_acc_control_mean"] - 2 * c["test_acc_control_std"]).sum())
@@ -394,8 +403,7 @@ def ablation_checks() -> list[tuple[str, str]]:
                     f"its {int(c['traps_centred'].min())}-{int(c['traps_centred'].max())} centred traps at {len(c)} of them "
                     f"moves test accuracy by {d.min():+.1f} to {d.max():+.1f} points, against {dc.min():+.1f} to "
                     f"{dc.max():+.1f} for the control (below it by more than 2 control spreads at {lo}, above at {hi}); "
-                    f"train accuracy {c['train_acc_ablated'].min():.2f}-{c['train_acc_ablated'].max():.2f} against "
-                    f"{c['train_acc_control_mean'].min():.2f}-{c['train_acc_control_mean'].max():.2f}"))
+                    f"train accuracy {_range2(c['train_acc_ablated'])} against {_range2(c['train_acc_control_mean'])}"))
         f2 = t[(t["layer"] == "fc2") & (t["variant"] == "subtract") & (t["step"] == steps[-1])].iloc[0]
         out.append((f"{run} FC2 at the end", f"{f2['test_acc']:.3f} → {f2['test_acc_ablated']:.3f} against "
                                              f"{f2['test_acc_control_mean']:.3f} ± {f2['test_acc_control_std']:.3f}"))
