@@ -104,10 +104,11 @@ def _peaky(params, scale):
 def test_fast_path_equals_full_forward_on_every_pair(scale):
     params = _peaky(model.init_params(jax.random.PRNGKey(5), CFG), scale)
     tokens = jnp.asarray(data.all_pairs(113)[0])
-    full = np.asarray(model.forward(params, tokens))
-    last = np.asarray(model.forward_last(params, tokens))
+    # jitted, as the trainer runs them (op by op, each forward would compile dozens of small programs)
+    full = np.asarray(jax.jit(model.forward)(params, tokens))
+    last = np.asarray(jax.jit(model.forward_last)(params, tokens))
     assert full.shape == (113**2, 3, 114) and last.shape == (113**2, 114)
-    for fast in (last, np.asarray(model.forward_last_tables(params, tokens))):
+    for fast in (last, np.asarray(jax.jit(model.forward_last_tables)(params, tokens))):
         err = np.abs(full[:, -1] - fast).max() / np.abs(full[:, -1]).max()
         assert err <= 1e-12, err
     # The check has teeth: the first position's logits are not the last's.
@@ -118,9 +119,10 @@ def test_fast_path_gradient_equals_full_forward_gradient():
     params = _peaky(model.init_params(jax.random.PRNGKey(6), CFG), 2.0)
     split = data.make_split(CFG)
     tokens, labels = jnp.asarray(split.train_tokens), jnp.asarray(split.train_labels)
-    g_full = jax.grad(step.loss_fn)(params, tokens, labels, "full")
+    grad = jax.jit(jax.grad(step.loss_fn), static_argnums=3)  # jitted, as in the trainer's step
+    g_full = grad(params, tokens, labels, "full")
     for fwd in ("last", "tables"):
-        g_fast = jax.grad(step.loss_fn)(params, tokens, labels, fwd)
+        g_fast = grad(params, tokens, labels, fwd)
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_full), jax.tree.leaves(g_fast)):
             a, b = np.asarray(a), np.asarray(b)
             assert np.abs(a - b).max() <= 1e-12 * np.abs(a).max(), (fwd, jax.tree_util.keystr(path))

@@ -20,10 +20,11 @@ from grokjax.train.config import ConfigError, TrainConfig
 from grokjax.train.runner import Paused, run
 from grokjax.train.workdir import prepare_run_dir
 
+# chunk 1: one scan program a run (chunks of 2 would compile a second, for the odd gaps between evaluations)
 TINY = dict(task="modadd", p=11, d_model=16, n_heads=2, d_head=8, d_mlp=32, steps=120, log_points_per_decade=4,
-            authors_grid=False, chunk=2, full_save_secs=0, progress=False, monitor=False)
+            authors_grid=False, chunk=1, full_save_secs=0, progress=False, monitor=False)
 TINY_FLAGS = ["--task", "modadd", "--p", "11", "--d_model", "16", "--n_heads", "2", "--d_head", "8", "--d_mlp", "32",
-              "--steps", "120", "--log_points_per_decade", "4", "--authors_grid", "false", "--chunk", "2",
+              "--steps", "120", "--log_points_per_decade", "4", "--authors_grid", "false", "--chunk", "1",
               "--full_save_secs", "0", "--progress", "false"]
 # The MLP's config.json keys, in order, before the task existed (an MLP run's config.json is unchanged).
 MLP_KEYS = ("wd", "steps", "seed", "data_seed", "lr", "b1", "b2", "eps", "batch", "width", "init_scale",

@@ -10,7 +10,6 @@ import json
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
@@ -227,10 +226,11 @@ class ReplicaAxis:
             print(f"sharding {self.n} replicas over {n_dev} devices in {n_proc} processes ({self.n // n_dev} "
                   f"per device); this process writes {', '.join(names)}", file=sys.stderr)
             return state, perm, data, cols
+        # stacked on the host and put with device_put: the same arrays, without compiling a
+        # stack program per leaf shape at every start
         if not self.stacked:
-            return jax.tree.map(jnp.asarray, states[0]), jnp.asarray(perms[0]), data, cols
-        state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-        perm = jnp.asarray(np.stack(perms))
+            return jax.device_put((states[0], np.asarray(perms[0]))) + (data, cols)
+        state, perm = jax.device_put((jax.tree.map(lambda *xs: np.stack(xs), *states), np.stack(perms)))
         sharded, replicated = mesh_sharding(self.n)
         if sharded is not None:
             state, perm = jax.device_put((state, perm), sharded)

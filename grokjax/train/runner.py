@@ -29,7 +29,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from grokjax import ckpt, rundir
@@ -216,7 +215,7 @@ def _restore_or_init(cfg: TrainConfig, cfgs: list[TrainConfig], replicas: list[R
         if not np.array_equal(np.asarray(tree["batch_perm"]), p):
             raise ConfigError("the saved batch order differs from this config's; use --overwrite")
     # each task's own TrainState class (the same fields)
-    states[mine] = [type(s)(t["params"], t["opt_state"], jnp.asarray(t["step"]), jnp.asarray(t["key"]))
+    states[mine] = [type(s)(t["params"], t["opt_state"], *jax.device_put((np.asarray(t["step"]), np.asarray(t["key"]))))
                     for s, t in zip(states[mine], trees)]
     complete = not axis.group.any(not (start == cfg.steps and all(r.has_final_record() for r in replicas)))
     if complete:
@@ -247,7 +246,7 @@ class _Segment:
         self.chunk = task.make_chunk(cfg, axis.size, wds)
         self.evaluate_params = task.make_evaluate(axis.size)
         cols = task.columns(cfg, axis.stack(perms), data)
-        cols = None if cols is None else jnp.asarray(cols)
+        cols = None if cols is None else jax.device_put(cols)
         self.perms = perms[axis.mine(len(replicas))]  # this process's replicas' batch orders
         self.state, self.perm, self.data, self.cols = axis.place(states, perms, data, cols,
                                                                  [r.dir.name for r in replicas])
