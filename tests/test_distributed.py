@@ -27,9 +27,12 @@ from grokjax.train.cli import build_parser
 from grokjax.analysis.preflight import check_run
 from helpers import build_once
 
-STEPS = 100  # 9 evaluations (1 to 100 at 4 a decade): a launch's cost is mostly its start and compilation
+# 9 evaluations (1 to 100 at 4 a decade): a launch's cost is mostly its start and compilation. Chunks of one
+# step: one scan program, which every process but the first compiles at every launch (JAX writes the persistent
+# compilation cache only from process 0); chunks of 2 would need a second, for the odd gaps between evaluations.
+STEPS = 100
 ARGS = ["--steps", str(STEPS), "--width", "64", "--log_points_per_decade", "4", "--authors_grid", "false",
-        "--chunk", "2", "--full_save_secs", "0", "--progress", "false", "--monitor", "false", "--seeds", "0,1"]
+        "--chunk", "1", "--full_save_secs", "0", "--progress", "false", "--monitor", "false", "--seeds", "0,1"]
 WDS = "0,0.01"
 RUNS = ["wd0_seed0", "wd0_seed1", "wd0.01_seed0", "wd0.01_seed1"]
 TIMEOUT = 300
@@ -229,7 +232,7 @@ def test_a_lagging_monitor_ends_cleanly(tmp_path, root):
     # One replica a process (seed 0, WD 0 and 0.01; one device each). Process 1's monitor defers
     # every step to the backfill (a backlog of -1) and waits 0.75 s before each record: 100 steps at
     # 3 evaluations a decade give 8 records, at least 6 s of backfill, much of it left when the
-    # training (50 chunks of 2 steps) ends.
+    # training (100 chunks of one step) ends.
     lag = {**_env(1), "GROKJAX_TEST_MONITOR_DELAY": "0.75", "GROKJAX_TEST_MONITOR_BACKLOG": "-1"}
     more = ["--monitor", "true", "--steps", "100", "--log_points_per_decade", "3", "--keep_params", "all",
             "--seeds", "0"]
