@@ -19,6 +19,7 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
+CAMPAIGN_RUNS = ("wd0.01_seed0", "wd0_seed1", "wd0_seed2", "wd0.01_seed1", "wd0.01_seed2")  # the issue's order
 
 
 def _metrics(run: Path) -> pd.DataFrame:
@@ -249,17 +250,17 @@ def seeds_checks() -> list[tuple[str, str]]:
                                       f"v2 {t2[3]})"))
     status = []
     camp = HERE / "campaign_1e7"
-    for name in ("wd0.01_seed0", "wd0_seed1", "wd0_seed2", "wd0.01_seed1", "wd0.01_seed2"):
+    for name in CAMPAIGN_RUNS:
         if (camp / name / "metrics.jsonl").is_file():
             status.append(f"{name} at {int(_metrics(camp / name)['step'].max()):,}")
     out.append(("campaign status", "; ".join(status)))
-    for name in ("wd0.01_seed0", "wd0_seed1"):
+    for name in CAMPAIGN_RUNS:
         if (camp / name / "metrics.jsonl").is_file():
             m = _metrics(camp / name)
             i = int(m["test/acc"].to_numpy().argmax())
             out.append((f"{name} peak", f"peaked at {m['test/acc'].iloc[i]:.4f} at {int(m['step'].iloc[i]):,}"))
     pauses, hosts = [], []  # per started run: where its last segment paused; its segments' CPUs, in order
-    for name in ("wd0.01_seed0", "wd0_seed1", "wd0_seed2", "wd0.01_seed1", "wd0.01_seed2"):
+    for name in CAMPAIGN_RUNS:
         if (camp / name / "events.jsonl").is_file():
             ev = _events(camp / name)
             last = [e for e in ev if e.get("event") in ("start", "resume", "pause")][-1]
@@ -282,7 +283,7 @@ def seeds_checks() -> list[tuple[str, str]]:
             out.append((f"WD 0.01 {layer.upper()} alpha warning",
                         f"{layer.upper()} alpha < 2 from {w[0]['onset']:,} ({w[0]['value']:.2f} at {w[0]['step']:,})"))
     steps = camp / "analysis" / "all_steps.csv"
-    for name in ("wd0.01_seed0", "wd0_seed1"):
+    for name in CAMPAIGN_RUNS:
         if (camp / name / "metrics.jsonl").is_file():
             m = _metrics(camp / name)
             last = m.iloc[int(m["step"].to_numpy().argmax())]
