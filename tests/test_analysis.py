@@ -363,7 +363,8 @@ def tiny_run(tmp_path_factory, run300):
 
 def test_cli_on_trained_run(tiny_run, tmp_path, capsys):
     out = tmp_path / "out"
-    cmd = [sys.executable, str(SPECTRA), str(tiny_run.parent), "--engine", "both", "--workers", "2",
+    # one worker: the pool of two is test_bad_inputs.py's (the unreadable checkpoint rerun)
+    cmd = [sys.executable, str(SPECTRA), str(tiny_run.parent), "--engine", "both", "--workers", "1",
            "--ww-stride", "3", "--out", str(out), "--no-progress"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
