@@ -95,17 +95,18 @@ def test_sweep_of_weight_decays_equals_separate_runs(tmp_path, mnist, single):
 
 
 # Three sweeps over two forced CPU devices, trained by one subprocess (its start and its shared
-# programs paid once) beside their in-process references on one device: a seed axis (the default
-# skip_zero_pixels=subset), and a weight-decay axis with per-batch FC1 columns (batch) and with FC1
-# narrowed per chunk (subset).
+# programs paid once) while the test gathers their references on one device: a seed axis (the
+# default skip_zero_pixels=subset) and a weight-decay axis with FC1 narrowed per chunk (subset),
+# both against the module's separate runs (`single`, trained once), and a weight-decay axis with
+# per-batch FC1 columns (batch) against its in-process sweep.
 SHARDED = {
-    "seeds": (dict(SMALL), dict(seeds=[1, 2])),
+    "seeds": (dict(SMALL), dict(seeds=[0, 3])),
+    "wds-subset": ({**SMALL, "skip_zero_pixels": "subset"}, dict(seeds=[0], wds=[0.0, 0.01])),
     "wds-batch": ({**SMALL, "skip_zero_pixels": "batch"}, dict(seeds=[1], wds=[0.0, 0.01])),
-    "wds-subset": ({**SMALL, "skip_zero_pixels": "subset"}, dict(seeds=[1], wds=[0.0, 0.01])),
 }
 
 
-def test_sweeps_sharded_over_two_cpu_devices(tmp_path, root, mnist):
+def test_sweeps_sharded_over_two_cpu_devices(tmp_path, root, mnist, single):
     code = (
         "import grokjax, jax, sys\n"
         "from pathlib import Path\n"
@@ -117,14 +118,17 @@ def test_sweeps_sharded_over_two_cpu_devices(tmp_path, root, mnist):
     )
     proc = _sharded(root, code, tmp_path / "sharded")
     try:
-        refs = {name: run(TrainConfig(out=str(tmp_path / "ref" / name), **cfg), mnist=mnist, **axes)
-                for name, (cfg, axes) in SHARDED.items()}
+        default_wd = TrainConfig(out="unused").wd
+        refs = {"seeds": {"seed0": single(default_wd, 0), "seed3": single(default_wd, 3)},
+                "wds-subset": {"wd0_seed0": single(0.0, 0), "wd0.01_seed0": single(0.01, 0)}}
+        cfg, axes = SHARDED["wds-batch"]
+        refs["wds-batch"] = {d.name: d for d in run(TrainConfig(out=str(tmp_path / "ref"), **cfg), mnist=mnist, **axes)}
     finally:
         rc, err = _finish(proc)
     assert rc == 0, err[-2000:]
     assert err.count("sharding 2 seeds over 2 devices") == 3, err[-2000:]
-    assert [d.name for d in refs["seeds"]] == ["seed1", "seed2"]
-    assert [d.name for d in refs["wds-batch"]] == ["wd0_seed1", "wd0.01_seed1"]
+    assert list(refs["wds-batch"]) == ["wd0_seed1", "wd0.01_seed1"]
     for name, ref in refs.items():
-        for d in ref:
-            _assert_params_close(ckpt.load_params(tmp_path / "sharded" / name / d.name, 60), ckpt.load_params(d, 60))
+        assert sorted(p.name for p in (tmp_path / "sharded" / name).iterdir() if p.is_dir()) == sorted(ref), name
+        for run_name, d in ref.items():
+            _assert_params_close(ckpt.load_params(tmp_path / "sharded" / name / run_name, 60), ckpt.load_params(d, 60))
