@@ -33,21 +33,17 @@ SPECTRA_MAIN = _spectra_main()
 
 
 @pytest.fixture(scope="session")
-def golden(tmp_path_factory, request):
-    """A 300-step run, analysed once (outputs, figures and cache in <run>/analysis); trained once per
-    session, also under pytest-xdist (helpers.build_once), and only ever copied."""
+def golden(tmp_path_factory, run300):
+    """The session's 300-step run (helpers.RUN300) without its monitor record, analysed once
+    (outputs, figures and cache in <run>/analysis); built once per session, also under
+    pytest-xdist (helpers.build_once), and only ever copied. These cases are about params
+    checkpoints: with a monitor record, a missing or unreadable checkpoint costs nothing (the
+    analysis reads the record)."""
     from helpers import build_once
-
-    from grokjax.train.config import TrainConfig
-    from grokjax.train.runner import run
 
     def build(folder):
         d = folder / "wd0"
-        # monitor=False: these cases are about params checkpoints (with a monitor record a missing or
-        # unreadable checkpoint costs nothing: the analysis reads the record)
-        # chunk=2: the chunk programs of helpers.SMALL, compiled once a session (the default 4096 needs eight)
-        run(TrainConfig(steps=300, out=str(d), progress=False, log_points_per_decade=3, authors_grid=False,
-                        monitor=False, chunk=2), mnist=request.getfixturevalue("mnist"))
+        shutil.copytree(run300, d, ignore=shutil.ignore_patterns("monitor", "analysis"))
         assert SPECTRA_MAIN([str(d), *FAST]) == 0
         assert (d / "analysis" / "figures" / "fig3_traps.png").is_file()
 
