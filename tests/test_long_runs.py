@@ -1,5 +1,6 @@
 """Long runs: time-limited and signalled pauses, resume messages, export and continue elsewhere."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -54,6 +55,29 @@ def _mid_segment_checks(cfg, skip=0):
     return out[skip:]
 
 
+@contextlib.contextmanager
+def _compilations():
+    """Counts the block's requests for compiled programs (`requested`) and those the persistent
+    compilation cache answered (`found`; conftest: one cache a session, so a program some run of
+    the session compiled is found)."""
+    import jax
+
+    assert jax.config.jax_compilation_cache_dir, "these checks need the session's compilation cache"
+    got, on = {"requested": 0, "found": 0}, [True]
+    names = {"/jax/compilation_cache/compile_requests_use_cache": "requested",
+             "/jax/compilation_cache/cache_hits": "found"}
+
+    def listen(event, **kw):
+        if on[0] and event in names:
+            got[names[event]] += 1
+
+    jax.monitoring.register_event_listener(listen)
+    try:
+        yield got
+    finally:
+        on[0] = False  # JAX has no public way to unregister a listener
+
+
 def _stop_after(monkeypatch, n_checks, reason="time limit"):
     """Makes the run pause at its n-th stop check (one check per chunk dispatched)."""
     calls = {"n": 0}
@@ -94,10 +118,13 @@ def test_pause_between_evaluations_then_resume_is_bitwise_identical(tmp_path, mn
     assert _events(d)[-1]["event"] == "pause" and _events(d)[-1]["step"] == step
     monkeypatch.undo()
     capsys.readouterr()
-    run(cfg, mnist=mnist)
+    with _compilations() as compiled:
+        run(cfg, mnist=mnist)
     err = capsys.readouterr().err
     assert f"resuming {d} from step {step} of 120 (paused by time limit" in err
     assert _records(d) == _records(reference)
+    # the resume calls the programs of a fresh run (the reference's): it compiles none of its own
+    assert compiled["requested"] > 0 and compiled["found"] == compiled["requested"], compiled
     _same_params(ckpt.load_params(d, 120), ckpt.load_params(reference, 120))
 
 

@@ -229,7 +229,10 @@ class ReplicaAxis:
         # stacked on the host and put with device_put: the same arrays, without compiling a
         # stack program per leaf shape at every start
         if not self.stacked:
-            return jax.device_put((states[0], np.asarray(perms[0]))) + (data, cols)
+            # committed to the device, as a restored state is (Orbax's arrays are): a fresh run and
+            # its resumes then call the same compiled programs (an uncommitted argument is a
+            # different signature, so every resume compiled its chunks and evaluation again)
+            return jax.device_put((states[0], np.asarray(perms[0])), jax.devices()[0]) + (data, cols)
         state, perm = jax.device_put((jax.tree.map(lambda *xs: np.stack(xs), *states), np.stack(perms)))
         sharded, replicated = mesh_sharding(self.n)
         if sharded is not None:
