@@ -21,8 +21,8 @@ def test_flops_per_step_counts_the_nine_gemms():
 def test_benchmark_cli_quick_writes_table_and_json(root, tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(root / "experiments" / "benchmark.py"), "--quick", "--seeds", "1,2",
-                           "--modes", "batch", "--json", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "GROKJAX_OFFLINE": "1"})
+                           "--modes", "batch", "--json", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "GROKJAX_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "JAX scan chunk (1 seed)" in proc.stdout and "torch eager" in proc.stdout and "floor" in proc.stdout
     assert "skip_zero_pixels=batch" in proc.stdout and "skip_zero_pixels=off" not in proc.stdout  # --modes
