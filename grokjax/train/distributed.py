@@ -230,6 +230,20 @@ def to_global(tree, sharding):
     return jax.tree.map(put, tree)
 
 
+def rows_to_global(tree, sharding, lo: int, n: int):
+    """A global array of `n` rows, replica-sharded, from this process's rows `lo`.. (host arrays)."""
+    def put(a):
+        a = np.asarray(a)
+
+        def rows(idx):
+            r = idx[0]
+            return a[(slice((r.start or 0) - lo, (n if r.stop is None else r.stop) - lo), *idx[1:])]
+
+        return jax.make_array_from_callback((n, *a.shape[1:]), sharding, rows)
+
+    return jax.tree.map(put, tree)
+
+
 def local_rows(x) -> np.ndarray:
     """The rows of a replica-sharded (or replicated) array that live in this process, as numpy."""
     if getattr(x, "is_fully_addressable", True):

@@ -213,11 +213,13 @@ class ReplicaAxis:
     def place(self, states: list[TrainState], perms: list[np.ndarray], data, cols, names: list[str]) -> tuple:
         """The program's inputs on the devices, the replica axis sharded: (state, perm, data, cols).
 
-        `states` and `perms` are every replica's of the run; `names` this process's run directories.
+        `states` are this process's replicas', `perms` every replica's of the run; `names` this
+        process's run directories.
         """
         if self.layout is not None:
             sharded, replicated = self.layout.sharded, self.layout.replicated
-            state = distributed.to_global(jax.tree.map(lambda *xs: np.stack(xs), *states), sharded)
+            state = distributed.rows_to_global(jax.tree.map(lambda *xs: np.stack(xs), *states), sharded,
+                                               self.lo, self.n)
             perm = distributed.to_global(np.stack(perms), sharded)
             data = distributed.to_global(data, replicated)
             if cols is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import SingleDeviceSharding
 
 from grokjax import ckpt, rundir
 from grokjax.rundir import SWEEP_FILE
@@ -163,8 +165,8 @@ def _resume_reason(replicas: list[Replica], start: int) -> str:
 
 @dataclasses.dataclass
 class _Start:
-    """Where a segment starts: its step, every replica's state (of the whole run; this process's
-    restored) and this process's replicas' wall-clock seconds before it."""
+    """Where a segment starts: its step, this process's replicas' states (restored, or fresh) and
+    their wall-clock seconds before it."""
 
     step: int
     states: list[TrainState]
@@ -198,25 +200,36 @@ def _train(sweep: Sweep, replicas: list[Replica], *, steps: np.ndarray,
     _report_monitors(replicas, stop)
 
 
+def _abstract_state(cfg: TrainConfig, sharding) -> TrainState:
+    """The shapes, dtypes and placement of `cfg`'s fresh state, as `jax.ShapeDtypeStruct`s in the
+    task's TrainState (`jax.eval_shape`: nothing is compiled or run)."""
+    shapes = jax.eval_shape(functools.partial(task_of(cfg).init_state, cfg))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
+
+
 def _restore_or_init(cfg: TrainConfig, cfgs: list[TrainConfig], replicas: list[Replica], perms: list[np.ndarray],
                      axis: ReplicaAxis) -> _Start | None:
     """Step 0 with fresh states, or the newest full state every replica can read (announced, and
     recorded as a resume event). None: the run is already complete (said in one line)."""
     mine = axis.mine(len(replicas))
-    states = [task_of(c).init_state(c) for c in cfgs]
-    templates = [state_tree(s, p, 0.0) for s, p in zip(states, perms)]
-    restored = restore(replicas, templates[mine], axis.group)
+    # the restore reads shapes, dtypes and placement only: a template from jax.eval_shape, so a
+    # resume compiles and runs no initialization (in a multi-process sweep, every process but the
+    # first compiles each program at every launch: JAX writes the compilation cache from process 0)
+    here = SingleDeviceSharding(jax.local_devices()[0])
+    shapes = [_abstract_state(c, here) for c in cfgs[mine]]
+    templates = [state_tree(s, p, 0.0) for s, p in zip(shapes, perms[mine])]
+    restored = restore(replicas, templates, axis.group)
     if restored is None:
         for r in replicas:
             r.event(event="start", step=0, **segment_fields())
-        return _Start(0, states, [0.0] * len(replicas))
+        return _Start(0, [task_of(c).init_state(c) for c in cfgs[mine]], [0.0] * len(replicas))
     start, trees = restored
     for tree, p in zip(trees, perms[mine]):
         if not np.array_equal(np.asarray(tree["batch_perm"]), p):
             raise ConfigError("the saved batch order differs from this config's; use --overwrite")
     # each task's own TrainState class (the same fields)
-    states[mine] = [type(s)(t["params"], t["opt_state"], *jax.device_put((np.asarray(t["step"]), np.asarray(t["key"]))))
-                    for s, t in zip(states[mine], trees)]
+    states = [type(s)(t["params"], t["opt_state"], *jax.device_put((np.asarray(t["step"]), np.asarray(t["key"]))))
+              for s, t in zip(shapes, trees)]
     complete = not axis.group.any(not (start == cfg.steps and all(r.has_final_record() for r in replicas)))
     if complete:
         print(f"already complete: {cfg.out} ({cfg.steps} steps)", file=sys.stderr)
