@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from grokjax import ckpt
 
-from grokjax.train import stops
+from grokjax.train import engine, stops
 from grokjax.train.config import ConfigError, TrainConfig, parse_duration
 from grokjax.train.export import export_run
 from grokjax.train.runner import Paused, run
@@ -118,8 +119,17 @@ def test_pause_between_evaluations_then_resume_is_bitwise_identical(tmp_path, mn
     assert _events(d)[-1]["event"] == "pause" and _events(d)[-1]["step"] == step
     monkeypatch.undo()
     capsys.readouterr()
+    init_params, drawn = engine.init_params, []
+
+    def watched(key, *args, **kw):  # the restore's template traces it (jax.eval_shape): abstract keys only
+        drawn.append(not isinstance(key, jax.core.Tracer))
+        return init_params(key, *args, **kw)
+
+    monkeypatch.setattr(engine, "init_params", watched)
     with _compilations() as compiled:
         run(cfg, mnist=mnist)
+    monkeypatch.undo()
+    assert drawn and not any(drawn), drawn  # a resume initializes nothing
     err = capsys.readouterr().err
     assert f"resuming {d} from step {step} of 120 (paused by time limit" in err
     assert _records(d) == _records(reference)
