@@ -63,6 +63,12 @@ def _range2(v) -> str:
     return lo if lo == hi else f"{lo}-{hi}"
 
 
+def _range1(v) -> str:
+    """'3.7-6.0', one decimal."""
+    lo, hi = f"{min(v):.1f}", f"{max(v):.1f}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
 def _and(items) -> str:
     """'a', 'a and b', 'a, b and c'."""
     items = [str(x) for x in items]
@@ -137,13 +143,14 @@ def seeds_checks() -> list[tuple[str, str]]:
     seeds = [int(g0.loc[g0["run"] == r, "seed"].iloc[0]) for r in runs]
     both = "in both runs" if len(runs) == 2 else f"in all {len(runs)} runs"
     out.append(("finished WD-0 runs in the grid", f"(WD 0, seeds {_and(seeds)}: n = {len(runs)})"))
-    late_text, lost_text, cs_text, below_text, peaks = [], [], [], [], []
+    late_text, lost_text, cs_text, below_text, peaks, drops = [], [], [], [], [], []
     for run, seed in zip(runs, seeds):
         g = g0[g0["run"] == run]
         m = _run_metrics(run)
         te = m["test/acc"].to_numpy()
         ip, imin = _peak_and_min(te)
         total = 100 * (te[ip] - te[imin])
+        drops.append(total)
         d = g[(g["collapse"] == "drop2") & (g["signal"] != "traps>=1")]
         lost_text.append(f"after {d['lost_pp'].min():.1f}-{d['lost_pp'].max():.1f} of seed {seed}'s {total:.1f} points "
                          f"were lost (between {d['signal_step'].min():,.0f} and {d['signal_step'].max():,.0f} steps)")
@@ -175,6 +182,9 @@ def seeds_checks() -> list[tuple[str, str]]:
                      else "CHECK raw traps")
     out.append(("points lost when alpha and centred traps fire", "; ".join(lost_text)))
     out.append(("collapse steps", "; ".join(cs_text)))
+    dr = g0[g0["collapse"].str.startswith("drop")]["collapse_step"]
+    out.append(("collapse steps' range", f"whose collapse is first met at {dr.min() / 1e6:.1f}-{dr.max() / 1e6:.1f} million steps"))
+    out.append(("WD-0 drops, rounded", "the " + "-".join(dict.fromkeys(f"{x:.0f}" for x in (min(drops), max(drops)))) + "-point collapse at WD 0"))
     out.append(("late under every drop definition", f"late under all four drop definitions {both}" if all(late_text)
                 else "NOT late under every drop definition"))
     out.append(("below 0.5", "; ".join(below_text)))
@@ -183,12 +193,16 @@ def seeds_checks() -> list[tuple[str, str]]:
     out.append(("FC1 alpha vs test accuracy", f"Spearman {_and([f'{x:.2f}' for x in c['spearman']])}, Pearson "
                                               f"{_and([f'{x:.2f}' for x in c['pearson']])} over "
                                               f"{_and([int(x) for x in c['n']])} evaluations"))
-    if len(runs) > 1:
-        for alpha, label in (("fc1_alpha", "FC1's alpha"), ("mean_alpha", "the average alpha")):
-            p = pred[(pred["alpha"] == alpha) & (pred["wd"] == 0)].set_index("fit_run").loc[runs]
+    for alpha, label in (("fc1_alpha", "FC1's alpha"), ("mean_alpha", "the average alpha")):
+        p = pred[(pred["alpha"] == alpha) & (pred["wd"] == 0)].set_index("fit_run").loc[runs] if len(runs) > 1 else None
+        if len(runs) == 2:  # one pair each way: both numbers, fitted on the first seed, then on the second
             out.append((f"cross-seed prediction from {label}",
                         f"{label} with a mean error of {_and([f'{x:.1f}' for x in p['mae_pp']])} points "
                         f"(largest {_and([f'{x:.1f}' for x in p['max_pp']])})"))
+        elif len(runs) > 2:  # every ordered pair of seeds: the ranges
+            out.append((f"cross-seed prediction from {label}",
+                        f"{label} with a mean error of {_range1(p['mae_pp'])} points (largest {_range1(p['max_pp'])}) "
+                        f"over the {len(p)} ordered pairs of seeds"))
     ctl = grid[grid["wd"] > 0]  # the WD 0.01 control(s) that reached 10^7
     for run in sorted(ctl["run"].unique()):
         g = ctl[ctl["run"] == run]
@@ -290,12 +304,16 @@ def seeds_checks() -> list[tuple[str, str]]:
             drop = 100 * (m["test/acc"].max() - last["test/acc"])
             out.append((f"{name} where it stands", f"{last['test/acc']:.4f} at {int(last['step']):,}, {drop:.1f} points "
                                                    "below its peak"))
-    if steps.is_file():  # the analysis of the exported records: seed 1's FC1 alpha and centred traps since its peak
-        m = _metrics(camp / "wd0_seed1")
+    # the analysis of the exported records: each finished WD-0 run's FC1 alpha and centred traps since
+    # its peak (seed 1 from the start; a later seed once it has reached 10^7)
+    finished = [n for n in CAMPAIGN_RUNS if n.startswith("wd0_") and (camp / n / "metrics.jsonl").is_file()
+                and (n == "wd0_seed1" or int(_metrics(camp / n)["step"].max()) >= 10**7)]
+    for name in finished if steps.is_file() else []:
+        m = _metrics(camp / name)
         peak, peak_step = m["test/acc"].max(), int(m["step"].iloc[int(m["test/acc"].to_numpy().argmax())])
         s = pd.read_csv(steps)
-        s = s[(s["run"] == "wd0_seed1") & (s["step"] >= peak_step)].dropna(subset=["native/alpha_fc1"])
-        s = s.sort_values("step")
+        s = s[(s["run"] == name) & (s["step"] >= peak_step)].dropna(subset=["native/alpha_fc1"])
+        s = s.sort_values("step").reset_index(drop=True)
         last = s.iloc[-1]
 
         def lost_at(step):  # test points lost from the peak at an evaluation
@@ -312,7 +330,7 @@ def seeds_checks() -> list[tuple[str, str]]:
             first = int(s["step"][below].iloc[0])
             since = "since" if below[below.idxmax():].all() else "first at"
             alpha = f", below 2 {since} {first:,} (after {lost_at(first):.1f} points were lost)"
-        out.append(("wd0_seed1 FC1 alpha at its last step", f"with FC1 alpha {last['native/alpha_fc1']:.2f}{alpha}"))
+        out.append((f"{name} FC1 alpha at its last step", f"with FC1 alpha {last['native/alpha_fc1']:.2f}{alpha}"))
         trap = s["native/traps_centred_fc1"] + s["native/traps_centred_fc2"] > 0
         if trap.any():
             first = int(s["step"][trap].iloc[0])
@@ -320,9 +338,9 @@ def seeds_checks() -> list[tuple[str, str]]:
             text = f"a centred trap at {int(trap.sum())} evaluations from {first:,}, after {lost_at(first):.1f} points were lost"
             if three is not None:
                 text += f", on 3 consecutive evaluations from {three:,} ({lost_at(three):.1f} points lost)"
-            out.append(("wd0_seed1 centred traps", text + (", none at its last" if not trap.iloc[-1] else "")))
+            out.append((f"{name} centred traps", text + (", none at its last" if not trap.iloc[-1] else "")))
         else:
-            out.append(("wd0_seed1 centred traps", "no centred trap since its peak"))
+            out.append((f"{name} centred traps", "no centred trap since its peak"))
     return out
 
 
