@@ -262,32 +262,30 @@ def seeds_checks() -> list[tuple[str, str]]:
     out.append(("Table 2 over seeds", f"FC1 holds {t1[0]} traps at the anti-grokking edge ({t1c[0]} beyond the mean; "
                                       f"v1 {t1[2]}, v2 {t1[3]}), FC2 {t2[0]} ({t2c[0]} beyond the mean; v1 {t2[2]}, "
                                       f"v2 {t2[3]})"))
-    status = []
     camp = HERE / "campaign_1e7"
-    for name in CAMPAIGN_RUNS:
-        if (camp / name / "metrics.jsonl").is_file():
-            status.append(f"{name} at {int(_metrics(camp / name)['step'].max()):,}")
-    out.append(("campaign status", "; ".join(status)))
-    for name in CAMPAIGN_RUNS:
-        if (camp / name / "metrics.jsonl").is_file():
-            m = _metrics(camp / name)
-            i = int(m["test/acc"].to_numpy().argmax())
-            out.append((f"{name} peak", f"peaked at {m['test/acc'].iloc[i]:.4f} at {int(m['step'].iloc[i]):,}"))
-    pauses, hosts = [], []  # per started run: where its last segment paused; its segments' CPUs, in order
-    for name in CAMPAIGN_RUNS:
-        if (camp / name / "events.jsonl").is_file():
-            ev = _events(camp / name)
-            last = [e for e in ev if e.get("event") in ("start", "resume", "pause")][-1]
-            if last["event"] == "pause":
-                pauses.append(f"{last['step']:,}")
-            segs = enumerate((e["cpu"] for e in ev if e.get("event") in ("start", "resume")), 1)
-            stretches = [[i for i, _ in g] + [cpu] for cpu, g in groupby(segs, key=lambda x: x[1])]
-            hosts.append((name, "; ".join(f"segment {r[0]} on {r[-1]}" if len(r) == 2 else
-                                          f"segments {r[0]}-{r[-2]} on {r[-1]}" for r in stretches)))
-    if pauses:
-        listed = pauses[0] if len(pauses) == 1 else f"{', '.join(pauses[:-1])} and {pauses[-1]}"
-        out.append(("segment pauses", f"the segments paused at {listed}" if len(pauses) > 1 else
-                    f"segment paused at {listed}"))
+    hosts = []  # per started run: its segments' CPUs, in order
+    for name in CAMPAIGN_RUNS:  # the table of where the runs stand, a row a started run
+        if not (camp / name / "metrics.jsonl").is_file():
+            continue
+        m = _metrics(camp / name)
+        ev = _events(camp / name)
+        i = int(m["test/acc"].to_numpy().argmax())
+        last = m.iloc[int(m["step"].to_numpy().argmax())]
+        ends = [e for e in ev if e.get("event") in ("start", "resume", "pause")]
+        if int(last["step"]) >= 10**7:
+            state = "complete"
+        elif ends and ends[-1]["event"] == "pause":
+            state = f"paused at {ends[-1]['step']:,}"
+        else:
+            state = "CHECK: neither complete nor paused"
+        wd, seed = name[2:].split("_seed")
+        out.append((f"{name} row", f"| {name} | {wd} | {seed} | {int(last['step']):,} | {m['test/acc'].iloc[i]:.4f} at "
+                                   f"{int(m['step'].iloc[i]):,} | {last['test/acc']:.4f} | "
+                                   f"{100 * (m['test/acc'].iloc[i] - last['test/acc']):.1f} | {state} |"))
+        segs = enumerate((e["cpu"] for e in ev if e.get("event") in ("start", "resume")), 1)
+        stretches = [[i for i, _ in g] + [cpu] for cpu, g in groupby(segs, key=lambda x: x[1])]
+        hosts.append((name, "; ".join(f"segment {r[0]} on {r[-1]}" if len(r) == 2 else
+                                      f"segments {r[0]}-{r[-2]} on {r[-1]}" for r in stretches)))
     for name, text in hosts:
         out.append((f"{name} segments' CPUs", f"{name}: {text}"))
     ev = _events(camp / "wd0.01_seed0")
@@ -297,13 +295,6 @@ def seeds_checks() -> list[tuple[str, str]]:
             out.append((f"WD 0.01 {layer.upper()} alpha warning",
                         f"{layer.upper()} alpha < 2 from {w[0]['onset']:,} ({w[0]['value']:.2f} at {w[0]['step']:,})"))
     steps = camp / "analysis" / "all_steps.csv"
-    for name in CAMPAIGN_RUNS:
-        if (camp / name / "metrics.jsonl").is_file():
-            m = _metrics(camp / name)
-            last = m.iloc[int(m["step"].to_numpy().argmax())]
-            drop = 100 * (m["test/acc"].max() - last["test/acc"])
-            out.append((f"{name} where it stands", f"{last['test/acc']:.4f} at {int(last['step']):,}, {drop:.1f} points "
-                                                   "below its peak"))
     # the analysis of the exported records: each finished WD-0 run's FC1 alpha and centred traps since
     # its peak (seed 1 from the start; a later seed once it has reached 10^7)
     finished = [n for n in CAMPAIGN_RUNS if n.startswith("wd0_") and (camp / n / "metrics.jsonl").is_file()
