@@ -314,6 +314,12 @@ def seeds_checks() -> list[tuple[str, str]]:
             f, st = flags.to_numpy(), s["step"].to_numpy()
             return next((int(st[i]) for i in range(len(f) - 2) if f[i] and f[i + 1] and f[i + 2]), None)
 
+        if name != "wd0_seed1":  # a later seed: its lowest evaluation after the peak, and its end against it
+            te, st = m["test/acc"].to_numpy(), m["step"].to_numpy()
+            ip, imin = _peak_and_min(te)
+            out.append((f"{name} lowest", f"its lowest evaluation after the peak was {te[imin]:.4f} at {st[imin]:,} "
+                                          f"({100 * (te[ip] - te[imin]):.1f} points lost), and it ended "
+                                          f"{100 * (te[-1] - te[imin]):.2f} points above it"))
         below = s["native/alpha_fc1"] < 2
         if not below.any():
             alpha = ", never below 2 since its peak"
