@@ -57,15 +57,9 @@ def _peak_and_min(te: np.ndarray) -> tuple[int, int]:
     return ip, ip + 1 + int(te[ip + 1:].argmin())
 
 
-def _range2(v) -> str:
-    """'0.81-0.95', or '1.00' when both ends round alike."""
-    lo, hi = f"{v.min():.2f}", f"{v.max():.2f}"
-    return lo if lo == hi else f"{lo}-{hi}"
-
-
-def _range1(v) -> str:
-    """'3.7-6.0', one decimal."""
-    lo, hi = f"{min(v):.1f}", f"{max(v):.1f}"
+def _range(v, places: int = 2) -> str:
+    """'0.81-0.95' (places 2) or '3.7-6.0' (places 1); one number when both ends round alike."""
+    lo, hi = f"{min(v):.{places}f}", f"{max(v):.{places}f}"
     return lo if lo == hi else f"{lo}-{hi}"
 
 
@@ -201,7 +195,7 @@ def seeds_checks() -> list[tuple[str, str]]:
                         f"(largest {_and([f'{x:.1f}' for x in p['max_pp']])})"))
         elif len(runs) > 2:  # every ordered pair of seeds: the ranges
             out.append((f"cross-seed prediction from {label}",
-                        f"{label} with a mean error of {_range1(p['mae_pp'])} points (largest {_range1(p['max_pp'])}) "
+                        f"{label} with a mean error of {_range(p['mae_pp'], 1)} points (largest {_range(p['max_pp'], 1)}) "
                         f"over the {len(p)} ordered pairs of seeds"))
     ctl = grid[grid["wd"] > 0]  # the WD 0.01 control(s) that reached 10^7
     for run in sorted(ctl["run"].unique()):
@@ -299,11 +293,11 @@ def seeds_checks() -> list[tuple[str, str]]:
     # its peak (seed 1 from the start; a later seed once it has reached 10^7)
     finished = [n for n in CAMPAIGN_RUNS if n.startswith("wd0_") and (camp / n / "metrics.jsonl").is_file()
                 and (n == "wd0_seed1" or int(_metrics(camp / n)["step"].max()) >= 10**7)]
-    for name in finished if steps.is_file() else []:
+    all_steps = pd.read_csv(steps) if steps.is_file() else None
+    for name in finished if all_steps is not None else []:
         m = _metrics(camp / name)
         peak, peak_step = m["test/acc"].max(), int(m["step"].iloc[int(m["test/acc"].to_numpy().argmax())])
-        s = pd.read_csv(steps)
-        s = s[(s["run"] == name) & (s["step"] >= peak_step)].dropna(subset=["native/alpha_fc1"])
+        s = all_steps[(all_steps["run"] == name) & (all_steps["step"] >= peak_step)].dropna(subset=["native/alpha_fc1"])
         s = s.sort_values("step").reset_index(drop=True)
         last = s.iloc[-1]
 
@@ -419,7 +413,7 @@ def ablation_checks() -> list[tuple[str, str]]:
                     f"its {int(c['traps_centred'].min())}-{int(c['traps_centred'].max())} centred traps at {len(c)} of them "
                     f"moves test accuracy by {d.min():+.1f} to {d.max():+.1f} points, against {dc.min():+.1f} to "
                     f"{dc.max():+.1f} for the control (below it by more than 2 control spreads at {lo}, above at {hi}); "
-                    f"train accuracy {_range2(c['train_acc_ablated'])} against {_range2(c['train_acc_control_mean'])}"))
+                    f"train accuracy {_range(c['train_acc_ablated'])} against {_range(c['train_acc_control_mean'])}"))
         f2 = t[(t["layer"] == "fc2") & (t["variant"] == "subtract") & (t["step"] == steps[-1])].iloc[0]
         out.append((f"{run} FC2 at the end", f"{f2['test_acc']:.3f} → {f2['test_acc_ablated']:.3f} against "
                                              f"{f2['test_acc_control_mean']:.3f} ± {f2['test_acc_control_std']:.3f}"))
