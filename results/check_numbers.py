@@ -19,6 +19,9 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
+SIGNAL_WORDS = {"fc1_alpha<2": "FC1's alpha < 2", "fc1_alpha_centred<2": "FC1's centred alpha < 2",
+                "mean_alpha<2": "the average alpha < 2", "mean_alpha_centred<2": "the centred average alpha < 2",
+                "traps>=1": "the raw trap count", "traps_centred>=1": "the centred trap count"}
 CAMPAIGN_RUNS = ("wd0.01_seed0", "wd0_seed1", "wd0_seed2", "wd0.01_seed1", "wd0.01_seed2")  # the issue's order
 
 
@@ -220,15 +223,30 @@ def seeds_checks() -> list[tuple[str, str]]:
         def at(sig):
             return f"{int(first.loc[sig, 'signal_step']):,} ({first.loc[sig, 'lost_pp']:.1f} points lost)"
 
-        held = [s for s in ("traps>=1", "traps_centred>=1") if first.loc[s, "held_at_peak"]]
-        out.append((f"{run} signals", ("the raw and centred trap counts at its peak itself" if len(held) == 2 else
-                                       f"CHECK traps at the peak {held}")
-                    + f", the average alpha < 2 from {at('mean_alpha<2')} and FC1's alpha < 2 from {at('fc1_alpha<2')}"))
+        def when(sig, label):  # a signal's first firing after the peak, in words
+            if first.loc[sig, "held_at_peak"]:
+                return f"{label} at its peak itself"
+            return f"{label} from {at(sig)}" if np.isfinite(first.loc[sig, "signal_step"]) else f"{label} never"
+
+        traps = ("the raw and centred trap counts at its peak itself" if first.loc["traps>=1", "held_at_peak"]
+                 and first.loc["traps_centred>=1", "held_at_peak"] else
+                 f"{when('traps>=1', 'the raw trap count')}, {when('traps_centred>=1', 'the centred trap count')}")
+        out.append((f"{run} signals", f"{traps}, {when('mean_alpha<2', 'the average alpha < 2')} and "
+                                      f"{when('fc1_alpha<2', 'FC1' + chr(39) + 's alpha < 2')}"))
         alarms = g[g["collapse"].isin(never)]
         n_alarm, n_all = int(alarms["outcome"].eq("false_alarm").sum()), len(alarms)
-        out.append((f"{run} false alarms", f"under the {' and '.join('25-point' if k == 'drop25' else 'below-0.5' for k in never)} "
-                    f"definitions, which it never meets, all {n_all // len(never)} (six signals, each on its first and on 3 "
-                    "consecutive evaluations) are false alarms" if n_alarm == n_all else f"CHECK: {n_alarm} of {n_all} false alarms"))
+        defs = " and ".join("25-point" if k == "drop25" else "below-0.5" for k in never)
+        if n_alarm == n_all:
+            text = (f"under the {defs} definitions, which it never meets, all {n_all // len(never)} (six signals, each on "
+                    "its first and on 3 consecutive evaluations) are false alarms")
+        else:  # the others never fire: name them
+            quiet = alarms[(alarms["collapse"] == never[0]) & alarms["outcome"].eq("quiet")]
+            names = [f"{SIGNAL_WORDS[r['signal']]} {'on its first evaluation' if r['rule'] == 'first' else 'on 3 consecutive evaluations'}"
+                     for _, r in quiet.iterrows()]
+            text = (f"under the {defs} definitions, which it never meets, {n_alarm // len(never)} of the {n_all // len(never)} "
+                    f"(six signals, each on its first and on 3 consecutive evaluations) are false alarms; "
+                    f"{_and(names)} never fire" + ("" if n_alarm + len(quiet) * len(never) == n_all else " CHECK outcomes"))
+        out.append((f"{run} false alarms", text))
         s = pd.read_csv(HERE / "campaign_1e7" / run / "analysis" / "steps.csv")
         last = s[s["test/acc"].notna()].sort_values("step").iloc[-1]
         out.append((f"{run} at its end", f"FC1's alpha is {last['native/alpha_fc1']:.2f} and FC2's {last['native/alpha_fc2']:.2f}, "
@@ -237,7 +255,9 @@ def seeds_checks() -> list[tuple[str, str]]:
         c = corr[(corr["run"] == run) & (corr["alpha"] == "fc1_alpha")].iloc[0]
         out.append((f"{run} alpha vs accuracy", f"Spearman {c['spearman']:.2f}, Pearson {c['pearson']:.2f} over {int(c['n'])} "
                                                 "evaluations"))
-        out.append((f"{run} seed", f"(WD 0.01, seed {seed}; n = {len(ctl['run'].unique())})"))
+    if len(ctl):
+        cseeds = [int(ctl.loc[ctl["run"] == r, "seed"].iloc[0]) for r in sorted(ctl["run"].unique())]
+        out.append(("controls' seeds", f"(WD 0.01, seed{'s' if len(cseeds) > 1 else ''} {_and(cseeds)}; n = {len(cseeds)})"))
     cmp = pd.read_csv(HERE / "seeds_1e7" / "paper_comparison_v1_v2.csv")
 
     def cell(wd, table, layer, metric, phase, places=2):  # (ours 'mean ± std', n, paper v1, paper v2)
@@ -256,6 +276,21 @@ def seeds_checks() -> list[tuple[str, str]]:
     out.append(("Table 2 over seeds", f"FC1 holds {t1[0]} traps at the anti-grokking edge ({t1c[0]} beyond the mean; "
                                       f"v1 {t1[2]}, v2 {t1[3]}), FC2 {t2[0]} ({t2c[0]} beyond the mean; v1 {t2[2]}, "
                                       f"v2 {t2[3]})"))
+    n_ctl = len(ctl["run"].unique())
+    if n_ctl > 1:  # the tables over the controls that reached 10^7, at their lowest evaluation after the peak
+        t1 = pd.read_csv(HERE / "seeds_1e7" / "table1_alpha.csv")
+        t2 = pd.read_csv(HERE / "seeds_1e7" / "table2_traps.csv")
+
+        def ms(t, layer, metric, phase):
+            r = t[(t["wd"] > 0) & (t["layer"] == layer) & (t["metric"] == metric) & (t["phase"] == phase)].iloc[0]
+            return f"{r['mean']:.2f} ± {r['std']:.2f}" + ("" if int(r["n"]) == n_ctl else f" CHECK n = {int(r['n'])}")
+
+        v1 = {layer: cell(0.01, "Table 2", layer, "traps", "anti")[2] for layer in ("fc1", "fc2")}
+        out.append(("Tables over the controls", f"At WD 0.01 (n = {n_ctl}), at each control's lowest evaluation after "
+                    f"its peak, FC1's alpha is {ms(t1, 'fc1', 'alpha', 'anti')} and FC2's {ms(t1, 'fc2', 'alpha', 'anti')}; "
+                    f"FC1 holds {ms(t2, 'fc1', 'traps', 'anti')} traps ({ms(t2, 'fc1', 'traps_centred', 'anti')} beyond the "
+                    f"mean; v1 {v1['fc1']}), FC2 {ms(t2, 'fc2', 'traps', 'anti')} "
+                    f"({ms(t2, 'fc2', 'traps_centred', 'anti')} beyond the mean; v1 {v1['fc2']})"))
     camp = HERE / "campaign_1e7"
     hosts = []  # per started run: its segments' CPUs, in order
     for name in CAMPAIGN_RUNS:  # the table of where the runs stand, a row a started run
@@ -282,12 +317,13 @@ def seeds_checks() -> list[tuple[str, str]]:
                                       f"segments {r[0]}-{r[-2]} on {r[-1]}" for r in stretches)))
     for name, text in hosts:
         out.append((f"{name} segments' CPUs", f"{name}: {text}"))
-    ev = _events(camp / "wd0.01_seed0")
-    for layer in ("fc2", "fc1"):
-        w = [e for e in ev if e.get("event") == "warning" and e.get("layer") == layer and e.get("signal") == "alpha<2"]
-        if w:
-            out.append((f"WD 0.01 {layer.upper()} alpha warning",
-                        f"{layer.upper()} alpha < 2 from {w[0]['onset']:,} ({w[0]['value']:.2f} at {w[0]['step']:,})"))
+    for run in sorted(ctl["run"].unique()):  # each finished control's live monitor: its first alpha < 2 warnings
+        ev = _events(camp / run)
+        for layer in ("fc2", "fc1"):
+            w = [e for e in ev if e.get("event") == "warning" and e.get("layer") == layer and e.get("signal") == "alpha<2"]
+            if w:
+                out.append((f"{run} {layer.upper()} alpha warning",
+                            f"{layer.upper()} alpha < 2 from {w[0]['onset']:,} ({w[0]['value']:.2f} at {w[0]['step']:,})"))
     steps = camp / "analysis" / "all_steps.csv"
     # the analysis of the exported records: each finished WD-0 run's FC1 alpha and centred traps since
     # its peak (seed 1 from the start; a later seed once it has reached 10^7)
@@ -443,9 +479,11 @@ def summary_checks() -> list[tuple[str, str]]:
     out.append(("rank correlation", f"(rank correlation {c.min():.2f}-{c.max():.2f})"))
     e = pred[(pred["wd"] == 0) & (pred["alpha"] == "fc1_alpha")]["mae_pp"]
     out.append(("prediction error", f"mean error of {e.min():.1f}-{e.max():.1f} points"))
-    m = _metrics(HERE / "campaign_1e7" / "wd0.01_seed0")
-    drop = 100 * (m["test/acc"].max() - m.iloc[int(m["step"].to_numpy().argmax())]["test/acc"])
-    out.append(("control", f"{drop:.1f} points over 10^7 steps"))
+    drops = []  # each finished control's end, below its peak
+    for run in sorted(grid.loc[grid["wd"] > 0, "run"].unique()):
+        m = _metrics(HERE / "campaign_1e7" / run)
+        drops.append(f"{100 * (m['test/acc'].max() - m.iloc[int(m['step'].to_numpy().argmax())]['test/acc']):.1f}")
+    out.append(("control", f"{_and(drops)} points over 10^7 steps"))
     return out
 
 
