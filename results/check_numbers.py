@@ -252,9 +252,19 @@ def seeds_checks() -> list[tuple[str, str]]:
         out.append((f"{run} at its end", f"FC1's alpha is {last['native/alpha_fc1']:.2f} and FC2's {last['native/alpha_fc2']:.2f}, "
                     f"with {int(last['native/traps_fc1'])} and {int(last['native/traps_fc2'])} traps "
                     f"({int(last['native/traps_centred_fc1'])} and {int(last['native/traps_centred_fc2'])} beyond the mean)"))
+        late = s[(s["step"] >= 2 * 10**6) & s["test/acc"].notna() & s["native/alpha_fc1"].notna()]
+        a1, a2 = late["native/alpha_fc1"], late["native/alpha_fc2"]
+        out.append((f"{run} alpha from 2e6", f"from 2×10^6 steps on its FC1 alpha stays between {a1.min():.2f} and "
+                    f"{a1.max():.2f} (median {a1.median():.2f}) and FC2's between {a2.min():.2f} and {a2.max():.2f} "
+                    f"(median {a2.median():.2f}), over {len(late)} evaluations, while test accuracy stays between "
+                    f"{late['test/acc'].min():.4f} and {late['test/acc'].max():.4f}"))
         c = corr[(corr["run"] == run) & (corr["alpha"] == "fc1_alpha")].iloc[0]
         out.append((f"{run} alpha vs accuracy", f"Spearman {c['spearman']:.2f}, Pearson {c['pearson']:.2f} over {int(c['n'])} "
                                                 "evaluations"))
+    fc2 = pd.concat([_steps(HERE / "wd0_1e7" if r == "wd0_1e7" else HERE / "campaign_1e7" / r) for r in runs])
+    fc2 = fc2.loc[(fc2["step"] >= 2 * 10**6), "native/alpha_fc2"].dropna()
+    out.append(("WD-0 FC2 alpha from 2e6", f"the WD-0 runs' FC2 alpha stays between {fc2.min():.2f} and {fc2.max():.2f} "
+                                           "from 2×10^6 steps on"))
     if len(ctl):
         cseeds = [int(ctl.loc[ctl["run"] == r, "seed"].iloc[0]) for r in sorted(ctl["run"].unique())]
         out.append(("controls' seeds", f"(WD 0.01, seed{'s' if len(cseeds) > 1 else ''} {_and(cseeds)}; n = {len(cseeds)})"))
