@@ -201,6 +201,11 @@ def seeds_checks() -> list[tuple[str, str]]:
                         f"{label} with a mean error of {_range(p['mae_pp'], 1)} points (largest {_range(p['max_pp'], 1)}) "
                         f"over the {len(p)} ordered pairs of seeds"))
     ctl = grid[grid["wd"] > 0]  # the WD 0.01 control(s) that reached 10^7
+    ph = pd.read_csv(HERE / "seeds_1e7" / "phases.csv").set_index("run")
+    anti0 = []  # each WD-0 run's analysis at its anti-grokking edge
+    for r in runs:
+        st = _steps(HERE / "wd0_1e7" if r == "wd0_1e7" else HERE / "campaign_1e7" / r)
+        anti0.append(st[st["step"] == int(ph.loc[r, "anti_ckpt"])].iloc[0])
     for run in sorted(ctl["run"].unique()):
         g = ctl[ctl["run"] == run]
         seed = int(g["seed"].iloc[0])
@@ -249,9 +254,11 @@ def seeds_checks() -> list[tuple[str, str]]:
         out.append((f"{run} false alarms", text))
         s = pd.read_csv(HERE / "campaign_1e7" / run / "analysis" / "steps.csv")
         last = s[s["test/acc"].notna()].sort_values("step").iloc[-1]
+        more = all(last[f"native/traps_{k}"] > a[f"native/traps_{k}"] for a in anti0 for k in ("fc1", "fc2"))
         out.append((f"{run} at its end", f"FC1's alpha is {last['native/alpha_fc1']:.2f} and FC2's {last['native/alpha_fc2']:.2f}, "
                     f"with {int(last['native/traps_fc1'])} and {int(last['native/traps_fc2'])} traps "
-                    f"({int(last['native/traps_centred_fc1'])} and {int(last['native/traps_centred_fc2'])} beyond the mean)"))
+                    f"({int(last['native/traps_centred_fc1'])} and {int(last['native/traps_centred_fc2'])} beyond the mean)"
+                    + (", more than any WD-0 run holds at its anti-grokking edge" if more else "")))
         late = s[(s["step"] >= 2 * 10**6) & s["test/acc"].notna() & s["native/alpha_fc1"].notna()]
         a1, a2 = late["native/alpha_fc1"], late["native/alpha_fc2"]
         out.append((f"{run} alpha from 2e6", f"from 2×10^6 steps on its FC1 alpha stays between {a1.min():.2f} and "
