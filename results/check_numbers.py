@@ -500,7 +500,7 @@ def summary_checks() -> list[tuple[str, str]]:
     for run in sorted(grid.loc[grid["wd"] > 0, "run"].unique()):
         m = _metrics(HERE / "campaign_1e7" / run)
         drops.append(f"{100 * (m['test/acc'].max() - m.iloc[int(m['step'].to_numpy().argmax())]['test/acc']):.1f}")
-    out.append(("control", f"{_and(drops)} points over 10^7 steps"))
+    out.append(("control", f"{_and(drops)} points below its peak after 10^7 steps"))
     return out
 
 
