@@ -208,7 +208,6 @@ def seeds_checks() -> list[tuple[str, str]]:
         anti0.append(st[st["step"] == int(ph.loc[r, "anti_ckpt"])].iloc[0])
     for run in sorted(ctl["run"].unique()):
         g = ctl[ctl["run"] == run]
-        seed = int(g["seed"].iloc[0])
         m = _metrics(HERE / "campaign_1e7" / run)
         te, st = m["test/acc"].to_numpy(), m["step"].to_numpy()
         ip, imin = _peak_and_min(te)
@@ -236,8 +235,8 @@ def seeds_checks() -> list[tuple[str, str]]:
         traps = ("the raw and centred trap counts at its peak itself" if first.loc["traps>=1", "held_at_peak"]
                  and first.loc["traps_centred>=1", "held_at_peak"] else
                  f"{when('traps>=1', 'the raw trap count')}, {when('traps_centred>=1', 'the centred trap count')}")
-        out.append((f"{run} signals", f"{traps}, {when('mean_alpha<2', 'the average alpha < 2')} and "
-                                      f"{when('fc1_alpha<2', 'FC1' + chr(39) + 's alpha < 2')}"))
+        alphas = f"{when('mean_alpha<2', 'the average alpha < 2')} and " + when("fc1_alpha<2", "FC1's alpha < 2")
+        out.append((f"{run} signals", f"{traps}, {alphas}"))
         alarms = g[g["collapse"].isin(never)]
         n_alarm, n_all = int(alarms["outcome"].eq("false_alarm").sum()), len(alarms)
         defs = " and ".join("25-point" if k == "drop25" else "below-0.5" for k in never)
