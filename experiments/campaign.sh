@@ -26,7 +26,8 @@
 # claim is a folder under $RUNS/.claims, made atomically, cleared at each start), so no core
 # idles while a run is left. A complete run answers "already complete" at once and the slot moves
 # on. Two campaigns may run at once on different cores. Run directories live in $GROKJAX_RUNS
-# (default: the campaign's folder above); when one is missing there, it continues from its export
+# (default: the campaign's folder above), exports in $GROKJAX_EXPORTS (default: its results/ folder);
+# when a run directory is missing, it continues from its export
 # (the full state the export carries), so a new machine resumes where the last commit left off.
 # Every segment records its CPU and XLA thread count in the run's events.jsonl (start and resume
 # events).
@@ -37,12 +38,12 @@ CORES=${CORES:-0 1}
 case "${CAMPAIGN:-mnist}" in
   mnist)
     RUNS=${GROKJAX_RUNS:-$HOME/grokjax-runs/campaign_1e7}
-    EXPORTS=results/campaign_1e7
+    EXPORTS=${GROKJAX_EXPORTS:-results/campaign_1e7}
     ALL="0.01:0 0:1 0:2 0.01:1 0.01:2"
     TRAIN=(--steps "${STEPS:-1e7}" --keep_params all) ;;
   modadd)
     RUNS=${GROKJAX_RUNS:-$HOME/grokjax-runs/modadd_search}
-    EXPORTS=results/modadd_search
+    EXPORTS=${GROKJAX_EXPORTS:-results/modadd_search}
     ALL="1.0:0 0.1:0 0:0"
     TRAIN=(--task modadd --steps "${STEPS:-1e5}" --keep_params log) ;;
   *) echo "unknown CAMPAIGN=${CAMPAIGN} (mnist or modadd)" >&2; exit 2 ;;

@@ -12,7 +12,7 @@ SCRIPT = ROOT / "experiments" / "campaign.sh"
 
 
 def _run(args, tmp_path, **env):
-    e = {**os.environ, "GROKJAX_RUNS": str(tmp_path / "runs"), **env}
+    e = {**os.environ, "GROKJAX_RUNS": str(tmp_path / "runs"), "GROKJAX_EXPORTS": str(tmp_path / "exports"), **env}
     return subprocess.run(["bash", str(SCRIPT), *args], env=e, capture_output=True, text=True, timeout=120)
 
 
@@ -43,3 +43,10 @@ def test_status_lists_the_step_each_run_has_reached(tmp_path):
     r = _run(["status"], tmp_path, CAMPAIGN="modadd")
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"wd0.1_seed0: step 4096 ({run})\n"
+    # a run with no run directory here is read from its export (a fresh machine continues from there)
+    exp = tmp_path / "exports" / "wd0_seed0"
+    exp.mkdir(parents=True)
+    (exp / "metrics.jsonl").write_text(json.dumps({"step": 8192, "test/acc": 0.9}) + "\n")
+    r = _run(["status"], tmp_path, CAMPAIGN="modadd")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"wd0.1_seed0: step 4096 ({run})\nwd0_seed0: step 8192 ({exp})\n"
