@@ -49,9 +49,13 @@ def _seeds_outputs() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataF
     return grid, corr, pred, g0, runs
 
 
+def _run_dir(run: str) -> Path:
+    """The exported folder of a run of the seeds outputs: seed 0's 10^7 run, or a campaign run."""
+    return HERE / "wd0_1e7" if run == "wd0_1e7" else HERE / "campaign_1e7" / run
+
+
 def _run_metrics(run: str) -> pd.DataFrame:
-    """The metrics of a run of the seeds outputs: seed 0's 10^7 run, or a campaign run."""
-    return _metrics(HERE / "wd0_1e7" if run == "wd0_1e7" else HERE / "campaign_1e7" / run)
+    return _metrics(_run_dir(run))
 
 
 def _peak_and_min(te: np.ndarray) -> tuple[int, int]:
@@ -204,7 +208,7 @@ def seeds_checks() -> list[tuple[str, str]]:
     ph = pd.read_csv(HERE / "seeds_1e7" / "phases.csv").set_index("run")
     anti0 = []  # each WD-0 run's analysis at its anti-grokking edge
     for r in runs:
-        st = _steps(HERE / "wd0_1e7" if r == "wd0_1e7" else HERE / "campaign_1e7" / r)
+        st = _steps(_run_dir(r))
         anti0.append(st[st["step"] == int(ph.loc[r, "anti_ckpt"])].iloc[0])
     for run in sorted(ctl["run"].unique()):
         g = ctl[ctl["run"] == run]
@@ -251,14 +255,14 @@ def seeds_checks() -> list[tuple[str, str]]:
                     f"(six signals, each on its first and on 3 consecutive evaluations) are false alarms; "
                     f"{_and(names)} never fire" + ("" if n_alarm + len(quiet) * len(never) == n_all else " CHECK outcomes"))
         out.append((f"{run} false alarms", text))
-        s = pd.read_csv(HERE / "campaign_1e7" / run / "analysis" / "steps.csv")
-        last = s[s["test/acc"].notna()].sort_values("step").iloc[-1]
+        s = _steps(_run_dir(run))
+        last = s.iloc[-1]
         more = all(last[f"native/traps_{k}"] > a[f"native/traps_{k}"] for a in anti0 for k in ("fc1", "fc2"))
         out.append((f"{run} at its end", f"FC1's alpha is {last['native/alpha_fc1']:.2f} and FC2's {last['native/alpha_fc2']:.2f}, "
                     f"with {int(last['native/traps_fc1'])} and {int(last['native/traps_fc2'])} traps "
                     f"({int(last['native/traps_centred_fc1'])} and {int(last['native/traps_centred_fc2'])} beyond the mean)"
                     + (", more than any WD-0 run holds at its anti-grokking edge" if more else "")))
-        late = s[(s["step"] >= 2 * 10**6) & s["test/acc"].notna() & s["native/alpha_fc1"].notna()]
+        late = s[(s["step"] >= 2 * 10**6) & s["native/alpha_fc1"].notna()]
         a1, a2 = late["native/alpha_fc1"], late["native/alpha_fc2"]
         out.append((f"{run} alpha from 2e6", f"from 2×10^6 steps on its FC1 alpha stays between {a1.min():.2f} and "
                     f"{a1.max():.2f} (median {a1.median():.2f}) and FC2's between {a2.min():.2f} and {a2.max():.2f} "
@@ -267,7 +271,7 @@ def seeds_checks() -> list[tuple[str, str]]:
         c = corr[(corr["run"] == run) & (corr["alpha"] == "fc1_alpha")].iloc[0]
         out.append((f"{run} alpha vs accuracy", f"Spearman {c['spearman']:.2f}, Pearson {c['pearson']:.2f} over {int(c['n'])} "
                                                 "evaluations"))
-    fc2 = pd.concat([_steps(HERE / "wd0_1e7" if r == "wd0_1e7" else HERE / "campaign_1e7" / r) for r in runs])
+    fc2 = pd.concat([_steps(_run_dir(r)) for r in runs])
     fc2 = fc2.loc[(fc2["step"] >= 2 * 10**6), "native/alpha_fc2"].dropna()
     out.append(("WD-0 FC2 alpha from 2e6", f"the WD-0 runs' FC2 alpha stays between {fc2.min():.2f} and {fc2.max():.2f} "
                                            "from 2×10^6 steps on"))
