@@ -4,6 +4,8 @@ One markdown table per run: each segment's first and last step, its wall time an
 CPU and XLA thread count it ran on (recorded in the start or resume event that opened it) and
 how it ended (a pause with its reason, the final step, or no record of an end: a segment still
 running, or one killed, whose steps after the last full state were recomputed by the next).
+A pause or end event carries its segment's wall time; a run that reached its final step before
+the trainer wrote end events shows no wall time or speed for its last segment.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ def segments(run: Path) -> list[dict]:
                    "xla_cpu_threads": e.get("xla_cpu_threads"), "t0": _time(e)}
         elif kind == "pause" and cur is not None:
             out.append({**cur, "end": e["step"], "wall_s": e.get("elapsed"), "ended": f"paused ({e.get('reason')})"})
+            cur = None
+        elif kind == "end" and cur is not None:
+            out.append({**cur, "end": e["step"], "wall_s": e.get("elapsed"), "ended": "reached the final step"})
             cur = None
     if cur is not None:
         last = _last_step(run)

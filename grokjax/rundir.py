@@ -5,7 +5,7 @@ A run directory holds (the training half writes it, the analysis half reads it):
     config.json               {"config": {...the task's TrainConfig fields...}, "versions", "device",
                               "created", "notes"}; "format" (absent = 1) marks a future layout
     metrics.jsonl             one JSON object per evaluated step ("step", "train/acc", ...)
-    events.jsonl              pauses, resumes and live warnings, one JSON object a line
+    events.jsonl              start, pauses, resumes, live warnings and the end, one JSON object a line
     sweep.json                (a sweep's top folder) the manifest of its replicas
     checkpoints/state/<step>  full training states (Orbax, see `grokjax.ckpt`)
     checkpoints/params/<step> params only, for the analysis (see `grokjax.ckpt`)
@@ -206,7 +206,7 @@ def truncate_metrics(d: PathLike, start: int) -> list[dict]:
 
 
 def append_event(d: PathLike, **fields) -> None:
-    """Appends one event (pause, resume, warning) to events.jsonl, stamped with the time."""
+    """Appends one event (start, pause, resume, warning, end) to events.jsonl, stamped with the time."""
     append_jsonl(Path(d) / EVENTS_FILE, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields})
 
 

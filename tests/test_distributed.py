@@ -368,7 +368,7 @@ def test_a_sigterm_after_the_last_step_ends_the_sweep_as_done(sweep, reference):
     for e in errs:
         assert "paused" not in e and "Traceback" not in e, e[-2000:]
     for events in _events(out).values():
-        assert [e["event"] for e in events] == ["start"], events
+        assert [e["event"] for e in events] == ["start", "end"], events
     for name in RUNS:
         _assert_same_run(out / name, reference / name)
         assert check_run(out / name).steps[-1] == STEPS

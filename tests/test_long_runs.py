@@ -1,12 +1,14 @@
 """Long runs: time-limited and signalled pauses, resume messages, export and continue elsewhere."""
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -34,6 +36,13 @@ def _same_params(a, b):
 
 def _events(d):
     return [json.loads(line) for line in (d / "events.jsonl").read_text().splitlines()]
+
+
+def _segments_script():
+    spec = importlib.util.spec_from_file_location("segments", Path(__file__).parents[1] / "experiments" / "segments.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="module")
@@ -156,11 +165,17 @@ def test_several_pauses_of_a_sweep_resume_identically(tmp_path, mnist, monkeypat
         assert ckpt.list_param_steps(a) == ckpt.list_param_steps(b)
         _same_params(ckpt.load_params(a, 60), ckpt.load_params(b, 60))
         events = _events(a)
-        assert [e["event"] for e in events] == ["start"] + ["pause", "resume"] * 3
+        assert [e["event"] for e in events] == ["start"] + ["pause", "resume"] * 3 + ["end"]
         # every segment says which machine it ran on (a resume elsewhere drifts in the low bits)
         for e in events:
             if e["event"] in ("start", "resume"):
                 assert e["cpu"] and e["host"] and "xla_cpu_threads" in e, e
+        # experiments/segments.py: four contiguous segments, each with its wall time and machine
+        segs = _segments_script().segments(a)
+        pauses = [e["step"] for e in events if e["event"] == "pause"]
+        assert [(s["start"], s["end"]) for s in segs] == list(zip([0, *pauses], [*pauses, 60], strict=True))
+        assert [s["ended"] for s in segs] == ["paused (SIGTERM)"] * 3 + ["reached the final step"]
+        assert all(s["wall_s"] is not None and s["cpu"] == events[0]["cpu"] for s in segs), segs
 
 
 def test_rerun_of_complete_run_says_so_and_touches_nothing(tmp_path, mnist, capsys, reference):

@@ -73,7 +73,7 @@ class Replica:
         return bool(recs) and recs[-1]["step"] == self.cfg.steps
 
     def event(self, **fields) -> None:
-        """Appends one event (pause, resume, warning) to events.jsonl."""
+        """Appends one event (start, pause, resume, warning, end) to events.jsonl."""
         rundir.append_event(self.dir, **fields)
 
     def last_pause(self) -> dict | None:

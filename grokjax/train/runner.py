@@ -180,7 +180,7 @@ def _train(sweep: Sweep, replicas: list[Replica], *, steps: np.ndarray,
 
     In order: `_restore_or_init` (where to start; the resume message), the metrics logs and the
     monitors, `_Segment` (the compiled program and its inputs on the devices), `_Segment.run`
-    (chunks, evaluations, checkpoints, pause), `_report_monitors`.
+    (chunks, evaluations, checkpoints, pause), `_report_monitors`, the `end` event.
     """
     cfg, cfgs = sweep.shared, list(sweep.replicas)
     task = task_of(cfg)
@@ -198,6 +198,8 @@ def _train(sweep: Sweep, replicas: list[Replica], *, steps: np.ndarray,
                        data=data, start=begin.step, wall=walls[0], authors=authors, on_chunk=on_chunk)
     segment.run(steps)
     _report_monitors(replicas, stop)
+    for r in replicas:  # the last segment's wall time, as a pause records its segment's
+        r.event(event="end", step=int(cfg.steps), elapsed=round(stop.elapsed, 1))
 
 
 def _abstract_state(cfg: TrainConfig, sharding) -> TrainState:
