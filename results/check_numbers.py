@@ -49,6 +49,16 @@ def _seeds_outputs() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataF
     return grid, corr, pred, g0, runs
 
 
+def _collapse_words(key: str, adjective: bool = False) -> str:
+    """A collapse definition of the grid in words: drop25 -> '25 points' ('25-point'), below0.5 ->
+    'below 0.5' ('below-0.5')."""
+    if key.startswith("drop"):
+        return f"{key[4:]}-point" if adjective else f"{key[4:]} points"
+    if key.startswith("below"):
+        return f"below-{key[5:]}" if adjective else f"below {key[5:]}"
+    raise ValueError(f"unknown collapse definition {key!r}")
+
+
 def _run_dir(run: str) -> Path:
     """The exported folder of a run of the seeds outputs: seed 0's 10^7 run, or a campaign run."""
     return HERE / "wd0_1e7" if run == "wd0_1e7" else HERE / "campaign_1e7" / run
@@ -224,7 +234,7 @@ def seeds_checks() -> list[tuple[str, str]]:
         met = [f"{k[4:]} points at {v:,.0f}" for k, v in cs.items() if k.startswith("drop") and np.isfinite(v)]
         never = [k for k, v in cs.items() if not np.isfinite(v)]
         out.append((f"{run} collapses", f"it fell {_and(met)} below its peak, never "
-                    + " nor ".join(["25 points" if k == "drop25" else "below 0.5" for k in never])))
+                    + " nor ".join(_collapse_words(k) for k in never)))
         d = g[g["collapse"] == "drop25"]
         first = d[d["rule"] == "first"].set_index("signal")
 
@@ -243,7 +253,7 @@ def seeds_checks() -> list[tuple[str, str]]:
         out.append((f"{run} signals", f"{traps}, {alphas}"))
         alarms = g[g["collapse"].isin(never)]
         n_alarm, n_all = int(alarms["outcome"].eq("false_alarm").sum()), len(alarms)
-        defs = " and ".join("25-point" if k == "drop25" else "below-0.5" for k in never)
+        defs = _and([_collapse_words(k, adjective=True) for k in never])
         if n_alarm == n_all:
             text = (f"under the {defs} definitions, which it never meets, all {n_all // len(never)} (six signals, each on "
                     "its first and on 3 consecutive evaluations) are false alarms")
