@@ -524,6 +524,21 @@ def summary_checks() -> list[tuple[str, str]]:
         m = _metrics(HERE / "campaign_1e7" / run)
         drops.append(f"{100 * (m['test/acc'].max() - m.iloc[int(m['step'].to_numpy().argmax())]['test/acc']):.1f}")
     out.append(("control", f"{_and(drops)} points below its peak after 10^7 steps"))
+    m = _metrics(HERE / "modadd_seed0")  # the transformer's grokking run and the search, in one sentence
+    one = int(m[m["test/acc"] == 1.0]["step"].min())
+    pause = [e for e in _events(HERE / "modadd_seed0") if e.get("event") == "pause"][-1]
+    out.append(("modadd summary", f"test accuracy 1.0 from {one:,} steps; no collapse within the {pause['step']:,} "
+                                  "steps run so far"))
+    search = HERE / "modadd_search"
+    for run in sorted(search.glob("wd*_seed*")) if search.is_dir() else []:
+        m = _metrics(run)
+        wd, seed = run.name[2:].split("_seed")
+        te, st = m["test/acc"].to_numpy(), m["step"].to_numpy()
+        ip = int(te.argmax())
+        below = 100 * (te[ip] - te[-1])
+        out.append((f"search {run.name} summary",
+                    f"WD {wd} seed {seed}: test accuracy {te[-1]:.4f} at step {st[-1]:,}, "
+                    + ("its highest so far" if below == 0 else f"{below:.1f} points below its highest ({te[ip]:.4f})")))
     return out
 
 
