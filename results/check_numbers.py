@@ -487,12 +487,47 @@ def ablation_checks() -> list[tuple[str, str]]:
         hi = int((c["test_acc_ablated"] > c["test_acc_control_mean"] + 2 * c["test_acc_control_std"]).sum())
         out.append((f"{run} FC1 centred traps",
                     f"its {int(c['traps_centred'].min())}-{int(c['traps_centred'].max())} centred traps at {len(c)} of them "
+                    f"(from {int(c['step'].min()):,}) "
                     f"moves test accuracy by {d.min():+.1f} to {d.max():+.1f} points, against {dc.min():+.1f} to "
                     f"{dc.max():+.1f} for the control (below it by more than 2 control spreads at {lo}, above at {hi}); "
                     f"train accuracy {_range(c['train_acc_ablated'])} against {_range(c['train_acc_control_mean'])}"))
+        raw = fc1[fc1["variant"] == "subtract"]
+        before = raw[raw["step"] < c["step"].min()]  # FC1's traps before its first centred one
+        if len(before):
+            only_mean = bool((before["traps"] == 1).all() and (before["traps_centred"] == 0).all())
+            out.append((f"{run} FC1's mean as its one trap", f"FC1's one trap from its first ({int(before['step'].min()):,}) "
+                        "until" if only_mean else "CHECK: FC1 holds more than its mean before its first centred trap"))
         f2 = t[(t["layer"] == "fc2") & (t["variant"] == "subtract") & (t["step"] == steps[-1])].iloc[0]
         out.append((f"{run} FC2 at the end", f"{f2['test_acc']:.3f} → {f2['test_acc_ablated']:.3f} against "
                                              f"{f2['test_acc_control_mean']:.3f} ± {f2['test_acc_control_std']:.3f}"))
+        out += _ablation_phase_rows(run, t)
+    return out
+
+
+PHASE_WORDS = {"pre": "end of pre-grokking", "grok": "peak", "drop": "drop onset", "anti": "lowest after the peak"}
+
+
+def _ablation_phase_rows(run: str, t: pd.DataFrame) -> list[tuple[str, str]]:
+    """A run's ablation at its phase steps, one table row each (for the runs that kept those
+    params checkpoints): test accuracy, then for FC1 and FC2 the traps (raw / centred), the
+    subtraction of the raw traps with its random-mode control, and the mean removed instead."""
+    out = []
+    for phase, words in PHASE_WORDS.items():
+        at = t[t["phase"] == phase]
+        if at.empty:
+            continue
+        cells = []
+        for layer in ("fc1", "fc2"):
+            sub = at[(at["layer"] == layer) & (at["variant"] == "subtract")]
+            if sub.empty:  # no trap in this layer at this step: nothing was removed
+                cells.append("0 / 0 | – | –")
+                continue
+            sub, mean = sub.iloc[0], at[(at["layer"] == layer) & (at["variant"] == "mean")].iloc[0]
+            cells.append(f"{int(sub['traps'])} / {int(sub['traps_centred'])} | {sub['test_acc_ablated']:.3f} "
+                         f"({sub['test_acc_control_mean']:.3f} ± {sub['test_acc_control_std']:.3f}) | "
+                         f"{mean['test_acc_ablated']:.3f}")
+        out.append((f"{run} ablation at the {words}", f"| {words} ({int(at['step'].iloc[0]):,}) | "
+                    f"{at['test_acc'].iloc[0]:.3f} | {cells[0]} | {cells[1]} |"))
     return out
 
 
