@@ -501,6 +501,17 @@ def ablation_checks() -> list[tuple[str, str]]:
         out.append((f"{run} FC2 at the end", f"{f2['test_acc']:.3f} → {f2['test_acc_ablated']:.3f} against "
                                              f"{f2['test_acc_control_mean']:.3f} ± {f2['test_acc_control_std']:.3f}"))
         out += _ablation_phase_rows(run, t)
+    # the controls' FC1 mean over the window all their ablations share (the continued run's from its continuation)
+    ctl = {path.parent.name: pd.read_csv(path) for path in sorted((HERE / "campaign_1e7" / "ablation").glob("wd0.01_*/ablation.csv"))}
+    if len(ctl) > 1:
+        start = max(int(t["step"].min()) for t in ctl.values())
+        moves = []
+        for run, t in ctl.items():
+            m = t[(t["layer"] == "fc1") & (t["variant"] == "mean") & (t["step"] >= start)]
+            d = 100 * (m["test_acc_ablated"] - m["test_acc"])
+            moves.append(f"{d.min():+.1f} to {d.max():+.1f} points in seed {run.split('seed')[1]}")
+        out.append(("controls' FC1 mean, late", f"from {start:,} on (the window both controls' ablations share) it moves "
+                                                f"test accuracy by {_and(moves)}"))
     return out
 
 
