@@ -450,15 +450,20 @@ def modadd_checks() -> list[tuple[str, str]]:
                                      f"x_min of {ok['xmin'].min():.5f}-{ok['xmin'].max():.4f} up to a largest eigenvalue "
                                      f"of {ok['lambda_max'].min():.2f}-{ok['lambda_max'].max():.2f}"))
     search = HERE / "modadd_search"  # the anti-grokking search: where each started run stands
+    done = []  # each started run's steps
     for run in sorted(search.glob("wd*_seed*")) if search.is_dir() else []:
         m, ev = _metrics(run), _events(run)
         ends = [e for e in ev if e.get("event") in ("start", "resume", "pause")]
+        done.append(ends[-1]["step"] if ends and ends[-1]["event"] == "pause" else int(m["step"].max()))
         last = m.iloc[-1]
         state = f"paused at {ends[-1]['step']:,}" if ends and ends[-1]["event"] == "pause" else "CHECK: not paused"
         peak = int(m["test/acc"].to_numpy().argmax())
         out.append((f"search {run.name}", f"`{run.name}`: {state}, its last evaluation at {int(last['step']):,} "
                     f"(test accuracy {last['test/acc']:.4f}, train {last['train/acc']:.4f}; its highest so far "
                     f"{m['test/acc'].iloc[peak]:.4f} at {int(m['step'].iloc[peak]):,})"))
+    if done:
+        out.append(("search so far", f"(n = {len(done)} run{'s' if len(done) > 1 else ''}, {sum(done):,} of the "
+                                     "search's 3 × 10^5 steps)"))
     return out
 
 
