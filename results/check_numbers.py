@@ -461,6 +461,22 @@ def modadd_checks() -> list[tuple[str, str]]:
         out.append((f"search {run.name}", f"`{run.name}`: {state}, its last evaluation at {int(last['step']):,} "
                     f"(test accuracy {last['test/acc']:.4f}, train {last['train/acc']:.4f}; its highest so far "
                     f"{m['test/acc'].iloc[peak]:.4f} at {int(m['step'].iloc[peak]):,})"))
+    if (search / "analysis" / "all_steps.csv").is_file():  # each search run's last evaluation, against App. H
+        mats = ("embed", "W_Q", "W_K", "W_V", "W_O", "fc1", "fc2", "unembed")
+        a = pd.read_csv(search / "analysis" / "all_steps.csv").sort_values("step")
+        for run, g in a.groupby("run"):
+            last = g.iloc[-1]
+            alphas = {k: last[f"native/alpha_{k}"] for k in mats}
+            failed = sorted(k for k, v in alphas.items() if not np.isfinite(v))
+            fit = [v for v in alphas.values() if np.isfinite(v)]
+            traps = int(sum(last[f"native/traps_{k}"] for k in mats))
+            out.append((f"search {run} last analysis",
+                        f"at its last evaluation ({int(last['step']):,}) "
+                        + (f"the power-law fit fails for {' and '.join(failed)}, the other {len(fit)} matrices' alpha is "
+                           if failed else "the 8 matrices' alpha is ")
+                        + f"{min(fit):.2f}-{max(fit):.2f}, "
+                        + ("no matrix holds a trap" if traps == 0 else f"the matrices hold {traps} traps")
+                        + f", and W_E's peak Fourier energy is {last['progress/fourier_peak']:.3f}"))
     if done:
         out.append(("search so far", f"(n = {len(done)} run{'s' if len(done) > 1 else ''}, {sum(done):,} of the "
                                      "search's 3 × 10^5 steps)"))
