@@ -59,6 +59,12 @@ def _collapse_words(key: str, adjective: bool = False) -> str:
     raise ValueError(f"unknown collapse definition {key!r}")
 
 
+def _search_runs() -> list[Path]:
+    """The transformer search's exported runs (results/modadd_search/wd*_seed*), in name order."""
+    search = HERE / "modadd_search"
+    return sorted(search.glob("wd*_seed*")) if search.is_dir() else []
+
+
 def _run_dir(run: str) -> Path:
     """The exported folder of a run of the seeds outputs: seed 0's 10^7 run, or a campaign run."""
     return HERE / "wd0_1e7" if run == "wd0_1e7" else HERE / "campaign_1e7" / run
@@ -451,7 +457,7 @@ def modadd_checks() -> list[tuple[str, str]]:
                                      f"of {ok['lambda_max'].min():.2f}-{ok['lambda_max'].max():.2f}"))
     search = HERE / "modadd_search"  # the anti-grokking search: where each started run stands
     done = []  # each started run's steps
-    for run in sorted(search.glob("wd*_seed*")) if search.is_dir() else []:
+    for run in _search_runs():
         m, ev = _metrics(run), _events(run)
         ends = [e for e in ev if e.get("event") in ("start", "resume", "pause")]
         done.append(ends[-1]["step"] if ends and ends[-1]["event"] == "pause" else int(m["step"].max()))
@@ -596,8 +602,7 @@ def summary_checks() -> list[tuple[str, str]]:
     pause = [e for e in _events(HERE / "modadd_seed0") if e.get("event") == "pause"][-1]
     out.append(("modadd summary", f"test accuracy 1.0 from {one:,} steps; no collapse within the {pause['step']:,} "
                                   "steps run so far"))
-    search = HERE / "modadd_search"
-    for run in sorted(search.glob("wd*_seed*")) if search.is_dir() else []:
+    for run in _search_runs():
         m = _metrics(run)
         wd, seed = run.name[2:].split("_seed")
         te, st = m["test/acc"].to_numpy(), m["step"].to_numpy()
