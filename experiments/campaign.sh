@@ -8,7 +8,9 @@
 #     wd0_seed1, wd0_seed2, wd0.01_seed1, wd0.01_seed2; run directories in
 #     ~/grokjax-runs/campaign_1e7, exports in results/campaign_1e7. --keep_params all (about
 #     0.45 GB a run), so the trap ablation can run at the peak, 10^6, the first persistent centred
-#     trap, the collapse minimum and 10^7.
+#     trap, the collapse minimum and 10^7. Its exports carry the params checkpoints at the phase
+#     steps, 10^6 and the last evaluation (`--export_params_at phases,1e6`, 1.6 MB each), so the
+#     ablation runs there from the export too, and a run continued elsewhere keeps them.
 #   modadd: the transformer's anti-grokking search: seed 0 of `--task modadd` (Nanda et al.'s
 #     settings, float64) at weight decay 1.0 (the defaults, trained on past their 50,000 steps),
 #     0.1 and 0, in that order, 10^5 steps each (STEPS=... for another length; a run keeps the
@@ -40,12 +42,14 @@ case "${CAMPAIGN:-mnist}" in
     RUNS=${GROKJAX_RUNS:-$HOME/grokjax-runs/campaign_1e7}
     EXPORTS=${GROKJAX_EXPORTS:-results/campaign_1e7}
     ALL="0.01:0 0:1 0:2 0.01:1 0.01:2"
-    TRAIN=(--steps "${STEPS:-1e7}" --keep_params all) ;;
+    TRAIN=(--steps "${STEPS:-1e7}" --keep_params all)
+    EXPORT=(--export_params_at phases,1e6) ;;
   modadd)
     RUNS=${GROKJAX_RUNS:-$HOME/grokjax-runs/modadd_search}
     EXPORTS=${GROKJAX_EXPORTS:-results/modadd_search}
     ALL="1.0:0 0.1:0 0:0"
-    TRAIN=(--task modadd --steps "${STEPS:-1e5}" --keep_params log) ;;
+    TRAIN=(--task modadd --steps "${STEPS:-1e5}" --keep_params log)
+    EXPORT=() ;;
   *) echo "unknown CAMPAIGN=${CAMPAIGN} (mnist or modadd)" >&2; exit 2 ;;
 esac
 
@@ -90,7 +94,7 @@ case "${1:-}" in
       # the export names its folder in config.json: write it where it stays, keep the old one
       # aside until the new one is complete
       rm -rf "$EXPORTS/.$n.old"; [ -d "$EXPORTS/$n" ] && mv "$EXPORTS/$n" "$EXPORTS/.$n.old"
-      if "$PY" experiments/run.py --export "$RUNS/$n" "$EXPORTS/$n"; then
+      if "$PY" experiments/run.py --export "$RUNS/$n" "$EXPORTS/$n" ${EXPORT[@]+"${EXPORT[@]}"}; then
         rm -rf "$EXPORTS/.$n.old"
       else
         echo "export of $n failed; the previous export is kept" >&2

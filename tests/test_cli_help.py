@@ -49,7 +49,7 @@ def test_every_flag_is_in_help_with_text_and_default(help_text):
     for name in FIELDS:
         assert f"--{name}" in blocks, name
     actions = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
-    assert {a.dest for a in actions} >= set(FIELDS) | {"seeds", "wds", "export", "export_params",
+    assert {a.dest for a in actions} >= set(FIELDS) | {"seeds", "wds", "export", "export_params", "export_params_at",
                                                       "coordinator_address", "num_processes", "process_id",
                                                       "distributed", "initialization_timeout"}
     for a in actions:

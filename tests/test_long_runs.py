@@ -18,7 +18,7 @@ from grokjax import ckpt
 
 from grokjax.train import engine, stops
 from grokjax.train.config import ConfigError, TrainConfig, parse_duration
-from grokjax.train.export import export_run
+from grokjax.train.export import export_run, params_at_steps
 from grokjax.train.runner import Paused, run
 from helpers import CLI_RUN, SMALL, interrupt
 
@@ -231,6 +231,46 @@ def test_export_refuses_bad_input_and_touches_nothing(tmp_path, reference):
     with pytest.raises(ConfigError, match="holds no run"):
         export_run(tmp_path / "norun", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_export_params_at_phases_and_steps(tmp_path, reference):
+    rows = [r for r in _records(reference) if "test/acc" in r]
+    peak = max(rows, key=lambda r: (r["test/acc"], -r["step"]))["step"]
+    kept = ckpt.list_param_steps(reference)
+    chosen, missing = params_at_steps(reference, ["phases", 50])
+    assert set(chosen) <= set(kept) and missing == {}
+    where = {label: s for s, labels in chosen.items() for label in labels.split("+")}
+    assert where["grok"] == min(kept, key=lambda s: abs(np.log1p(s) - np.log1p(peak)))
+    assert where["final"] == rows[-1]["step"] == kept[-1]
+    assert where["50"] == min(kept, key=lambda s: abs(np.log1p(s) - np.log1p(50)))
+    out = export_run(reference, tmp_path / "e", params_at=chosen)
+    assert ckpt.list_param_steps(out) == sorted(chosen)
+    for s in chosen:
+        _same_params(ckpt.load_params(out, s), ckpt.load_params(reference, s))
+    # a step the run did not keep: refused, nothing written
+    absent = next(s for s in range(1, 120) if s not in kept)
+    with pytest.raises(ConfigError, match=f"kept no params checkpoint at step\\(s\\) {absent}"):
+        export_run(reference, tmp_path / "x", params_at=[absent])
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_export_params_at_warns_of_phase_steps_it_lacks(root, tmp_path, reference):
+    """A run continued from an export keeps no params before it: the export says which steps it
+    could not carry, and carries the rest."""
+    d = tmp_path / "r"
+    shutil.copytree(reference, d)
+    kept = ckpt.list_param_steps(d)
+    for s in kept[:-2]:
+        shutil.rmtree(d / ckpt.PARAMS_DIR / str(s))
+    r = _cli(root, "--export", str(d), str(tmp_path / "e"), "--export_params_at", "4,phases")
+    assert r.returncode == 0, r.stderr
+    assert "WARNING: no params checkpoint within 0.15 decade of 4 (4): none exported for it" in r.stderr
+    assert f"params checkpoints exported at {kept[-1]:,} (" in r.stderr
+    assert ckpt.list_param_steps(tmp_path / "e") and set(ckpt.list_param_steps(tmp_path / "e")) <= set(kept[-2:])
+    for args, msg in [(["--export_params_at", "peak"], "expected"), (["--export_params_at", "1e6"], "go with --export")]:
+        r = _cli(root, *args, "--out", str(tmp_path / "y"))
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
+        assert not (tmp_path / "y").exists()
 
 
 def _cli(root, *args, timeout=300):

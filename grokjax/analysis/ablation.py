@@ -478,11 +478,7 @@ def ablate_checkpoint(params: Mapping, *, step: int, run_seed: int, data: Mappin
 # Runs
 
 
-# A phase step is ablated at the nearest kept params checkpoint only within this many decades of
-# it (in log(1 + step)): `--keep_params log` keeps about 5 a decade, so its nearest is within
-# 0.1 decade; a run whose early checkpoints are gone (a run continued from its export) has no
-# checkpoint near its early phase steps, and those are skipped with a warning, not misplaced.
-PHASE_STEP_TOLERANCE_DECADES = 0.15
+PHASE_STEP_TOLERANCE_DECADES = phases.PHASE_STEP_TOLERANCE_DECADES  # the phase steps' tolerance (phases.steps_near)
 
 
 def choose_steps(metrics: pd.DataFrame, kept: Sequence[int], traps_by_step: Mapping[int, float], *,
@@ -496,23 +492,7 @@ def choose_steps(metrics: pd.DataFrame, kept: Sequence[int], traps_by_step: Mapp
     analysis counts a trap in some layer (label '' unless it is also a phase step).
     """
     kept_arr = np.asarray(sorted(int(s) for s in kept), dtype=np.int64)
-    chosen: dict[int, list[str]] = {}
-    missing: dict[str, int] = {}
-    if {"train/acc", "test/acc"} <= set(metrics.columns):
-        m = metrics[metrics["test/acc"].notna()]
-        if len(m):
-            ph = phases.detect_phases(m["step"], m["train/acc"], m["test/acc"])
-            targets = dict(phases.phase_steps(ph), drop=ph["drop_step"])
-            for label, target in targets.items():
-                s = phases.nearest_step(kept_arr, target)
-                if not np.isfinite(s):
-                    if np.isfinite(target):
-                        missing[label] = int(target)
-                    continue
-                if abs(np.log10(1 + s) - np.log10(1 + target)) > PHASE_STEP_TOLERANCE_DECADES:
-                    missing[label] = int(target)
-                    continue
-                chosen.setdefault(int(s), []).append(label)
+    chosen, missing = phases.steps_near(kept_arr, phases.phase_targets(metrics))
     if trap_steps:
         for s in kept_arr:
             if traps_by_step.get(int(s), 0) > 0:

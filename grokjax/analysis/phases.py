@@ -259,6 +259,46 @@ def phase_steps(phases: dict) -> dict[str, float]:
     return {"pre": phases["pre_step"], "grok": phases["grok_step"], "anti": phases["anti_step"]}
 
 
+# A phase step is taken at the nearest kept params checkpoint only within this many decades of it
+# (in log(1 + step)): `--keep_params log` keeps about 5 a decade, so its nearest is within 0.1
+# decade; a run whose early checkpoints are gone (a run continued from its export) has no
+# checkpoint near its early phase steps, and those are skipped with a warning, not misplaced.
+PHASE_STEP_TOLERANCE_DECADES = 0.15
+
+
+def phase_targets(metrics: pd.DataFrame) -> dict[str, float]:
+    """{'pre', 'grok', 'anti', 'drop': step} of `detect_phases` over a run's evaluations
+    (metrics.jsonl rows with 'step', 'train/acc' and 'test/acc'); {} when there are none.
+    'anti' is the collapse minimum, or the final step without a collapse; 'drop' the collapse
+    onset (NaN without one)."""
+    if not {"step", "train/acc", "test/acc"} <= set(metrics.columns):
+        return {}
+    m = metrics[metrics["test/acc"].notna()]
+    if not len(m):
+        return {}
+    ph = detect_phases(m["step"], m["train/acc"], m["test/acc"])
+    return dict(phase_steps(ph), drop=ph["drop_step"])
+
+
+def steps_near(kept, targets, *, tolerance_decades: float = PHASE_STEP_TOLERANCE_DECADES
+               ) -> tuple[dict[int, list[str]], dict[str, int]]:
+    """({kept step: [the labels of `targets` taken there]}, {label: target} of the targets with no
+    kept step within `tolerance_decades` in log(1 + step)). `targets` maps a label to a step;
+    NaN targets are left out of both."""
+    kept_arr = np.asarray(sorted(int(s) for s in kept), dtype=np.int64)
+    chosen: dict[int, list[str]] = {}
+    missing: dict[str, int] = {}
+    for label, target in targets.items():
+        if not np.isfinite(target):
+            continue
+        s = nearest_step(kept_arr, target)
+        if not np.isfinite(s) or abs(np.log10(1 + s) - np.log10(1 + target)) > tolerance_decades:
+            missing[label] = int(target)
+            continue
+        chosen.setdefault(int(s), []).append(label)
+    return chosen, missing
+
+
 def nearest_step(steps, target: float) -> float:
     """The step of `steps` closest to `target` in log(1 + step) (the target itself when present);
     NaN when target is NaN or there are no steps. Every output reads a phase at this

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copy RUN's compact record into the new FOLDER and exit (--out FOLDER continues)")
     p.add_argument("--export_params", "--export-params", type=_int, default=0, metavar="PER_DECADE",
                    help="with --export: params checkpoints a decade to copy too (0: none)")
+    p.add_argument("--export_params_at", "--export-params-at", type=_export_steps, default=(),
+                   metavar="ITEMS", help="with --export: also the params checkpoints nearest these steps, "
+                   "comma-separated (e.g. 1e6); 'phases': the phase steps and the final step")
     return p
 
 
@@ -124,11 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     """Parses flags, trains, and maps failures to exit codes (2: bad input, 3: diverged)."""
     args = vars(build_parser().parse_args(argv))
     seeds, wds = args.pop("seeds"), args.pop("wds")
-    export, per_decade = args.pop("export"), args.pop("export_params")
+    export, per_decade, params_at = args.pop("export"), args.pop("export_params"), args.pop("export_params_at")
     join = {k: args.pop(k) for k in ("coordinator_address", "num_processes", "process_id", "distributed",
                                       "initialization_timeout")}
     if export is not None:
-        return _export(*export, per_decade)
+        return _export(*export, per_decade, params_at)
+    if per_decade or params_at:
+        print("run.py: error: --export_params and --export_params_at go with --export RUN FOLDER", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         cfg = TrainConfig(**args)
         distributed = _check_join(join)
@@ -212,13 +218,34 @@ def _check_join(join: dict) -> bool:
     return True
 
 
-def _export(run_dir: str, folder: str, per_decade: int) -> int:
-    from grokjax.train.export import export_run  # noqa: PLC0415
+def _export_steps(text: str) -> tuple:
+    """--export_params_at: comma-separated steps (1e6 notation) and/or 'phases'."""
+    from grokjax.train.export import PHASES_ITEM  # noqa: PLC0415
+
+    items = []
+    for item in (t.strip() for t in text.split(",")):
+        try:
+            items.append(item if item == PHASES_ITEM else parse_steps(item))
+        except ConfigError:
+            raise argparse.ArgumentTypeError(f"expected steps (like 1e6) or '{PHASES_ITEM}', got {item!r}") from None
+    return tuple(items)
+
+
+def _export(run_dir: str, folder: str, per_decade: int, params_at: tuple = ()) -> int:
+    from grokjax.analysis.phases import PHASE_STEP_TOLERANCE_DECADES  # noqa: PLC0415
+    from grokjax.train.export import export_run, params_at_steps  # noqa: PLC0415
 
     try:
-        out = export_run(run_dir, folder, params_per_decade=per_decade)
+        chosen, missing = params_at_steps(run_dir, params_at) if params_at else ({}, {})
+        out = export_run(run_dir, folder, params_per_decade=per_decade, params_at=chosen)
     except ConfigError as e:
         print(f"run.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if chosen:
+        print("params checkpoints exported at " + ", ".join(f"{s:,} ({label})" for s, label in chosen.items()),
+              file=sys.stderr)
+    for label, step in missing.items():
+        print(f"WARNING: no params checkpoint within {PHASE_STEP_TOLERANCE_DECADES} decade of {label} "
+              f"({step:,}): none exported for it", file=sys.stderr)
     print(f"exported {run_dir} to {out}", file=sys.stderr)
     return EXIT_OK

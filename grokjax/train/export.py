@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from grokjax import ckpt, rundir
@@ -23,14 +25,56 @@ def _portable(tmp: Path, dst: Path) -> None:
         marker.write_text("Checkpoint commit was successful.")
 
 
-def export_run(run_dir: str | os.PathLike, folder: str | os.PathLike, *, params_per_decade: int = 0) -> Path:
+PHASES_ITEM = "phases"  # --export_params_at: the phase steps and the final step
+
+
+def params_at_steps(run_dir: str | os.PathLike, items) -> tuple[dict[int, str], dict[str, int]]:
+    """({kept params step: its labels}, {label: step} of those with no kept checkpoint near it)
+    for `--export_params_at`.
+
+    Each item is a step (label: the step) or PHASES_ITEM: the run's phase steps from its
+    metrics.jsonl (`grokjax.analysis.phases.phase_targets`: 'pre' the end of pre-grokking, 'grok'
+    the test-accuracy peak, 'drop' the collapse onset, 'anti' the collapse minimum or the final
+    step) and 'final', its last evaluation. Each is taken at the nearest params checkpoint the run
+    kept within `phases.PHASE_STEP_TOLERANCE_DECADES` (0.15 decade), the rule the trap ablation
+    uses to find them, so an export carrying them lets the ablation run there from the export.
+    """
+    import pandas as pd  # noqa: PLC0415  (only for --export_params_at)
+
+    from grokjax.analysis import phases  # noqa: PLC0415  (as above)
+
+    src = Path(run_dir)
+    if not rundir.is_run(src):
+        raise ConfigError(f"{src} holds no run (no {CONFIG_FILE}); nothing exported")
+    targets: dict[str, float] = {}
+    for item in items:
+        if item == PHASES_ITEM:
+            try:
+                rows = [json.loads(ln) for ln in (src / METRICS_FILE).read_text().splitlines()
+                        if ln.strip()] if (src / METRICS_FILE).is_file() else []
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{src / METRICS_FILE} cannot be read for the phase steps ({e}); "
+                                  "nothing exported") from None
+            metrics = pd.DataFrame([r for r in rows if "test/acc" in r])
+            targets.update(phases.phase_targets(metrics))
+            if len(metrics):
+                targets["final"] = float(metrics["step"].max())
+        else:
+            targets[str(int(item))] = float(item)
+    chosen, missing = phases.steps_near(ckpt.list_param_steps(src), targets)
+    return {s: "+".join(labels) for s, labels in sorted(chosen.items())}, missing
+
+
+def export_run(run_dir: str | os.PathLike, folder: str | os.PathLike, *, params_per_decade: int = 0,
+               params_at: Iterable[int] = ()) -> Path:
     """Writes a run's compact record into the new folder `folder`, itself a run directory.
 
     The record names no path of the source machine: config.json's `out` is set to `folder`.
 
     It holds config.json, metrics.jsonl, events.jsonl, the monitor's record (monitor/), the
     latest full state (checkpoints/state/<step>/) and, with `params_per_decade` > 0, about that
-    many params checkpoints a decade. The analysis reads it as it reads the run; training with
+    many params checkpoints a decade, and the params checkpoints at the steps `params_at` (each a
+    step the run kept; `params_at_steps` finds them). The analysis reads it as it reads the run; training with
     `--out folder` and the run's flags continues from the exported state, bitwise as if the run
     had never stopped. The copy is assembled in a temporary sibling folder and renamed into
     place, so a failed export leaves nothing behind. Export a paused or finished run: a full
@@ -53,6 +97,11 @@ def export_run(run_dir: str | os.PathLike, folder: str | os.PathLike, *, params_
     states = ckpt.list_state_steps(src)
     if not states:
         raise ConfigError(f"{src} has no full state to export (it has not saved one yet)")
+    kept = ckpt.list_param_steps(src)
+    wanted = set(nearest_per_decade(kept, params_per_decade, int(src_config.get("steps", 1))))
+    absent = sorted(set(int(s) for s in params_at) - set(kept))
+    if absent:
+        raise ConfigError(f"{src} kept no params checkpoint at step(s) {', '.join(map(str, absent))}")
     tmp = dst.with_name(f".{dst.name}.export-tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -71,8 +120,7 @@ def export_run(run_dir: str | os.PathLike, folder: str | os.PathLike, *, params_
                 shutil.rmtree(tmp / ckpt.STATE_DIR / str(step), ignore_errors=True)
         else:
             raise ConfigError(f"no full state of {src} could be copied")
-        for step in nearest_per_decade(ckpt.list_param_steps(src), params_per_decade,
-                                        int(src_config.get("steps", 1))):
+        for step in sorted(wanted | set(int(s) for s in params_at)):
             shutil.copytree(src / ckpt.PARAMS_DIR / str(step), tmp / ckpt.PARAMS_DIR / str(step))
         _portable(tmp, dst)
         if dst.exists():
