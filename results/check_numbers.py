@@ -537,9 +537,7 @@ def ablation_checks() -> list[tuple[str, str]]:
             m = t[(t["layer"] == "fc1") & (t["variant"] == "mean") & (t["step"] >= start)]
             d = 100 * (m["test_acc_ablated"] - m["test_acc"])
             moves.append(f"{d.min():+.1f} to {d.max():+.1f} points in seed {run.split('seed')[1]}")
-        out.append(("controls' FC1 mean, late", f"from {start:,} on (the window "
-                                                + ("both controls' ablations share" if len(ctl) == 2 else "the controls' ablations share")
-                                                + ") it moves "
+        out.append(("controls' FC1 mean, late", f"from {start:,} on (the window the controls' ablations share) it moves "
                                                 f"test accuracy by {_and(moves)}"))
     return out
 

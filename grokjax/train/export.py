@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -50,11 +49,9 @@ def params_at_steps(run_dir: str | os.PathLike, items) -> tuple[dict[int, str], 
     for item in items:
         if item == PHASES_ITEM:
             try:
-                rows = [json.loads(ln) for ln in (src / METRICS_FILE).read_text().splitlines()
-                        if ln.strip()] if (src / METRICS_FILE).is_file() else []
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"{src / METRICS_FILE} cannot be read for the phase steps ({e}); "
-                                  "nothing exported") from None
+                rows = rundir.read_metrics(src)
+            except RunDirError as e:
+                raise ConfigError(f"{e}; nothing exported") from None
             metrics = pd.DataFrame([r for r in rows if "test/acc" in r])
             targets.update(phases.phase_targets(metrics))
             if len(metrics):
